@@ -1,0 +1,152 @@
+"""VE / EDM diffusion math: sigma grids, preconditioning and time samplers.
+
+Notation follows EDM (Karras et al. 2022): time is the noise level sigma, written
+t, s or u; x_t = x_0 + t z.  Every function here is pure and jit-able.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+SIGMA_DATA = 0.5
+RHO = 7.0
+
+C_NOISE_KINDS = ("log4", "250log")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The noise range and data scale shared by every method (EDM Table 1)."""
+  sigma_min: float = SIGMA_MIN
+  sigma_max: float = SIGMA_MAX
+  sigma_data: float = SIGMA_DATA
+  rho: float = RHO
+
+  def __post_init__(self):
+    if not 0.0 < self.sigma_min < self.sigma_max:
+      raise ValueError(
+          f"Schedule needs 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+          f"sigma_max={self.sigma_max}")
+    if self.sigma_data <= 0:
+      raise ValueError(f"Schedule.sigma_data must be > 0, got {self.sigma_data}")
+    if self.rho <= 0:
+      raise ValueError(f"Schedule.rho must be > 0, got {self.rho}")
+
+
+def karras_curve(u, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
+  """sigma(u) = (sigma_max^(1/rho) + u (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, u in [0, 1].
+
+  u = 0 gives sigma_max and u = 1 gives sigma_min (EDM eq. 5 with u = i / (N - 1)).
+  """
+  hi = sigma_max ** (1.0 / rho)
+  lo = sigma_min ** (1.0 / rho)
+  return (hi + u * (lo - hi)) ** rho
+
+
+def karras_sigmas(n: int, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO,
+                  append_zero: bool = False, dtype=jnp.float32):
+  """The Karras grid t_0 = sigma_max > ... > t_{n-1} = sigma_min (EDM eq. 5).
+
+  With append_zero the grid gets a final t_n = 0, as in EDM's sampler.
+  The end points are set exactly (no round-off from the power).
+  """
+  if n < 2:
+    raise ValueError(f"karras_sigmas needs n >= 2 points, got n={n}")
+  u = jnp.arange(n, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32) / (n - 1)
+  sig = karras_curve(u, sigma_min, sigma_max, rho)
+  sig = sig.at[0].set(sigma_max).at[-1].set(sigma_min).astype(dtype)
+  if append_zero:
+    sig = jnp.concatenate([sig, jnp.zeros((1,), dtype)])
+  return sig
+
+
+def edm_scalings(t, sigma_data=SIGMA_DATA) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """EDM preconditioning (Karras et al. 2022, Table 1): (c_skip, c_out, c_in) at noise t.
+
+  c_skip = sd^2 / (t^2 + sd^2),  c_out = t sd / sqrt(t^2 + sd^2),  c_in = 1 / sqrt(t^2 + sd^2).
+  """
+  t = jnp.asarray(t)
+  denom = t ** 2 + sigma_data ** 2
+  c_skip = sigma_data ** 2 / denom
+  c_out = t * sigma_data * jax.lax.rsqrt(denom)
+  c_in = jax.lax.rsqrt(denom)
+  return c_skip, c_out, c_in
+
+
+def cm_scalings(t, sigma_data=SIGMA_DATA, sigma_min=SIGMA_MIN) -> Tuple[jax.Array, jax.Array]:
+  """Consistency-model boundary scalings (Song et al. 2023, App. C): (c_skip, c_out).
+
+  c_skip = sd^2 / ((t - eps)^2 + sd^2),  c_out = sd (t - eps) / sqrt(sd^2 + t^2), eps = sigma_min,
+  so that f(x, sigma_min) = x exactly.
+  """
+  t = jnp.asarray(t)
+  c_skip = sigma_data ** 2 / ((t - sigma_min) ** 2 + sigma_data ** 2)
+  c_out = (t - sigma_min) * sigma_data * jax.lax.rsqrt(sigma_data ** 2 + t ** 2)
+  return c_skip, c_out
+
+
+def c_noise(t, kind: str = "log4"):
+  """The time value fed to the network: ln(t)/4 (DDPM++/NCSN++) or 250 ln(t) (ADM nets)."""
+  if kind == "log4":
+    return jnp.log(t) / 4.0
+  if kind == "250log":
+    return 250.0 * jnp.log(t)
+  raise ValueError(f"c_noise kind must be one of {C_NOISE_KINDS}, got {kind!r}")
+
+
+def edm_loss_weight(t, sigma_data=SIGMA_DATA):
+  """EDM's DSM weight lambda(t) = (t^2 + sd^2) / (t sd)^2 (EDM eq. 8 / Table 1)."""
+  return (t ** 2 + sigma_data ** 2) / (t * sigma_data) ** 2
+
+
+def append_dims(v, ndim: int):
+  """Reshape a per-example vector (B,) to (B, 1, ..., 1) with ndim dimensions in all."""
+  v = jnp.asarray(v)
+  return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+# ----------------------------------------------------------------------------- time samplers
+
+def sample_lognormal_sigma(key, shape, p_mean=-1.2, p_std=1.2):
+  """EDM training noise levels: ln t ~ N(p_mean, p_std^2)."""
+  return jnp.exp(p_mean + p_std * jax.random.normal(key, shape))
+
+
+def sample_ctm_dsm_sigma(key, batch: int, schedule: Schedule = Schedule(), p_mean=-1.2,
+                         p_std=1.2, curve_max=0.7):
+  """CTM's DSM noise levels: the first floor(B/2) log-normal, the rest on the Karras curve.
+
+  The second half is sigma(u) with u ~ U[0, curve_max] (CTM reference: diffusion_mult = 0.7),
+  i.e. biased towards large noise, where the log-normal rarely goes.
+  """
+  k1, k2 = jax.random.split(key)
+  n_log = batch // 2
+  log_part = sample_lognormal_sigma(k1, (n_log,), p_mean, p_std)
+  u = jax.random.uniform(k2, (batch - n_log,)) * curve_max
+  curve_part = karras_curve(u, schedule.sigma_min, schedule.sigma_max, schedule.rho)
+  return jnp.concatenate([log_part, curve_part])
+
+
+def sample_k_proportional(key, k_max: int):
+  """A number of teacher steps k in {1..k_max} with P(k) proportional to k (one per batch)."""
+  ks = jnp.arange(1, k_max + 1)
+  logits = jnp.log(ks.astype(jnp.float32))
+  return jax.random.categorical(key, logits) + 1
+
+
+def sample_ctm_indices(key, batch: int, num_points: int, k):
+  """Grid indices for CTM (Kim et al. 2024, Alg. 1 with the reference's discrete sampler).
+
+  Given k (shared by the batch), i ~ U{0..N-1-k} per example and j ~ U{i+k..N-1}; the times
+  are t = t_i, u = t_{i+k}, s = t_j.  k may be a traced value.
+  """
+  k1, k2 = jax.random.split(key)
+  i = jax.random.randint(k1, (batch,), 0, num_points - k)
+  j = jax.random.randint(k2, (batch,), i + k, num_points)
+  return i, j
+

@@ -1,0 +1,130 @@
+"""Flow-map identities and samplers, checked with the exact oracle and independent algorithms."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+
+from ctm_jax import diffusion, flow_map, oracle, samplers, solvers
+from ctm_jax.nets.mlp import ToyMLP
+
+SCH = diffusion.Schedule(sigma_data=0.7)
+
+
+@pytest.fixture(scope="module")
+def student():
+  model = flow_map.FlowModel(ToyMLP(out_dim=2, hidden=32, num_blocks=2, emb_dim=16, use_s=True), SCH)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 2)))
+  # Perturb every parameter so no layer is trivially zero.
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree_util.tree_unflatten(
+      tree, [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  return model, params
+
+
+def test_jump_to_same_time_is_identity_exactly(student):
+  model, params = student
+  x = jax.random.normal(jax.random.PRNGKey(2), (7, 2)) * 5
+  t = jnp.array([80.0, 10.0, 1.0, 0.5, 0.1, 0.01, 0.002])
+  out = model.jump(params, x, t, t)
+  assert np.array_equal(np.asarray(out), np.asarray(x))
+
+
+def test_cm_endpoint_is_identity_at_sigma_min(student):
+  model, params = student
+  x = jax.random.normal(jax.random.PRNGKey(3), (5, 2))
+  out = model.cm_f(params, x, jnp.full((5,), SCH.sigma_min))
+  assert np.array_equal(np.asarray(out), np.asarray(x))
+
+
+def test_jump_formula_and_s_dependence(student):
+  model, params = student
+  x = jax.random.normal(jax.random.PRNGKey(4), (4, 2)) * 3
+  t = jnp.full((4,), 3.0)
+  s1, s2 = jnp.full((4,), 1.0), jnp.full((4,), 0.01)
+  g1 = model.denoiser(params, x, t, s1)
+  np.testing.assert_allclose(model.jump(params, x, t, s1), (1 / 3) * x + (2 / 3) * g1, rtol=1e-5, atol=1e-6)
+  # The s input reaches the network: g(x, t, s1) != g(x, t, s2).
+  assert np.abs(np.asarray(g1 - model.denoiser(params, x, t, s2))).max() > 1e-3
+  # The denoiser head is g(x, t, t) with EDM preconditioning written out by hand.
+  c_skip = 0.49 / (9 + 0.49)
+  c_out = 3 * 0.7 / np.sqrt(9 + 0.49)
+  c_in = 1 / np.sqrt(9 + 0.49)
+  f = model.net.apply({"params": params}, c_in * x, jnp.log(t) / 4, jnp.log(t) / 4)
+  np.testing.assert_allclose(model.denoiser(params, x, t), c_skip * x + c_out * f, rtol=1e-5, atol=1e-6)
+
+
+def test_gamma_zero_with_exact_denoiser_is_a_ddim_solve():
+  gm = oracle.toy_mixture_2d()
+  jump = flow_map.oracle_jump_fn(gm.denoise)
+  x_T = samplers.initial_noise(jax.random.PRNGKey(5), (16, 2))
+  for m in [1, 3, 8]:
+    out = samplers.gamma_sampler(jump, x_T, jax.random.PRNGKey(6), m, 0.0)
+    ref = solvers.solve_grid(gm.denoise, x_T, diffusion.karras_sigmas(m + 1), "euler")
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gamma_one_is_cm_multistep():
+  gm = oracle.toy_mixture_2d()
+  jump = flow_map.oracle_jump_fn(gm.denoise)
+  x_T = samplers.initial_noise(jax.random.PRNGKey(7), (16, 2))
+  key = jax.random.PRNGKey(8)
+  grid = np.asarray(diffusion.karras_sigmas(5))
+  g = samplers.gamma_sampler(jump, x_T, key, 4, 1.0, shift_sigma_min=True)
+  f_fn = lambda x, t: jump(x, t, jnp.full_like(t, 0.002))
+  # CM multistep draws its n-th noise with fold_in(key, n) before the n-th refinement.
+  cm = samplers.cm_multistep(f_fn, x_T, key, list(grid[1:-1]))
+  np.testing.assert_allclose(g, cm, rtol=1e-4, atol=1e-4)
+
+
+def test_more_deterministic_jumps_approach_the_ode_solution():
+  """With the exact denoiser, gamma = 0 sampling converges to the PF-ODE solution as NFE grows."""
+  with jax.enable_x64(True):
+    gm = oracle.toy_mixture_2d()
+    jump = flow_map.oracle_jump_fn(gm.denoise)
+    x_T = samplers.initial_noise(jax.random.PRNGKey(9), (8, 2), dtype=jnp.float64)
+
+    def rhs(t, y):
+      x = jnp.asarray(y.reshape(8, 2))
+      return np.asarray((x - gm.denoise(x, t)) / t).ravel()
+
+    ref = solve_ivp(rhs, (80.0, 0.002), np.asarray(x_T).ravel(), method="DOP853", rtol=1e-10,
+                    atol=1e-10).y[:, -1].reshape(8, 2)
+    errs = [float(np.mean((np.asarray(samplers.gamma_sampler(jump, x_T, None, m, 0.0)) - ref) ** 2))
+            for m in [1, 2, 4, 8, 16]]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+
+
+def test_edm_heun_sampler_nfe_and_last_euler_step():
+  gm = oracle.toy_mixture_2d()
+  calls = []
+
+  def counting(x, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return gm.denoise(x, t)
+
+  x_T = samplers.initial_noise(jax.random.PRNGKey(10), (4, 2))
+  out = jax.jit(lambda x: samplers.edm_heun_sampler(counting, x, 18))(x_T)
+  jax.block_until_ready(out)
+  assert len(calls) == 35
+  sig = diffusion.karras_sigmas(18)
+  pre = solvers.solve(gm.denoise, x_T, sig, 0, 17, "heun")
+  np.testing.assert_allclose(out, gm.denoise(pre, jnp.full((4,), sig[-1])), rtol=1e-5, atol=1e-5)
+
+
+def test_onestep_and_uint8():
+  gm = oracle.toy_mixture_2d()
+  jump = flow_map.oracle_jump_fn(gm.denoise)
+  x_T = samplers.initial_noise(jax.random.PRNGKey(11), (4, 2))
+  np.testing.assert_allclose(samplers.onestep(jump, x_T), gm.denoise(x_T, jnp.full((4,), 80.0)) * (1 - 0.002 / 80) + x_T * 0.002 / 80, rtol=1e-5, atol=1e-5)
+  u8 = np.asarray(samplers.to_uint8(jnp.array([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0])))
+  np.testing.assert_array_equal(u8, [0, 0, 127, 254, 255, 255])
+
+
+def test_sampler_argument_errors():
+  jump = lambda x, t, s: x
+  with pytest.raises(ValueError, match="gamma"):
+    samplers.gamma_sampler(jump, jnp.ones((1, 2)), None, 2, 1.5)
+  with pytest.raises(ValueError, match="times"):
+    samplers.gamma_sampler(jump, jnp.ones((1, 2)), None, 2, 0.0, times=[80.0, 1.0])

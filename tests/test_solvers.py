@@ -1,0 +1,116 @@
+"""Solvers against a tight scipy solution of the oracle's PF-ODE, and k-step solves."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+
+from ctm_jax import diffusion, oracle, solvers
+
+SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
+
+
+def _reference_solution(gm, x_T):
+  """scipy DOP853 (rtol = atol = 1e-10) for dx/dt = (x - D(x, t)) / t from sigma_max to sigma_min."""
+  shape = x_T.shape
+
+  def rhs(t, y):
+    x = jnp.asarray(y.reshape(shape))
+    return np.asarray((x - gm.denoise(x, t)) / t).ravel()
+
+  sol = solve_ivp(rhs, (SIGMA_MAX, SIGMA_MIN), np.asarray(x_T).ravel(), method="DOP853",
+                  rtol=1e-10, atol=1e-10)
+  assert sol.success
+  return sol.y[:, -1].reshape(shape)
+
+
+def _fitted_orders(method):
+  with jax.enable_x64(True):
+    gm = oracle.random_mixture(11, dim=3, num_components=3, spread=0.8, std_range=(0.2, 0.5))
+    x_T = SIGMA_MAX * jax.random.normal(jax.random.PRNGKey(0), (6, 3), jnp.float64)
+    ref = _reference_solution(gm, x_T)
+    steps, errs = [], []
+    for n in [16, 32, 64, 128]:
+      sig = diffusion.karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, 7.0, dtype=jnp.float64)
+      out = solvers.solve_grid(gm.denoise, x_T, sig, method)
+      steps.append(n - 1)
+      errs.append(np.abs(np.asarray(out) - ref).max())
+    slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    return -slope, errs
+
+
+def test_heun_is_second_order():
+  order, errs = _fitted_orders("heun")
+  print(f"Heun fitted order {order:.3f}, errors {errs}")
+  assert 1.8 < order < 2.3, (order, errs)
+
+
+def test_euler_is_first_order():
+  order, errs = _fitted_orders("euler")
+  print(f"Euler fitted order {order:.3f}, errors {errs}")
+  assert 0.85 < order < 1.2, (order, errs)
+
+
+def test_ddim_equals_euler_in_ve():
+  gm = oracle.toy_mixture_2d()
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 2)) * 3
+  t, u = jnp.full((5,), 3.0), jnp.full((5,), 1.7)
+  np.testing.assert_allclose(solvers.ddim_step(gm.denoise, x, t, u),
+                             solvers.euler_step(gm.denoise, x, t, u), rtol=1e-5, atol=1e-6)
+
+
+def test_heun_last_step_options():
+  gm = oracle.toy_mixture_2d()
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 2)) * 80
+  sig = diffusion.karras_sigmas(6)
+  heun_all = solvers.solve_grid(gm.denoise, x, sig, "heun", "heun")
+  heun_eul = solvers.solve_grid(gm.denoise, x, sig, "heun", "euler")
+  # Same up to the last step, then the two differ: Heun vs Euler from sig[-2] to sig[-1].
+  x_pre = solvers.solve(gm.denoise, x, sig, 0, 4, "heun")
+  np.testing.assert_allclose(heun_eul, solvers.euler_step(gm.denoise, x_pre, sig[-2], sig[-1]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(heun_all, solvers.heun_step(gm.denoise, x_pre, sig[-2], sig[-1]), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(heun_all - heun_eul)).max() > 1e-4
+  # A step to 0 is Euler whatever the option (the EDM sampler's last step).
+  zero = solvers.heun_step(gm.denoise, x_pre, sig[-2], 0.0)
+  np.testing.assert_allclose(zero, gm.denoise(x_pre, jnp.full((4,), sig[-2])), rtol=1e-5, atol=1e-5)
+
+
+def test_k_step_solve_equals_k_single_steps_with_per_example_start():
+  gm = oracle.toy_mixture_2d()
+  sig = diffusion.karras_sigmas(18)
+  x = jax.random.normal(jax.random.PRNGKey(3), (3, 2)) * 10
+  start = jnp.array([0, 4, 9])
+  k = 5
+  multi = solvers.solve(gm.denoise, x, sig, start, k, "heun")
+  for b in range(3):
+    y = x[b:b + 1]
+    for j in range(k):
+      i = int(start[b]) + j
+      y = solvers.heun_step(gm.denoise, y, sig[i], sig[i + 1])
+    np.testing.assert_allclose(multi[b], y[0], rtol=1e-5, atol=1e-5)
+
+
+def test_traced_k_compiles_once_and_work_is_proportional_to_k():
+  gm = oracle.toy_mixture_2d()
+  sig = diffusion.karras_sigmas(18)
+  calls = []
+
+  def counting_denoise(x, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return gm.denoise(x, t)
+
+  fn = jax.jit(lambda x, i, k: solvers.solve(counting_denoise, x, sig, i, k, "heun"))
+  x = jnp.ones((2, 2))
+  i = jnp.zeros((2,), jnp.int32)
+  counts = {}
+  for k in [1, 4, 9, 17]:
+    calls.clear()
+    jax.block_until_ready(fn(x, i, jnp.int32(k)))
+    counts[k] = len(calls)
+  assert fn._cache_size() == 1
+  assert counts == {1: 2, 4: 8, 9: 18, 17: 34}, counts   # two denoiser calls per Heun step
+
+
+def test_bad_method_is_rejected():
+  with pytest.raises(ValueError, match="solver method"):
+    solvers.solve(lambda x, t: x, jnp.ones((1, 2)), diffusion.karras_sigmas(3), 0, 1, "rk4")
