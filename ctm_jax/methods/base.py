@@ -1,0 +1,67 @@
+"""What every training method provides to the training loop."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from ctm_jax import flow_map, samplers, train_state
+
+StepFn = Callable[[train_state.TrainState, Dict[str, jax.Array], Any],
+                  Tuple[train_state.TrainState, Dict[str, jax.Array]]]
+
+
+class Method:
+  """A training method: pure step functions over TrainState, plus its samplers.
+
+  Subclasses set `name`, implement `make_step(kind, tx)` for each name in `step_kinds`,
+  and may override `init_extra` (method state in TrainState.extra), `frozen` (arrays
+  passed to every step but never trained or checkpointed, e.g. a teacher), `step_kind`
+  (which step to run at a given step number) and `sample_fns`.
+  """
+  name = "base"
+  step_kinds: Tuple[str, ...] = ("train",)
+
+  def __init__(self, config, model: flow_map.FlowModel):
+    self.config = config
+    self.model = model
+    self.schedule = model.schedule
+
+  # -- state
+  def init_extra(self, key, params) -> Dict[str, Any]:
+    return {}
+
+  def frozen(self) -> Any:
+    return {}
+
+  def step_kind(self, step: int) -> str:
+    return self.step_kinds[0]
+
+  def make_step(self, kind: str, tx) -> StepFn:
+    raise NotImplementedError
+
+  # -- helpers for subclasses
+  def labels(self, batch):
+    return batch.get("label") if self.config.data.class_conditional else None
+
+  def step_rng(self, state):
+    return jax.random.fold_in(state.rng, state.step)
+
+  def finish_step(self, state, grads, tx, metrics):
+    """Optimizer + EMA update and the metrics every method logs."""
+    tcfg = self.config.training
+    new_state, upd = train_state.apply_gradients(state, grads, tx, self.config.ema, tcfg.batch_size)
+    lr = train_state.learning_rate_schedule(self.config.optim)(state.step)
+    return new_state, {**metrics, **upd, "lr": jnp.asarray(lr, jnp.float32)}
+
+  # -- sampling
+  def sample_fns(self) -> Dict[str, Callable]:
+    """name -> fn(params, x_init, key, labels) -> samples.  Default: EDM Heun on g(x, t, t)."""
+    steps = self.config.sampling.heun_steps
+
+    def heun(params, x_init, key, labels):
+      del key
+      return samplers.edm_heun_sampler(self.model.denoise_fn(params, labels), x_init, steps,
+                                       self.schedule)
+    return {f"heun{steps}": heun}

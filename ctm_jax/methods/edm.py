@@ -1,0 +1,48 @@
+"""EDM denoising score matching (Karras et al. 2022, eq. 2 and Table 1)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ctm_jax import diffusion, train_state
+from ctm_jax.diffusion import append_dims
+from ctm_jax.methods.base import Method
+
+
+def dsm_loss(model, params, x0, sigma, noise, labels, rng, *, train=True):
+  """Per-example lambda(t) * mean |D(x0 + t z, t) - x0|^2 with lambda = (t^2 + sd^2) / (t sd)^2.
+
+  (The mean over dimensions only rescales EDM's sum, which Adam does not see.)
+  """
+  x_t = x0 + append_dims(sigma, x0.ndim) * noise
+  d = model.denoiser(params, x_t, sigma, None, labels, train=train, rng=rng)
+  w = diffusion.edm_loss_weight(sigma, model.schedule.sigma_data)
+  return w * jnp.mean((d - x0).reshape(x0.shape[0], -1) ** 2, axis=1)
+
+
+class EDM(Method):
+  name = "edm"
+
+  def loss(self, params, batch, rng):
+    x0 = batch["x"]
+    k_sig, k_noise, k_drop = jax.random.split(rng, 3)
+    cfg = self.config.edm
+    sigma = diffusion.sample_lognormal_sigma(k_sig, x0.shape[:1], cfg.p_mean, cfg.p_std)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    per_ex = dsm_loss(self.model, params, x0, sigma, noise, self.labels(batch), k_drop)
+    loss = jnp.mean(per_ex)
+    return loss, {"loss": loss, "loss_dsm": loss}
+
+  def make_step(self, kind, tx):
+    mb = self.config.training.microbatches
+
+    def grad_fn(params, batch, rng):
+      (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(params, batch, rng)
+      return grads, metrics
+
+    def step(state, batch, frozen):
+      del frozen
+      grads, metrics = train_state.accumulate_gradients(grad_fn, state.params, batch,
+                                                        self.step_rng(state), mb)
+      return self.finish_step(state, grads, tx, metrics)
+    return step

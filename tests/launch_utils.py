@@ -1,0 +1,44 @@
+"""Helpers for tests that run `python -m launch.train` in subprocesses."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_TOY = [
+    "--config=configs/toy_edm.py",
+    "--config.model.hidden=32", "--config.model.num_blocks=2", "--config.model.emb_dim=16",
+    "--config.training.batch_size=64", "--config.training.log_every=1",
+    "--config.training.sample_every=0", "--config.optim.warmup_steps=0",
+    "--config.data.prefetch=2",
+]
+
+
+def subprocess_env(extra=None):
+  env = dict(os.environ)
+  # Each subprocess picks its own fake device count with --fake_cpu_devices.
+  env["XLA_FLAGS"] = ""
+  env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(ROOT, ".jax_cache")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env["PYTHONUNBUFFERED"] = "1"
+  env.update(extra or {})
+  return env
+
+
+def train_cmd(workdir, *overrides, devices=1):
+  return [sys.executable, "-m", "launch.train", f"--workdir={workdir}",
+          f"--fake_cpu_devices={devices}", *TINY_TOY, *overrides]
+
+
+def run_train(workdir, *overrides, devices=1, timeout=600, check=True):
+  proc = subprocess.run(train_cmd(workdir, *overrides, devices=devices), cwd=ROOT,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"launch.train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def start_train(workdir, *overrides, devices=1, log_path=None, extra_env=None):
+  out = open(log_path, "w") if log_path else subprocess.DEVNULL
+  return subprocess.Popen(train_cmd(workdir, *overrides, devices=devices), cwd=ROOT,
+                          env=subprocess_env(extra_env), stdout=out, stderr=subprocess.STDOUT)

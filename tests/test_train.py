@@ -1,0 +1,276 @@
+"""The training system: validation, exact resume after SIGKILL/SIGTERM, device and process
+count invariance, FSDP, accumulation, EMA, checkpoint retention and failure safety."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import toy_edm
+from ctm_jax import checkpointing, config_lib, data, metric_io, parallel, train, train_state
+from launch_utils import ROOT, run_train, start_train, subprocess_env, train_cmd
+
+
+def tiny_config(**overrides):
+  c = toy_edm.get_config()
+  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
+  c.training.batch_size = 64
+  c.training.log_every = 1
+  c.training.sample_every = 0
+  c.optim.warmup_steps = 0
+  for path, v in overrides.items():
+    node = c
+    parts = path.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = v
+  return c
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def _final_state(config, workdir):
+  _, state, step = train.load_state(config, workdir)
+  return jax.device_get(state), step
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("path,value,field", [
+    ("training.batch_size", -4, "training.batch_size"),
+    ("training.batch_size", 60, "training.batch_size"),          # 60 % 8 devices != 0
+    ("diffusion.sigma_min", 100.0, "diffusion.sigma_min"),
+    ("data.dataset", "nope", "data.dataset"),
+    ("method", "dance", "method"),
+    ("optim.name", "sgd", "optim.name"),
+    ("ema.rates", (1.5,), "ema.rates"),
+    ("training.microbatches", 3, "training.batch_size"),
+    ("training.compute_dtype", "float16", "training.compute_dtype"),
+    ("mesh.fsdp", 3, "mesh.fsdp"),
+    ("data.random_flip", True, "data.random_flip"),
+])
+def test_bad_config_fails_before_anything_is_written(tmp_path, path, value, field):
+  cfg = tiny_config(**{path: value})
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+    train.train_and_evaluate(cfg, str(workdir))
+  assert not workdir.exists()
+
+
+def test_locked_config_rejects_unknown_key():
+  cfg = toy_edm.get_config()
+  with pytest.raises(AttributeError):
+    cfg.training.batchsize = 3
+
+
+def test_cli_rejects_unknown_override_and_bad_value(tmp_path):
+  env = subprocess_env()
+  bad_key = subprocess.run(train_cmd(tmp_path / "a", "--config.training.batchsize=8"), cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+  assert bad_key.returncode != 0 and "batchsize" in bad_key.stderr
+  bad_val = subprocess.run(train_cmd(tmp_path / "b", "--config.training.batch_size=-1"), cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+  assert bad_val.returncode != 0 and "config.training.batch_size" in bad_val.stderr
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_accumulated_gradients_equal_full_batch_gradient():
+  w = {"a": jnp.array([0.3, -0.2]), "b": jnp.array(0.1)}
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(0), (12, 2))}
+
+  def grad_fn(params, b, rng):
+    loss = lambda p: jnp.mean((b["x"] @ p["a"] + p["b"]) ** 2)
+    return jax.grad(loss)(params), {"n": jnp.float32(b["x"].shape[0])}
+
+  full, _ = grad_fn(w, batch, None)
+  acc, met = train_state.accumulate_gradients(grad_fn, w, batch, jax.random.PRNGKey(1), 4)
+  for k in w:
+    np.testing.assert_allclose(acc[k], full[k], rtol=1e-5, atol=1e-7)
+  assert float(met["n"]) == 3.0
+
+
+def test_edm_halflife_ema_matches_formula():
+  cfg = tiny_config()
+  cfg.ema.rates = (0.99,)
+  cfg.ema.halflife_kimg = 0.5
+  cfg.ema.rampup_ratio = 0.05
+  for step, batch in [(0, 64), (100, 64), (10_000, 512)]:
+    d = train_state.ema_decays(cfg.ema, jnp.int32(step), batch)
+    seen = (step + 1) * batch
+    h = min(500.0, 0.05 * seen)     # EDM training_loop.py: half-life in images with ramp-up
+    np.testing.assert_allclose(float(d["halflife"]), 0.5 ** (batch / h), rtol=1e-6)
+    assert float(d["rate_0p99"]) == pytest.approx(0.99)
+
+
+def test_warmup_schedule():
+  cfg = tiny_config(**{"optim.warmup_steps": 10, "optim.lr": 2e-3})
+  sched = train_state.learning_rate_schedule(cfg.optim)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(5)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(50)), 2e-3, rtol=1e-6)
+
+
+def _run_steps(config, mesh, n):
+  exp = train.Experiment(config, mesh=mesh)
+  pipe = data.InputPipeline(config.data, config.training.batch_size, config.seed, 0, 1)
+  state = exp.init_state()
+  frozen, fns = exp.step_functions()
+  losses = []
+  for step in range(n):
+    state, met = fns["train"](state, parallel.global_batch(pipe.batch_at(step), exp.mesh), frozen)
+    losses.append(float(met["loss"]))
+  return jax.device_get(state.params), losses
+
+
+def test_fsdp_mesh_matches_data_parallel_and_shards_params():
+  cfg = tiny_config(**{"model.hidden": 256})
+  p_dp, l_dp = _run_steps(cfg, parallel.make_mesh(cfg.mesh), 3)
+  cfg2 = tiny_config(**{"model.hidden": 256, "mesh.fsdp": 2})
+  exp = train.Experiment(cfg2)
+  big = [s for s in jax.tree_util.tree_leaves(exp.state_shardings.params) if s.spec != ()]
+  assert big, "FSDP should split the large kernels"
+  p_fs, l_fs = _run_steps(cfg2, exp.mesh, 3)
+  np.testing.assert_allclose(l_fs, l_dp, rtol=2e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(p_fs), jax.tree_util.tree_leaves(p_dp)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_params_and_close_loss():
+  cfg = tiny_config()
+  p32, l32 = _run_steps(cfg, parallel.make_mesh(cfg.mesh), 2)
+  cfg16 = tiny_config(**{"training.compute_dtype": "bfloat16"})
+  p16, l16 = _run_steps(cfg16, parallel.make_mesh(cfg16.mesh), 2)
+  assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(p16))
+  np.testing.assert_allclose(l16, l32, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_retention_keeps_last_and_every_k(tmp_path):
+  cfg = tiny_config(**{"training.num_train_steps": 10, "training.checkpoint_every": 1,
+                       "training.keep_last": 2, "training.keep_every": 4})
+  train.train_and_evaluate(cfg, str(tmp_path))
+  ck = checkpointing.Checkpointer(str(tmp_path), cfg.training, read_only=True)
+  assert sorted(ck.all_steps()) == [4, 8, 9, 10]
+
+
+def test_failed_run_keeps_good_checkpoints(tmp_path):
+  cfg = tiny_config(**{"training.num_train_steps": 4, "training.checkpoint_every": 2})
+  train.train_and_evaluate(cfg, str(tmp_path))
+  before, _ = _final_state(cfg, str(tmp_path))
+  files_before = sorted(os.listdir(checkpointing.checkpoint_dir(str(tmp_path))))
+  # Resume with a learning rate that blows the parameters up: the loss becomes non-finite.
+  bad = tiny_config(**{"training.num_train_steps": 12, "training.checkpoint_every": 2,
+                       "optim.lr": 1e30})
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    train.train_and_evaluate(bad, str(tmp_path))
+  ck = checkpointing.Checkpointer(str(tmp_path), cfg.training, read_only=True)
+  assert ck.latest_step() == 4
+  assert sorted(os.listdir(checkpointing.checkpoint_dir(str(tmp_path)))) == files_before
+  after, _ = _final_state(cfg, str(tmp_path))
+  assert _leaves_equal(before, after)
+
+
+# ----------------------------------------------------------------------------- pre-emption
+
+STEPS = 150
+RESUME_ARGS = [f"--config.training.num_train_steps={STEPS}", "--config.training.checkpoint_every=7",
+               "--config.training.log_every=10", "--config.training.async_checkpointing=True"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("uninterrupted")
+  run_train(wd, *RESUME_ARGS)
+  cfg = tiny_config(**{"training.num_train_steps": STEPS})
+  return _final_state(cfg, str(wd))
+
+
+def _wait_for_checkpoint(workdir, min_step, proc, timeout=300):
+  ck_dir = checkpointing.checkpoint_dir(str(workdir))
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if proc.poll() is not None:
+      raise AssertionError("training ended before it could be interrupted")
+    if os.path.isdir(ck_dir):
+      steps = [int(d) for d in os.listdir(ck_dir) if d.isdigit()]
+      if steps and max(steps) >= min_step:
+        return
+    time.sleep(0.05)
+  raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_interrupted_run_resumes_bitwise(tmp_path, uninterrupted, sig):
+  ref_state, ref_step = uninterrupted
+  wd = tmp_path / "run"
+  rng = random.Random(int(sig))
+  proc = start_train(wd, *RESUME_ARGS, log_path=str(tmp_path / "first.log"))
+  _wait_for_checkpoint(wd, rng.choice([7, 14, 21, 28]), proc)
+  time.sleep(rng.uniform(0.0, 0.5))
+  proc.send_signal(sig)
+  rc = proc.wait(timeout=120)
+  log = open(tmp_path / "first.log").read()
+  if sig == signal.SIGTERM:
+    # A clean exit with a final checkpoint at the step where it stopped.
+    assert rc == 0, log[-3000:]
+    with open(wd / "summary.json") as f:
+      summary = json.load(f)
+    assert summary["stopped_early"] and summary["step"] < STEPS
+    ck = checkpointing.Checkpointer(str(wd), tiny_config().training, read_only=True)
+    assert ck.latest_step() == summary["step"]
+  else:
+    assert rc == -signal.SIGKILL
+  run_train(wd, *RESUME_ARGS)
+  state, step = _final_state(tiny_config(**{"training.num_train_steps": STEPS}), str(wd))
+  assert step == ref_step == STEPS
+  assert _leaves_equal(state.params, ref_state.params)
+  assert _leaves_equal(state.ema, ref_state.ema)
+  assert _leaves_equal(state.opt_state, ref_state.opt_state)
+
+
+# ----------------------------------------------------------------------------- devices / hosts
+
+def test_one_and_eight_devices_give_the_same_losses(tmp_path):
+  args = ["--config.training.num_train_steps=15", "--config.training.checkpoint_every=15"]
+  run_train(tmp_path / "d1", *args, devices=1)
+  run_train(tmp_path / "d8", *args, devices=8)
+  l1 = [r["loss"] for r in metric_io.read_metrics(str(tmp_path / "d1")) if "loss" in r]
+  l8 = [r["loss"] for r in metric_io.read_metrics(str(tmp_path / "d8")) if "loss" in r]
+  assert len(l1) == len(l8) == 15
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+
+
+def test_two_processes_train_the_same_model_as_one(tmp_path):
+  args = ["--config.training.num_train_steps=12", "--config.training.checkpoint_every=6"]
+  run_train(tmp_path / "single", *args, devices=4)
+  port = 20000 + random.randrange(20000)
+  procs = [start_train(tmp_path / "multi", *args,
+                       "--config.distributed.initialize=True",
+                       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                       "--config.distributed.num_processes=2",
+                       f"--config.distributed.process_id={i}", devices=2,
+                       log_path=str(tmp_path / f"p{i}.log")) for i in range(2)]
+  for i, p in enumerate(procs):
+    assert p.wait(timeout=600) == 0, open(tmp_path / f"p{i}.log").read()[-3000:]
+  cfg = tiny_config(**{"training.num_train_steps": 12})
+  s1, _ = _final_state(cfg, str(tmp_path / "single"))
+  s2, _ = _final_state(cfg, str(tmp_path / "multi"))
+  for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  l1 = [r["loss"] for r in metric_io.read_metrics(str(tmp_path / "single")) if "loss" in r]
+  l2 = [r["loss"] for r in metric_io.read_metrics(str(tmp_path / "multi")) if "loss" in r]
+  np.testing.assert_allclose(l2, l1, rtol=1e-5)
