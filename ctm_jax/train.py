@@ -57,10 +57,11 @@ def example_labels(config, batch: int = 1):
 
 
 def make_init_fn(config, model, method, tx):
-  """key -> a fresh TrainState (pure; used under eval_shape and jit)."""
-  def init(key):
+  """(key, frozen) -> a fresh TrainState (pure; used under eval_shape and jit)."""
+  def init(key, frozen):
     k_param, k_extra, k_rng = jax.random.split(key, 3)
     params = model.init(k_param, example_input(config), example_labels(config))
+    params = method.init_params(k_param, params, frozen)
     extra = method.init_extra(k_extra, params)
     return train_state.create_state(params, tx, config.ema, k_rng, extra)
   return init
@@ -77,18 +78,32 @@ class Experiment:
     self.tx = train_state.make_optimizer(config.optim)
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     self.init_fn = make_init_fn(config, self.model, self.method, self.tx)
-    self.abstract_state = jax.eval_shape(self.init_fn, jax.random.PRNGKey(0))
+    self.abstract_state = jax.eval_shape(self.init_fn, jax.random.PRNGKey(0),
+                                         self.abstract_frozen())
     self.state_shardings = parallel.tree_shardings(self.mesh, self.abstract_state)
+    self._frozen_on_mesh = None
+
+  def abstract_frozen(self):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                  self.method.frozen())
+
+  def frozen_on_mesh(self):
+    """The method's frozen arrays (teacher, feature nets) placed on the mesh, once."""
+    if self._frozen_on_mesh is None:
+      fr = self.method.frozen()
+      sh = parallel.tree_shardings(self.mesh, fr)
+      self._frozen_on_mesh = (jax.device_put(fr, sh), sh)
+    return self._frozen_on_mesh
 
   def init_state(self):
     key = jax.random.PRNGKey(self.config.seed)
-    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(key)
+    frozen, frozen_sh = self.frozen_on_mesh()
+    return jax.jit(self.init_fn, in_shardings=(None, frozen_sh),
+                   out_shardings=self.state_shardings)(key, frozen)
 
   def step_functions(self):
     """(frozen arrays on the mesh, {kind: jitted step(state, batch, frozen)})."""
-    frozen = self.method.frozen()
-    frozen_sh = parallel.tree_shardings(self.mesh, frozen)
-    frozen = jax.device_put(frozen, frozen_sh)
+    frozen, frozen_sh = self.frozen_on_mesh()
     batch_sh = parallel.batch_sharding(self.mesh)
     fns = {
         kind: jax.jit(self.method.make_step(kind, self.tx),
@@ -161,7 +176,24 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, writer, sampl
       met = toy_metrics(x, ref)
       writer.write_scalars(step, {f"eval/{name}_{k}": v for k, v in met.items()})
       results[name] = met
+  if exp.config.data.dataset == "toy_gmm":
+    floor = oracle_floor(exp.config, exp.config.sampling.num_samples)
+    writer.write_scalars(step, {f"eval/oracle_{k}": v for k, v in floor.items()})
+    results["oracle_floor"] = floor
   return results
+
+
+def oracle_floor(config, num: int) -> Dict[str, float]:
+  """The metrics of EDM Heun (config.sampling.heun_steps) with the exact mixture denoiser:
+  the best any learned denoiser can do with that sampler and sample size."""
+  from ctm_jax.oracle import toy_mixture_2d
+  gm = toy_mixture_2d()
+  sch = schedule_from_config(config)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A4D)
+  k_init, _ = jax.random.split(key)
+  x_init = samplers.initial_noise(k_init, (num, 2), sch.sigma_max)
+  x = jax.jit(lambda x: samplers.edm_heun_sampler(gm.denoise, x, config.sampling.heun_steps, sch))(x_init)
+  return toy_metrics(np.asarray(x), reference_points(config, num))
 
 
 # ----------------------------------------------------------------------------- pre-emption

@@ -35,6 +35,10 @@ class Method:
   def frozen(self) -> Any:
     return {}
 
+  def init_params(self, key, params, frozen):
+    """Adjust freshly initialised parameters (e.g. copy a teacher's); default: unchanged."""
+    return params
+
   def step_kind(self, step: int) -> str:
     return self.step_kinds[0]
 

@@ -1,0 +1,25 @@
+"""CTM on the 2-D Gaussian mixture with the EXACT mixture denoiser as the teacher.
+
+  python -m launch.train --config=configs/toy_ctm.py --workdir=workdirs/toy_ctm
+"""
+from configs import ctm_common, toy_edm
+
+
+def get_config():
+  c = toy_edm.get_config()
+  c.unlock()
+  c.method = "ctm"
+  del c["edm"]
+  c.ctm = ctm_common.ctm_block(num_points=18)
+  c.ctm.distance = "l2"
+  c.ctm.sample_nfes = (1, 2, 4, 8)
+  c.gan = ctm_common.gan_block()
+  c.teacher = ctm_common.teacher_block(toy_edm.get_config(), source="oracle")
+  c.optim.name = "radam"
+  c.optim.lr = 4e-4
+  c.optim.warmup_steps = 0
+  c.ema.rates = (0.999, 0.9999)
+  c.training.num_train_steps = 8000
+  c.training.sample_every = 2000
+  c.lock()
+  return c

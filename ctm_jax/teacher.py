@@ -1,0 +1,82 @@
+"""Teachers for distillation: the exact mixture oracle, a trained checkpoint, or torch weights.
+
+The student's config nests the teacher's (config.teacher.config), so the teacher network is
+rebuilt exactly as it was trained.  Teacher parameters are loaded once, on the host, and
+passed to the jitted step as arguments (never baked into the compiled program).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+SOURCES = ("oracle", "checkpoint", "torch_npz")
+
+
+class Teacher:
+  """denoise(params, x, t, labels) -> D(x, t), and the params it needs."""
+
+  def __init__(self, config):
+    self.config = config
+    tc = config.teacher
+    self.source = tc.source
+    self._params = None
+    if self.source == "oracle":
+      from ctm_jax.oracle import toy_mixture_2d
+      gm = toy_mixture_2d()
+      self.model = None
+      self._denoise = lambda params, x, t, labels: gm.denoise(x, t).astype(x.dtype)
+      return
+    from ctm_jax import train
+    tcfg = tc.config
+    self.model = train.build_model(tcfg, use_s=False)
+    self.class_conditional = bool(tcfg.data.class_conditional)
+
+    def denoise(params, x, t, labels):
+      return self.model.denoiser(params, x, t, None, labels if self.class_conditional else None)
+    self._denoise = denoise
+
+  def denoise(self, params, x, t, labels=None):
+    return self._denoise(params, x, t, labels)
+
+  def params(self) -> Any:
+    """The teacher's parameters (host arrays), loaded on first use."""
+    if self._params is None:
+      self._params = self._load()
+    return self._params
+
+  def _load(self):
+    tc = self.config.teacher
+    if self.source == "oracle":
+      return {}
+    if self.source == "checkpoint":
+      from ctm_jax import train, train_state
+      exp, state, step = train.load_state(tc.config, tc.workdir, None if tc.step < 0 else tc.step)
+      name = tc.ema or train_state.ema_names(tc.config.ema)[0]
+      if name not in state.ema:
+        raise ValueError(f"config.teacher.ema = {name!r} is not an EMA of the teacher run "
+                         f"(it has {sorted(state.ema)})")
+      return jax.device_get(state.ema[name])
+    from ctm_jax.nets import torch_port
+    sd = torch_port.load_npz_state_dict(tc.npz_path)
+    return torch_port.load_torch_state_dict(self.model.net, sd)
+
+
+def copy_matching(student_params, teacher_params):
+  """Student parameters with every leaf whose path and shape match the teacher's replaced by
+  the teacher's value (CTM init: the s-conditioning layers, absent in the teacher, stay new).
+
+  Returns (params, number of leaves copied)."""
+  flat_t = {jax.tree_util.keystr(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
+  copied = [0]
+
+  def pick(path, leaf):
+    v = flat_t.get(jax.tree_util.keystr(path))
+    if v is not None and tuple(v.shape) == tuple(leaf.shape):
+      copied[0] += 1
+      return v.astype(leaf.dtype)
+    return leaf
+  out = jax.tree_util.tree_map_with_path(pick, student_params)
+  return out, copied[0]
