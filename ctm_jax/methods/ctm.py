@@ -93,41 +93,27 @@ def distance_fn(config, dim: int):
                                                     pooling=config.ctm.lpips_pooling)
 
 
-def default_adaptive_layer(arch: str) -> str:
-  """The weight W for the adaptive weights: the reference uses the network's final output
-  convolution on CIFAR-10 (dec['32x32_aux_conv']) and the last output block's second conv on
-  ImageNet-64 (output_blocks[15][0].out_layers[3])."""
-  return {"mlp": "out/kernel", "songunet": "<last dec aux_conv>/weight",
-          "adm": "<last dec block>/conv1/weight"}[arch]
+def default_adaptive_layer(model_cfg, data_shape) -> str:
+  """The weight W of the adaptive weights, as in the reference: the final output convolution
+  on CIFAR-10 (dec['32x32_aux_conv']), the last decoder block's second convolution for the ADM
+  net on ImageNet-64 (output_blocks[15][0].out_layers[3]), the output layer of the MLP."""
+  if model_cfg.arch == "mlp":
+    return "out/kernel"
+  r = int(data_shape[0])
+  if model_cfg.arch == "songunet":
+    return f"dec_{r}x{r}_aux_conv/kernel"
+  return f"dec_{r}x{r}_block{int(model_cfg.num_blocks)}/conv1/kernel"
 
 
 def find_param(params, path: str):
-  """Look up a '/'-separated parameter path; '<last dec aux_conv>' and '<last dec block>'
-  resolve to the last decoder entry of that kind."""
-  parts = path.split("/")
+  """Look up a '/'-separated parameter path, with an error listing what is there."""
   node = params
-  for p in parts:
-    if p.startswith("<last dec "):
-      kind = p[len("<last dec "):-1]
-      keys = [k for k in node if k.startswith("dec_") and k.endswith(kind)] if kind == "aux_conv" \
-          else [k for k in node if k.startswith("dec_") and "block" in k]
-      if not keys:
-        raise KeyError(f"no decoder layer of kind {kind!r} among {sorted(node)[:8]}...")
-      p = sorted(keys, key=_dec_order)[-1]
-    if p not in node:
-      raise KeyError(f"parameter path {path!r}: {p!r} not among {sorted(node)[:10]}")
+  for p in path.split("/"):
+    if not hasattr(node, "keys") or p not in node:
+      have = sorted(node.keys())[:12] if hasattr(node, "keys") else type(node).__name__
+      raise KeyError(f"parameter path {path!r}: {p!r} not found (have {have})")
     node = node[p]
   return node
-
-
-def _dec_order(name: str):
-  # dec_<res>x<res>_<kind><idx>: decoder order is decreasing... the last is the highest
-  # resolution with the largest block index.
-  import re
-  m = re.match(r"dec_(\d+)x\d+_\D*?(\d*)$", name)
-  if not m:
-    return (0, 0)
-  return (int(m.group(1)), int(m.group(2) or 0))
 
 
 def adaptive_weight(g_main, g_other, path: str, max_value: float):
@@ -156,7 +142,8 @@ class CTM(Method):
     info = data.dataset_info(config.data.dataset)
     self.data_shape = tuple(info.shape)
     self.distance = distance_fn(config, int(np.prod(self.data_shape)))
-    self.adaptive_path = c.adaptive_layer or default_adaptive_layer(config.model.arch)
+    self.adaptive_path = c.adaptive_layer or default_adaptive_layer(config.model,
+                                                                      self.data_shape)
     self.gan = None
     if config.gan.enabled:
       from ctm_jax.methods import ctm_gan
@@ -192,6 +179,10 @@ class CTM(Method):
     return params
 
   def init_extra(self, key, params):
+    try:
+      find_param(params, self.adaptive_path)
+    except KeyError as e:
+      raise config_lib.ConfigError(f"config.ctm.adaptive_layer: {e}") from None
     extra = {"target": params}
     if self.gan is not None:
       extra.update(self.gan.init(key))
