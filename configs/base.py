@@ -11,6 +11,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.method = "edm"            # edm | ctm
+  # A new run may start from another run's checkpoint (e.g. a CTM+DSM run, then a GAN phase):
+  # every state entry with the same name and shape is taken from it, the rest is fresh.
+  c.init_from = ""            # that run's workdir ('' = start from scratch)
+  c.init_from_step = -1       # its checkpoint step (-1 = newest)
 
   c.data = ml_collections.ConfigDict(dict(
       dataset="toy_gmm",        # toy_gmm | checkerboard | digits | mnist_local | cifar10 | imagenet64

@@ -13,7 +13,7 @@ def ctm_block(num_points: int = 18) -> ml_collections.ConfigDict:
       teacher_last_step="heun",     # the reference takes a full Heun step into sigma_min
       distance="lpips",             # lpips | pseudo_huber | l2
       lpips_weights="",             # local .npz of VGG16 + LPIPS heads (required for lpips)
-      lpips_pooling="l2",           # piq LPIPS(replace_pooling=True) as in the reference
+      lpips_pooling="avg",          # piq 0.7.0 LPIPS(replace_pooling=True) = 2x2 average pooling
       huber_c=0.0,                  # 0: 0.00054 * sqrt(dim) (iCT)
       target_ema=0.999,             # theta^- = EMA(theta) at this rate, generator steps only
       target_train_mode=True,       # reference quirk: target network evaluated with dropout on

@@ -55,6 +55,11 @@ def validate_common(config, *, num_devices: int, process_count: int):
   from ctm_jax.diffusion import C_NOISE_KINDS
 
   check_number(config, "seed", 0, integer=True)
+  if config.get("init_from"):
+    import os
+    if not os.path.exists(os.path.join(config.init_from, "config.json")):
+      raise ConfigError(f"config.init_from = {config.init_from!r} is not a ctm-jax run directory "
+                        f"(no config.json there)")
   check_choice(config, "method", methods.method_names())
   check_choice(config, "data.dataset", tuple(data.DATASETS))
   check_choice(config, "data.sharding", ("global", "split"))

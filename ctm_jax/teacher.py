@@ -62,21 +62,3 @@ class Teacher:
     sd = torch_port.load_npz_state_dict(tc.npz_path)
     return torch_port.load_torch_state_dict(self.model.net, sd)
 
-
-def copy_matching(student_params, teacher_params):
-  """Student parameters with every leaf whose path and shape match the teacher's replaced by
-  the teacher's value (CTM init: the s-conditioning layers, absent in the teacher, stay new).
-
-  Returns (params, number of leaves copied)."""
-  flat_t = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
-  copied = [0]
-
-  def pick(path, leaf):
-    v = flat_t.get(jax.tree_util.keystr(path))
-    if v is not None and tuple(v.shape) == tuple(leaf.shape):
-      copied[0] += 1
-      return v.astype(leaf.dtype)
-    return leaf
-  out = jax.tree_util.tree_map_with_path(pick, student_params)
-  return out, copied[0]

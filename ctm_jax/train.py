@@ -62,7 +62,7 @@ def make_init_fn(config, model, method, tx):
     k_param, k_extra, k_rng = jax.random.split(key, 3)
     params = model.init(k_param, example_input(config), example_labels(config))
     params = method.init_params(k_param, params, frozen)
-    extra = method.init_extra(k_extra, params)
+    extra = method.init_extra(k_extra, params, frozen)
     return train_state.create_state(params, tx, config.ema, k_rng, extra)
   return init
 
@@ -166,7 +166,7 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, writer, sampl
   results = {}
   for name, fn in samplers_jit.items():
     x = np.asarray(parallel.to_host(fn(params, key)))
-    pic = visualize.samples_picture(x if exp.info.kind == "image" else x, exp.info.kind)
+    pic = visualize.samples_picture(x, exp.info.kind)
     if jax.process_index() == 0:
       visualize.save_png(os.path.join(workdir, "samples", f"{name}_step{step:08d}.png"), pic,
                          scale=4 if exp.info.kind == "image" and pic.shape[0] < 128 else 1)
@@ -229,7 +229,7 @@ class PreemptionFlag:
 
 def _mean_metrics(buffer):
   host = jax.device_get(buffer)
-  keys = host[0].keys()
+  keys = sorted(set().union(*(m.keys() for m in host)))
   return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host if k in m])) for k in keys}
 
 
@@ -264,6 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     logging.info("Resuming from %s at step %d", ckpt.directory, latest)
     state, data_state, _ = ckpt.restore(latest, exp.restore_target())
     batches = pipeline.iterator_from_state(data_state)
+  elif config.init_from:
+    state = init_from_run(exp, config.init_from, config.init_from_step)
+    batches = pipeline.iterator(int(jax.device_get(state.step)))
   else:
     state = exp.init_state()
     batches = pipeline.iterator(0)
@@ -340,6 +343,46 @@ def _flatten(d, prefix=""):
 
 
 # ----------------------------------------------------------------------------- loading
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (workdir/config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: not a ctm-jax run directory")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def merge_state(fresh, source):
+  """fresh with every leaf whose path, shape and dtype match a leaf of source replaced by it.
+
+  Returns (state, names taken, names left fresh)."""
+  src = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+  taken, fresh_names = [], []
+
+  def pick(path, leaf):
+    name = jax.tree_util.keystr(path)
+    v = src.get(name)
+    if v is not None and v.shape == leaf.shape and v.dtype == leaf.dtype:
+      taken.append(name)
+      return v
+    fresh_names.append(name)
+    return leaf
+  return jax.tree_util.tree_map_with_path(pick, fresh), taken, fresh_names
+
+
+def init_from_run(exp: "Experiment", src_workdir: str, step: int = -1):
+  """A new run's state started from another run's checkpoint (config.init_from)."""
+  src_cfg = load_run_config(src_workdir)
+  _, src_state, src_step = load_state(src_cfg, src_workdir, None if step < 0 else step)
+  merged, taken, fresh = merge_state(jax.device_get(exp.init_state()), jax.device_get(src_state))
+  if not any("params" in n for n in taken):
+    raise config_lib.ConfigError(f"config.init_from = {src_workdir!r}: no parameter of that run "
+                                 f"matches this model (different architecture?)")
+  logging.info("Initialised from %s step %d: %d arrays taken, %d fresh (%s)", src_workdir,
+               src_step, len(taken), len(fresh), ", ".join(fresh[:8]))
+  return jax.device_put(merged, exp.state_shardings)
+
 
 def load_state(config, workdir: str, step: Optional[int] = None):
   """Restore a TrainState (and its step) from a workdir, for sampling and evaluation."""

@@ -123,7 +123,7 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
   params = optax.apply_updates(state.params, updates)
   decays = ema_decays(ema_cfg, state.step, batch_size)
   ema = {k: ema_update(v, params, decays[k]) for k, v in state.ema.items()}
-  metrics = {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+  metrics = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 

@@ -29,11 +29,8 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def load_config(workdir):
-  import ml_collections
-  if _CONFIG.value is not None:
-    return _CONFIG.value
-  with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  from ctm_jax import train
+  return _CONFIG.value if _CONFIG.value is not None else train.load_run_config(workdir)
 
 
 def main(argv):

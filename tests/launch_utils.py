@@ -42,3 +42,14 @@ def start_train(workdir, *overrides, devices=1, log_path=None, extra_env=None):
   out = open(log_path, "w") if log_path else subprocess.DEVNULL
   return subprocess.Popen(train_cmd(workdir, *overrides, devices=devices), cwd=ROOT,
                           env=subprocess_env(extra_env), stdout=out, stderr=subprocess.STDOUT)
+
+
+def set_fields(config, overrides):
+  """Set dotted config fields, e.g. {"training.batch_size": 16}; returns the config."""
+  for path, v in overrides.items():
+    node = config
+    parts = path.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = v
+  return config

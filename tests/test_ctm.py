@@ -8,6 +8,7 @@ import pytest
 from configs import toy_ctm
 from ctm_jax import config_lib, data, diffusion, parallel, solvers, train, train_state
 from ctm_jax.methods import ctm as ctm_lib
+from launch_utils import set_fields
 
 
 def tiny_ctm_config(**overrides):
@@ -17,13 +18,7 @@ def tiny_ctm_config(**overrides):
   c.training.sample_every = 0
   c.ctm.num_points = 10
   c.ctm.max_k = 9
-  for path, v in overrides.items():
-    node = c
-    parts = path.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = v
-  return c
+  return set_fields(c, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from configs import toy_edm
 from ctm_jax import checkpointing, config_lib, data, metric_io, parallel, train, train_state
-from launch_utils import ROOT, run_train, start_train, subprocess_env, train_cmd
+from launch_utils import ROOT, run_train, set_fields, start_train, subprocess_env, train_cmd
 
 
 def tiny_config(**overrides):
@@ -25,13 +25,7 @@ def tiny_config(**overrides):
   c.training.log_every = 1
   c.training.sample_every = 0
   c.optim.warmup_steps = 0
-  for path, v in overrides.items():
-    node = c
-    parts = path.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = v
-  return c
+  return set_fields(c, overrides)
 
 
 def _leaves_equal(a, b):

@@ -29,7 +29,7 @@ class Method:
     self.schedule = model.schedule
 
   # -- state
-  def init_extra(self, key, params) -> Dict[str, Any]:
+  def init_extra(self, key, params, frozen) -> Dict[str, Any]:
     return {}
 
   def frozen(self) -> Any:

@@ -24,7 +24,8 @@ import optax
 from ctm_jax import config_lib, diffusion, samplers, solvers, train_state
 from ctm_jax.diffusion import append_dims
 from ctm_jax.methods.base import Method
-from ctm_jax.teacher import SOURCES, Teacher, copy_matching
+from ctm_jax.nets.torch_port import copy_matching_params
+from ctm_jax.teacher import SOURCES, Teacher
 
 DISTANCES = ("l2", "pseudo_huber", "lpips")
 
@@ -175,17 +176,17 @@ class CTM(Method):
     """Copy every teacher weight whose name and shape match (the s-path stays as initialised)."""
     if not frozen.get("teacher"):
       return params
-    params, _ = copy_matching(params, frozen["teacher"])
+    params, _ = copy_matching_params(params, frozen["teacher"])
     return params
 
-  def init_extra(self, key, params):
+  def init_extra(self, key, params, frozen):
     try:
       find_param(params, self.adaptive_path)
     except KeyError as e:
       raise config_lib.ConfigError(f"config.ctm.adaptive_layer: {e}") from None
     extra = {"target": params}
     if self.gan is not None:
-      extra.update(self.gan.init(key))
+      extra.update(self.gan.init(key, frozen))
     return extra
 
   # ------------------------------------------------------------------------- pieces

@@ -1,0 +1,52 @@
+"""CTM on CIFAR-10 (Kim et al. 2024; reference Kim-Dongjun/ctm-cifar10), distilling EDM.
+
+Phase 1, CTM + DSM (from the EDM teacher):
+  python -m launch.train --config=configs/cifar10_ctm.py --workdir=$W1 \
+      --config.teacher.npz_path=edm-cifar10-32x32-uncond-vp.npz \
+      --config.ctm.lpips_weights=lpips_vgg.npz
+Phase 2, + GAN (a new run started from phase 1's checkpoint, as the reference resumes):
+  python -m launch.train --config=configs/cifar10_ctm.py:gan --workdir=$W2 \
+      --config.init_from=$W1 --config.teacher.npz_path=... --config.ctm.lpips_weights=... \
+      --config.gan.feature_weights=lpips_vgg.npz
+`:cond` / `:cond_gan` give the class-conditional runs (teacher edm-cifar10-32x32-cond-vp).
+The teacher may instead be a run of configs/cifar10_edm.py:
+  --config.teacher.source=checkpoint --config.teacher.workdir=$EDM_WORKDIR
+"""
+from configs import cifar10_edm, ctm_common
+
+
+def get_config(arg: str = ""):
+  if arg not in ("", "cond", "gan", "cond_gan"):
+    raise ValueError(f"configs/cifar10_ctm.py takes '', 'cond', 'gan' or 'cond_gan', got {arg!r}")
+  cond = arg.startswith("cond")
+  gan = arg.endswith("gan")
+  teacher = cifar10_edm.get_config("cond" if cond else "")
+  c = cifar10_edm.get_config("cond" if cond else "")
+  c.unlock()
+  c.method = "ctm"
+  del c["edm"]
+  c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.13)     # the student: DDPM++ + s path
+  c.ctm = ctm_common.ctm_block(num_points=18)             # N = 18, K = 17, LPIPS
+  c.ctm.target_ema = 0.9999 if (gan and not cond) else 0.999
+  c.gan = ctm_common.gan_block()
+  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz")
+  c.optim.name = "radam"
+  c.optim.lr = 4e-4
+  c.optim.warmup_steps = 0
+  c.optim.grad_clip = 0.0
+  c.ema.rates = (0.999, 0.9999)
+  c.ema.halflife_kimg = 0.0
+  c.sampling.eval_ema = "rate_0p999"
+  c.training.batch_size = 256            # cond CTM+DSM command: --global_batch_size=256
+  c.training.num_train_steps = 600_000   # total_training_steps (runs were stopped earlier)
+  c.training.checkpoint_every = 2_000
+  c.training.keep_every = 10_000
+  c.training.sample_every = 2_000
+  c.ctm.sample_nfes = (1, 2)
+  if gan:
+    c.gan.enabled = True
+    c.gan.discriminator = "projected"
+    c.gan.g_every = 2
+    c.training.batch_size = 528          # --global_batch_size=528 (uncond GAN command)
+  c.lock()
+  return c

@@ -1,0 +1,51 @@
+"""CTM on ImageNet 64x64, class-conditional (Kim et al. 2024; reference sony/ctm).
+
+  python -m launch.train --config=configs/imagenet64_ctm.py --workdir=$W1 \
+      --config.teacher.npz_path=edm_imagenet64_ema.npz --config.ctm.lpips_weights=lpips_vgg.npz
+  python -m launch.train --config=configs/imagenet64_ctm.py:gan --workdir=$W2 --config.init_from=$W1 ...
+
+The teacher is openai's EDM ImageNet-64 ADM (consistency_models' edm_imagenet64_ema.pt, exported
+with launch/export_torch_weights.py), which takes c_noise = 250 ln(t); the student uses the same.
+"""
+from configs import ctm_common, imagenet64_edm
+
+
+def get_config(arg: str = ""):
+  if arg not in ("", "gan"):
+    raise ValueError(f"configs/imagenet64_ctm.py takes '' or 'gan', got {arg!r}")
+  teacher = imagenet64_edm.get_config()
+  teacher.unlock()
+  teacher.diffusion.c_noise = "250log"
+  teacher.model.dropout = 0.1            # teacher_dropout (evaluated without dropout)
+  teacher.lock()
+  c = imagenet64_edm.get_config()
+  c.unlock()
+  c.method = "ctm"
+  del c["edm"]
+  c.diffusion.c_noise = "250log"
+  c.model = imagenet64_edm.adm_imagenet64(dropout=0.0)
+  c.ctm = ctm_common.ctm_block(num_points=40)             # N = 40, K = 39
+  c.ctm.target_ema = 0.999
+  c.gan = ctm_common.gan_block()
+  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz")
+  c.optim.name = "radam"
+  c.optim.lr = 4e-4
+  c.optim.warmup_steps = 0
+  c.ema.rates = (0.999, 0.9999, 0.9999432189950708)
+  c.ema.halflife_kimg = 0.0
+  c.sampling.eval_ema = "rate_0p999"
+  c.sampling.heun_steps = 40
+  c.training.batch_size = 1440
+  c.training.num_train_steps = 600_000
+  c.training.compute_dtype = "bfloat16"
+  c.training.checkpoint_every = 1_000
+  c.training.keep_every = 10_000
+  c.training.sample_every = 1_000
+  if arg == "gan":
+    c.gan.enabled = True
+    c.gan.discriminator = "projected"
+    c.ctm.max_k = 20                     # --num_heun_step 20 in the fine-tuning runs (10 -> 20)
+    c.optim.lr = 8e-6
+    c.training.batch_size = 2112
+  c.lock()
+  return c

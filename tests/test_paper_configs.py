@@ -1,0 +1,132 @@
+"""The paper-setting configs (CIFAR-10, ImageNet 64x64) are complete: they validate, build the
+full networks and state under eval_shape, and (marked slow: minutes of compile on a CPU) run
+real training steps at a tiny batch on one device."""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ctm_jax import config_lib, data, parallel, teacher as teacher_lib, train
+from ctm_jax.nets import lpips
+
+CONFIGS = [("cifar10_edm", ""), ("cifar10_edm", "cond"), ("cifar10_ctm", ""),
+           ("cifar10_ctm", "cond"), ("cifar10_ctm", "gan"), ("imagenet64_edm", ""),
+           ("imagenet64_ctm", ""), ("imagenet64_ctm", "gan")]
+
+# Student / teacher parameter counts: layer-by-layer counts of the torch constructors
+# (tests/test_nets.py derives them independently; EDM reports 56M for DDPM++ and ~296M for ADM).
+PARAMS = {("cifar10_edm", ""): 55_733_891, ("cifar10_edm", "cond"): 55_735_299,
+          ("cifar10_ctm", ""): 60_395_267 + 9 * 128, ("cifar10_ctm", "cond"): 60_396_675 + 9 * 128,
+          ("cifar10_ctm", "gan"): 60_395_267 + 9 * 128,
+          ("imagenet64_edm", ""): 295_899_267, ("imagenet64_ctm", ""): 324_100_611,
+          ("imagenet64_ctm", "gan"): 324_100_611}
+
+
+def load(name, arg):
+  mod = importlib.import_module(f"configs.{name}")
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("weights")
+  path = str(d / "lpips_random.npz")
+  lpips.random_lpips_npz(path, seed=0)          # full VGG16 widths, random values
+  return path
+
+
+def _fill_paths(cfg, lpips_path):
+  cfg.unlock()
+  if cfg.method == "ctm":
+    cfg.ctm.lpips_weights = lpips_path
+    cfg.gan.feature_weights = lpips_path
+    cfg.teacher.npz_path = "teacher.npz"
+  return cfg
+
+
+@pytest.fixture
+def random_teacher(monkeypatch):
+  """Teacher weights of the right shapes (the torch loader itself is tested on the fixtures)."""
+  def fake_load(self):
+    info = data.dataset_info(self.config.data.dataset)
+    labels = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
+    shapes = jax.eval_shape(lambda k: self.model.init(k, jnp.zeros((1,) + info.shape), labels),
+                            jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype),
+                                  shapes)
+  monkeypatch.setattr(teacher_lib.Teacher, "_load", fake_load)
+
+
+@pytest.mark.parametrize("name,arg", CONFIGS)
+def test_paper_config_validates_and_shape_checks(name, arg, weight_files, random_teacher):
+  cfg = _fill_paths(load(name, arg), weight_files)
+  config_lib.validate(cfg, num_devices=8, process_count=1)
+  exp = train.Experiment(cfg)                   # eval_shape of the whole TrainState
+  st = exp.abstract_state
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(st.params))
+  assert n == PARAMS[(name, arg)]
+  assert sorted(st.ema) == sorted(
+      [f"rate_{repr(float(r)).replace('.', 'p')}" for r in cfg.ema.rates] +
+      (["halflife"] if cfg.ema.halflife_kimg > 0 else []))
+  if cfg.method == "ctm":
+    assert jax.tree_util.tree_structure(st.extra["target"]) == jax.tree_util.tree_structure(st.params)
+    assert ("disc" in st.extra) == bool(cfg.gan.enabled)
+  info = data.dataset_info(cfg.data.dataset)
+  x = jax.ShapeDtypeStruct((2,) + info.shape, jnp.float32)
+  out = jax.eval_shape(lambda p, x: exp.model.denoiser(p, x, jnp.ones((2,)), None,
+                                                      jnp.zeros((2,), jnp.int32)
+                                                      if cfg.data.class_conditional else None),
+                       st.params, x)
+  assert out.shape == x.shape
+
+
+def test_paper_settings_values():
+  """Spot checks against PAPER_SETTINGS.md / the reference commands."""
+  c = load("cifar10_ctm", "")
+  assert (c.ctm.num_points, c.ctm.max_k, c.ctm.distance, c.optim.name, c.optim.lr) == (18, 17, "lpips", "radam", 4e-4)
+  assert tuple(c.ema.rates) == (0.999, 0.9999) and c.ctm.target_ema == 0.999 and c.model.dropout == 0.13
+  g = load("cifar10_ctm", "gan")
+  assert g.gan.enabled and (g.gan.lr, g.gan.b1, g.gan.b2, g.gan.g_every) == (2e-3, 0.5, 0.9, 2)
+  assert (g.gan.weight_min, g.gan.weight_max) == (0.01, 10.0) and g.training.batch_size == 528
+  i = load("imagenet64_ctm", "")
+  assert (i.ctm.num_points, i.ctm.max_k, i.model.arch, i.model.model_channels) == (40, 39, "adm", 192)
+  assert i.diffusion.c_noise == "250log" and i.data.class_conditional and i.training.batch_size == 1440
+  e = load("cifar10_edm", "")
+  assert (e.training.batch_size, e.optim.lr, e.ema.halflife_kimg, e.model.dropout) == (512, 1e-3, 500.0, 0.13)
+
+
+def _one_device_steps(cfg, batch_size=2):
+  cfg.training.batch_size = batch_size
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  exp = train.Experiment(cfg, mesh=mesh)
+  state = exp.init_state()
+  frozen, fns = exp.step_functions()
+  info = exp.info
+  rng = np.random.default_rng(0)
+  local = {"x": rng.uniform(-1, 1, (batch_size,) + info.shape).astype(np.float32)}
+  if cfg.data.class_conditional:
+    local["label"] = rng.integers(0, info.num_classes, batch_size).astype(np.int32)
+  batch = parallel.global_batch(local, mesh)
+  out = {}
+  for step in range(len(exp.method.step_kinds)):
+    kind = exp.method.step_kind(step) if cfg.method != "ctm" or not cfg.gan.enabled else \
+        exp.method.step_kinds[step]
+    state, met = fns[kind](state, batch, frozen)
+    out[kind] = {k: float(v) for k, v in jax.device_get(met).items()}
+  for kind, met in out.items():
+    assert all(np.isfinite(v) for v in met.values()), (kind, met)
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,arg", [("cifar10_edm", ""), ("cifar10_ctm", ""), ("cifar10_ctm", "gan"),
+                                      ("imagenet64_edm", ""), ("imagenet64_ctm", "")])
+def test_paper_config_trains_a_step_at_tiny_batch(name, arg, weight_files, random_teacher):
+  cfg = _fill_paths(load(name, arg), weight_files)
+  if cfg.method == "ctm":
+    cfg.ema.rates = cfg.ema.rates[:1]          # memory: one evaluation EMA is enough here
+  print(name, arg, _one_device_steps(cfg, batch_size=1 if name.startswith("imagenet") else 2))
