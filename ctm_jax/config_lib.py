@@ -55,6 +55,7 @@ def validate_common(config, *, num_devices: int, process_count: int):
   from ctm_jax.diffusion import C_NOISE_KINDS
 
   check_number(config, "seed", 0, integer=True)
+  check_number(config, "init_from_step", -1, integer=True)
   if config.get("init_from"):
     import os
     if not os.path.exists(os.path.join(config.init_from, "config.json")):

@@ -124,7 +124,9 @@ def test_ctm_config_errors_name_fields():
   for path, value, field in [("ctm.max_k", 30, "ctm.max_k"), ("ctm.distance", "l1", "ctm.distance"),
                              ("ctm.target_ema", 1.0, "ctm.target_ema"),
                              ("teacher.source", "magic", "teacher.source"),
-                             ("ctm.sample_nfes", (0,), "ctm.sample_nfes")]:
+                             ("ctm.sample_nfes", (0,), "ctm.sample_nfes"),
+                             ("ctm.lpips_pooling", "mean", "ctm.lpips_pooling"),
+                             ("teacher.step", -5, "teacher.step")]:
     cfg = tiny_ctm_config(**{path: value})
     with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
       config_lib.validate(cfg, num_devices=8, process_count=1)

@@ -36,6 +36,8 @@ def validate_ctm_config(config):
   config_lib.check_number(config, f"{c}.max_k", 1, n - 1, integer=True)
   config_lib.check_choice(config, f"{c}.distance", DISTANCES)
   config_lib.check_number(config, f"{c}.huber_c", 0)
+  config_lib.check_choice(config, f"{c}.lpips_pooling", ("avg", "max", "l2"))
+  config_lib.check_number(config, "teacher.step", -1, integer=True)
   config_lib.check_choice(config, f"{c}.teacher_last_step", solvers.LAST_STEP)
   config_lib.check_number(config, f"{c}.target_ema", 0, 1, hi_open=True)
   config_lib.check_choice(config, f"{c}.dsm_weight_mode", ("adaptive", "fixed", "off"))
@@ -43,7 +45,6 @@ def validate_ctm_config(config):
   config_lib.check_number(config, f"{c}.adaptive_max", 0, lo_open=True)
   config_lib.check_number(config, f"{c}.dsm_curve_max", 0, 1)
   config_lib.check_number(config, f"{c}.dsm_p_std", 0, lo_open=True)
-  gammas = config.ctm.sample_gamma
   config_lib.check_number(config, f"{c}.sample_gamma", 0, 1)
   nfes = config.ctm.sample_nfes
   if not isinstance(nfes, (tuple, list)) or not nfes or any(
