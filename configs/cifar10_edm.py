@@ -4,9 +4,9 @@
   python -m launch.train --config=configs/cifar10_edm.py --workdir=$WORKDIR
   python -m launch.train --config=configs/cifar10_edm.py:cond ...   (class-conditional)
 
-Needs CIFAR-10 prepared as TFDS array_record (see README, "Data").  Not reproduced here:
-EDM's non-leaking augmentation pipeline (p = 0.12, augment_dim = 9); the network keeps its
-augment-label input (zeros) so the official weights load unchanged.
+Needs CIFAR-10 prepared as TFDS array_record (see README, "Data").  EDM's non-leaking
+augmentation (`--augment=0.12`: x/y flips, scaling, rotation, anisotropy, translation; the
+network is conditioned on the 9 augment labels, zeros when sampling); no dataset x-flips.
 """
 import ml_collections
 
@@ -25,7 +25,7 @@ def ddpmpp_cifar10(dropout: float = 0.13) -> ml_collections.ConfigDict:
 def get_config(arg: str = ""):
   c = base.get_base_config()
   c.method = "edm"
-  c.edm = toy_edm.edm_block()
+  c.edm = toy_edm.edm_block(augment_p=0.12)
   c.data.dataset = "cifar10"
   c.data.class_conditional = arg == "cond"
   c.diffusion.sigma_data = 0.5

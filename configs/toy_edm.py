@@ -7,9 +7,20 @@ import ml_collections
 from configs import base
 
 
-def edm_block() -> ml_collections.ConfigDict:
-  """EDM's DSM training distribution: ln t ~ N(p_mean, p_std^2) (EDM Table 1)."""
-  return ml_collections.ConfigDict(dict(p_mean=-1.2, p_std=1.2))
+def augment_block(p: float = 0.0) -> ml_collections.ConfigDict:
+  """EDM's non-leaking augmentation (ctm_jax.augment, NVlabs/edm AugmentPipe): p is the
+  overall probability (0 = off); the other fields are per-transform multipliers and ranges.
+  The multipliers here are EDM's `--augment` set; the network needs model.augment_dim = 9."""
+  return ml_collections.ConfigDict(dict(
+      p=p, xflip=1e8, yflip=1.0, scale=1.0, rotate_frac=1.0, aniso=1.0, translate_frac=1.0,
+      scale_std=0.2, rotate_frac_max=1.0, aniso_std=0.2, aniso_rotate_prob=0.5,
+      translate_frac_std=0.125))
+
+
+def edm_block(augment_p: float = 0.0) -> ml_collections.ConfigDict:
+  """EDM's DSM training distribution: ln t ~ N(p_mean, p_std^2) (EDM Table 1), and the
+  augmentation (off unless augment_p > 0)."""
+  return ml_collections.ConfigDict(dict(p_mean=-1.2, p_std=1.2, augment=augment_block(augment_p)))
 
 
 def get_config():

@@ -39,14 +39,18 @@ class FlowModel:
     variables = self.net.init({"params": key, "dropout": key}, x, t, cn_s, labels, train=False)
     return variables["params"]
 
-  def raw(self, params, x_in, t, s=None, labels=None, *, train=False, rng=None):
-    """The raw network output F(x_in, c_noise(t), c_noise(s))."""
+  def raw(self, params, x_in, t, s=None, labels=None, *, train=False, rng=None,
+          augment_labels=None):
+    """The raw network output F(x_in, c_noise(t), c_noise(s)); augment_labels: EDM's
+    augmentation conditioning (None = zeros, the un-augmented model)."""
     cn_t = diffusion.c_noise(t, self.c_noise_kind)
     cn_s = diffusion.c_noise(s, self.c_noise_kind) if (self.uses_s and s is not None) else None
     if self.uses_s and cn_s is None:
       cn_s = cn_t
     rngs = {"dropout": rng} if rng is not None else None
-    out = self.net.apply({"params": params}, x_in, cn_t, cn_s, labels, train=train, rngs=rngs)
+    extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+    out = self.net.apply({"params": params}, x_in, cn_t, cn_s, labels, train=train, rngs=rngs,
+                         **extra)
     return out.astype(x_in.dtype)
 
   def _times(self, x, t, s):
@@ -54,11 +58,13 @@ class FlowModel:
     s = t if s is None else jnp.broadcast_to(jnp.asarray(s, x.dtype), x.shape[:1])
     return t, s
 
-  def denoiser(self, params, x, t, s=None, labels=None, *, train=False, rng=None):
+  def denoiser(self, params, x, t, s=None, labels=None, *, train=False, rng=None,
+               augment_labels=None):
     """g(x, t, s) = c_skip(t) x + c_out(t) F; with s = None (or s = t) the denoiser head."""
     t, s = self._times(x, t, s)
     c_skip, c_out, c_in = diffusion.edm_scalings(t, self.schedule.sigma_data)
-    f = self.raw(params, append_dims(c_in, x.ndim) * x, t, s, labels, train=train, rng=rng)
+    f = self.raw(params, append_dims(c_in, x.ndim) * x, t, s, labels, train=train, rng=rng,
+                 augment_labels=augment_labels)
     return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * f
 
   def jump(self, params, x, t, s, labels=None, *, train=False, rng=None):

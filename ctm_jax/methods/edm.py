@@ -1,21 +1,28 @@
-"""EDM denoising score matching (Karras et al. 2022, eq. 2 and Table 1)."""
+"""EDM denoising score matching (Karras et al. 2022, eq. 2 and Table 1), with EDM's
+non-leaking augmentation (Appendix F.2) when `config.edm.augment.p > 0`."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from ctm_jax import diffusion, train_state
+from ctm_jax import augment, diffusion, train_state
 from ctm_jax.diffusion import append_dims
 from ctm_jax.methods.base import Method
 
 
-def dsm_loss(model, params, x0, sigma, noise, labels, rng, *, train=True):
-  """Per-example lambda(t) * mean |D(x0 + t z, t) - x0|^2 with lambda = (t^2 + sd^2) / (t sd)^2.
+# Folded into the step key for the augmentation draws (the other keys stay as without it).
+_AUGMENT_STREAM = 0x617567
+
+
+def dsm_loss(model, params, x0, sigma, noise, labels, rng, *, train=True, augment_labels=None):
+  """Per-example lambda(t) * mean |D(x0 + t z, t; a) - x0|^2 with lambda = (t^2 + sd^2) / (t sd)^2
+  and a the augment labels of x0 (None without augmentation).
 
   (The mean over dimensions only rescales EDM's sum, which Adam does not see.)
   """
   x_t = x0 + append_dims(sigma, x0.ndim) * noise
-  d = model.denoiser(params, x_t, sigma, None, labels, train=train, rng=rng)
+  d = model.denoiser(params, x_t, sigma, None, labels, train=train, rng=rng,
+                     augment_labels=augment_labels)
   w = diffusion.edm_loss_weight(sigma, model.schedule.sigma_data)
   return w * jnp.mean((d - x0).reshape(x0.shape[0], -1) ** 2, axis=1)
 
@@ -23,13 +30,23 @@ def dsm_loss(model, params, x0, sigma, noise, labels, rng, *, train=True):
 class EDM(Method):
   name = "edm"
 
+  def __init__(self, config, model):
+    super().__init__(config, model)
+    aug = config.edm.get("augment")      # absent in runs saved before augmentation existed
+    self.augment_spec = augment.AugmentSpec() if aug is None else augment.AugmentSpec.from_config(aug)
+
   def loss(self, params, batch, rng):
     x0 = batch["x"]
     k_sig, k_noise, k_drop = jax.random.split(rng, 3)
+    aug_labels = None
+    if self.augment_spec.enabled:
+      x0, aug_labels = augment.augment(jax.random.fold_in(rng, _AUGMENT_STREAM), x0,
+                                       self.augment_spec)
     cfg = self.config.edm
     sigma = diffusion.sample_lognormal_sigma(k_sig, x0.shape[:1], cfg.p_mean, cfg.p_std)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    per_ex = dsm_loss(self.model, params, x0, sigma, noise, self.labels(batch), k_drop)
+    per_ex = dsm_loss(self.model, params, x0, sigma, noise, self.labels(batch), k_drop,
+                      augment_labels=aug_labels)
     loss = jnp.mean(per_ex)
     return loss, {"loss": loss, "loss_dsm": loss}
 
