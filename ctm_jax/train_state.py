@@ -97,23 +97,35 @@ def accumulate_gradients(grad_fn: GradFn, params, batch, rng, microbatches: int)
   grad_fn(params, batch, rng) -> (grads, metrics); part m uses fold_in(rng, m).  With one
   microbatch it is grad_fn itself.  Metrics are averaged over the parts.
   """
+  stateless = lambda p, st, b, r: grad_fn(p, b, r) + (st,)
+  grads, metrics, _ = accumulate_gradients_with_state(stateless, params, (), batch, rng,
+                                                      microbatches)
+  return grads, metrics
+
+
+def accumulate_gradients_with_state(grad_fn, params, state, batch, rng, microbatches: int):
+  """As accumulate_gradients for grad_fn(params, state, batch, rng) -> (grads, metrics, state),
+  with `state` (e.g. spectral-norm vectors, BatchNorm statistics) passed from one part to the
+  next, as a sequence of forward passes would update it.  Returns (grads, metrics, state)."""
   if microbatches == 1:
-    return grad_fn(params, batch, rng)
+    return grad_fn(params, state, batch, rng)
   parts = split_microbatches(batch, microbatches)
 
   def body(carry, inp):
     m, part = inp
-    g, met = grad_fn(params, part, jax.random.fold_in(rng, m))
-    acc_g, acc_m = carry
+    acc_g, acc_m, st = carry
+    g, met, st = grad_fn(params, st, part, jax.random.fold_in(rng, m))
     return (jax.tree_util.tree_map(jnp.add, acc_g, g),
-            jax.tree_util.tree_map(jnp.add, acc_m, met)), None
+            jax.tree_util.tree_map(jnp.add, acc_m, met), st), None
 
-  g0, m0 = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda v: v[0], parts), rng)
+  g0, m0, _ = jax.eval_shape(grad_fn, params, state,
+                             jax.tree_util.tree_map(lambda v: v[0], parts), rng)
   zeros = lambda t: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), t)
-  (g, met), _ = jax.lax.scan(body, (zeros(g0), zeros(m0)), (jnp.arange(microbatches), parts))
+  (g, met, state), _ = jax.lax.scan(body, (zeros(g0), zeros(m0), state),
+                                    (jnp.arange(microbatches), parts))
   scale = 1.0 / microbatches
   return (jax.tree_util.tree_map(lambda v: v * scale, g),
-          jax.tree_util.tree_map(lambda v: v * scale, met))
+          jax.tree_util.tree_map(lambda v: v * scale, met), state)
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, ema_cfg,

@@ -78,9 +78,10 @@ def test_gan_phase_from_a_ctm_run_alternates_d_and_g_steps(teacher_dir, tmp_path
   phase1 = tmp_path / "ctm"
   train.train_and_evaluate(tiny_ctm(teacher_dir, **{"training.num_train_steps": 2,
                                                     "training.checkpoint_every": 2}), str(phase1))
+  # Phase 2 also accumulates over 2 microbatches (D steps carry D's statistics part to part).
   cfg2 = tiny_ctm(teacher_dir, **{"gan.enabled": True, "gan.channels": 8, "init_from": str(phase1),
                                   "training.num_train_steps": 5, "training.checkpoint_every": 1,
-                                  "training.keep_last": 5})
+                                  "training.keep_last": 5, "training.microbatches": 2})
   exp = train.Experiment(cfg2)
   assert [exp.method.step_kind(s) for s in range(2, 5)] == ["ctm_gan", "disc", "ctm_gan"]
   phase2 = tmp_path / "gan"

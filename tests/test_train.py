@@ -96,6 +96,33 @@ def test_accumulated_gradients_equal_full_batch_gradient():
   assert float(met["n"]) == 3.0
 
 
+def test_accumulated_gradients_carry_state_from_part_to_part():
+  """Each part sees the state the previous one left (a power-iteration-like update); checked
+  against a plain Python loop over the parts."""
+  w = jnp.array([0.5, -1.0, 2.0])
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(2), (8, 3))}
+  rng = jax.random.PRNGKey(3)
+
+  def grad_fn(params, u, b, r):
+    noise = jax.random.normal(r, (3,))
+    loss = lambda p: jnp.mean((b["x"] @ (p * u) + noise[0]) ** 2)
+    u_new = u + jnp.mean(b["x"], axis=0) + noise
+    return jax.grad(loss)(params), {"u0": u[0]}, u_new
+
+  u0 = jnp.ones(3)
+  got_g, got_m, got_u = jax.jit(lambda: train_state.accumulate_gradients_with_state(
+      grad_fn, w, u0, batch, rng, 4))()
+  u, gs, ms = u0, [], []
+  for m in range(4):
+    part = {"x": batch["x"][2 * m:2 * m + 2]}
+    g, met, u = grad_fn(w, u, part, jax.random.fold_in(rng, m))
+    gs.append(g)
+    ms.append(met["u0"])
+  np.testing.assert_allclose(got_g, np.mean(gs, axis=0), rtol=1e-5)
+  np.testing.assert_allclose(got_m["u0"], np.mean(ms), rtol=1e-5)
+  np.testing.assert_allclose(got_u, u, rtol=1e-5)
+
+
 def test_edm_halflife_ema_matches_formula():
   cfg = tiny_config()
   cfg.ema.rates = (0.99,)

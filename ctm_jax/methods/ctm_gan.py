@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ctm_jax import config_lib, diffaug
+from ctm_jax import config_lib, diffaug, train_state
 from ctm_jax.diffusion import append_dims
 from ctm_jax.nets import discriminator as disc_lib
 
@@ -109,32 +109,38 @@ class GAN:
 
   # -- discriminator step
   def make_disc_step(self, ctm):
-    """(state, batch, frozen) -> (state, metrics): one D update on real x_0 vs sg(CTM estimate)."""
+    """(state, batch, frozen) -> (state, metrics): one D update on real x_0 vs sg(CTM estimate),
+    gradients averaged over `training.microbatches` parts with D's statistics carried along."""
+    mb = self.config.training.microbatches
 
-    def step(state, batch, frozen):
-      rng = ctm.step_rng(state)
+    def part_grads(dparams, dstate, batch, rng, params, target, frozen):
       keys = jax.random.split(rng, 8)
       x0, labels = batch["x"], ctm.labels(batch)
       _, _, _, t, _, s = ctm.sample_times(keys[0], keys[1], x0.shape[0])
       x_t = x0 + append_dims(t, x0.ndim) * jax.random.normal(keys[2], x0.shape, x0.dtype)
-      extra = state.extra
       fake = jax.lax.stop_gradient(
-          ctm.estimate_fn(extra["target"], x_t, t, s, labels, (keys[3], keys[4]))(state.params))
+          ctm.estimate_fn(target, x_t, t, s, labels, (keys[3], keys[4]))(params))
 
-      def d_loss(dparams):
-        real_logits, st = self.logits(dparams, extra["disc_state"], frozen, x0, labels, keys[5], True)
-        fake_logits, st = self.logits(dparams, st, frozen, fake, labels, keys[6], True)
+      def d_loss(dp):
+        real_logits, st = self.logits(dp, dstate, frozen, x0, labels, keys[5], True)
+        fake_logits, st = self.logits(dp, st, frozen, fake, labels, keys[6], True)
         loss = disc_lib.hinge_d_loss(real_logits, fake_logits)
         aux = (st, jnp.mean(jnp.stack([jnp.mean(l) for l in real_logits])),
                jnp.mean(jnp.stack([jnp.mean(l) for l in fake_logits])))
         return loss, aux
 
-      (loss, (dstate, lr_mean, lf_mean)), grads = jax.value_and_grad(d_loss, has_aux=True)(
-          extra["disc"])
+      (loss, (st, lr_mean, lf_mean)), grads = jax.value_and_grad(d_loss, has_aux=True)(dparams)
+      return grads, {"loss_d": loss, "d_logits_real": lr_mean, "d_logits_fake": lf_mean}, st
+
+    def step(state, batch, frozen):
+      extra = state.extra
+      grad_fn = lambda dp, dst, b, r: part_grads(dp, dst, b, r, state.params, extra["target"],
+                                                 frozen)
+      grads, metrics, dstate = train_state.accumulate_gradients_with_state(
+          grad_fn, extra["disc"], extra["disc_state"], batch, ctm.step_rng(state), mb)
       updates, dopt = self.tx.update(grads, extra["disc_opt"], extra["disc"])
       dparams = optax.apply_updates(extra["disc"], updates)
       new_extra = {**extra, "disc": dparams, "disc_state": dstate, "disc_opt": dopt}
-      metrics = {"loss_d": loss, "d_logits_real": lr_mean, "d_logits_fake": lf_mean,
-                 "d_grad_norm": optax.tree.norm(grads)}
+      metrics = {**metrics, "d_grad_norm": optax.tree.norm(grads)}
       return state.replace(step=state.step + 1, extra=new_extra), metrics
     return step
