@@ -63,7 +63,7 @@ def _direct_losses(exp, state, batch, rng, k_times):
 def test_generator_gradients_match_direct_computation(setup):
   cfg, exp, state, batch = setup
   rng, k_times = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
-  grads, met = exp.method.generator_grads(state.params, state.extra, {"teacher": {}}, batch, rng,
+  grads, met, _ = exp.method.generator_grads(state.params, state.extra, {"teacher": {}}, batch, rng,
                                           k_times, with_gan=False)
   k, l_ctm, l_dsm = _direct_losses(exp, state, batch, rng, k_times)
   assert int(met["k"]) == k

@@ -101,8 +101,10 @@ def test_gan_phase_from_a_ctm_run_alternates_d_and_g_steps(teacher_dir, tmp_path
   assert _same(s3.extra["target"], s4.extra["target"])
   assert not _same(s3.extra["disc"], s4.extra["disc"])
   assert not _same(s3.extra["disc_state"], s4.extra["disc_state"])
-  # Step 4 -> 5 is a generator step with the GAN term: G, EMA and target move, D does not.
+  # Step 4 -> 5 is a generator step with the GAN term: G, EMA and target move, D's weights do
+  # not; its forward pass advances the spectral-norm vectors (the reference's D is in train mode).
   assert _same(s4.extra["disc"], s5.extra["disc"])
+  assert not _same(s4.extra["disc_state"], s5.extra["disc_state"])
   assert not _same(s4.params, s5.params) and not _same(s4.extra["target"], s5.extra["target"])
   # init_from must name a run.
   from ctm_jax import config_lib

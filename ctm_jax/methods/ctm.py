@@ -237,8 +237,10 @@ class CTM(Method):
     return jnp.mean(w * jnp.mean((d - x0).reshape(x0.shape[0], -1) ** 2, axis=1))
 
   # ------------------------------------------------------------------------- generator step
-  def generator_grads(self, params, extra, frozen, batch, rng, k_times, with_gan: bool):
-    """Gradients of L_CTM + lambda_DSM L_DSM (+ lambda_GAN L_G) for one (micro)batch."""
+  def generator_grads(self, params, extra, frozen, batch, rng, k_times, with_gan: bool,
+                      disc_state=None):
+    """(grads, metrics, disc_state): gradients of L_CTM + lambda_DSM L_DSM (+ lambda_GAN L_G)
+    for one (micro)batch, and D's statistics after the GAN term's forward pass (with_gan)."""
     c = self.config.ctm
     x0, labels = batch["x"], self.labels(batch)
     b = x0.shape[0]
@@ -264,15 +266,16 @@ class CTM(Method):
       metrics.update(loss_dsm=l_dsm, lambda_dsm=lam)
       total = total + lam * l_dsm
     if with_gan:
-      l_g, d_est_g = jax.value_and_grad(
-          lambda e: self.gan.generator_loss(extra, frozen, e, labels, keys[6]))(est)
+      (l_g, disc_state), d_est_g = jax.value_and_grad(
+          lambda e: self.gan.generator_loss(extra["disc"], disc_state, frozen, e, labels, keys[6]),
+          has_aux=True)(est)
       (g_gan,) = pull(d_est_g)
       lam_g = self.gan.weight(g_ctm, g_gan, self.adaptive_path)
       grads = tree_axpy(lam_g, g_gan, grads)
       metrics.update(loss_gan_g=l_g, lambda_gan=lam_g)
       total = total + lam_g * l_g
     metrics["loss"] = total
-    return grads, metrics
+    return grads, metrics, disc_state
 
   def make_step(self, kind, tx):
     mb = self.config.training.microbatches
@@ -284,13 +287,18 @@ class CTM(Method):
     def step(state, batch, frozen):
       rng = self.step_rng(state)
       k_times, k_rest = jax.random.split(rng)
-      grad_fn = lambda p, b, r: self.generator_grads(p, state.extra, frozen, b, r, k_times,
-                                                     with_gan)
-      grads, metrics = train_state.accumulate_gradients(grad_fn, state.params, batch, k_rest, mb)
+      grad_fn = lambda p, dst, b, r: self.generator_grads(p, state.extra, frozen, b, r, k_times,
+                                                          with_gan, dst)
+      grads, metrics, dstate = train_state.accumulate_gradients_with_state(
+          grad_fn, state.params, state.extra["disc_state"] if with_gan else None, batch, k_rest,
+          mb)
       new_state, metrics = self.finish_step(state, grads, tx, metrics)
       target = train_state.ema_update(state.extra["target"], new_state.params,
                                       jnp.float32(self.config.ctm.target_ema))
-      return new_state.replace(extra={**new_state.extra, "target": target}), metrics
+      extra = {**new_state.extra, "target": target}
+      if with_gan:
+        extra["disc_state"] = dstate
+      return new_state.replace(extra=extra), metrics
     return step
 
   # ------------------------------------------------------------------------- sampling

@@ -94,10 +94,12 @@ class GAN:
         self.disc, params, state, self.augment(key, x), labels if self.num_classes else None,
         train=True, update_stats=update_stats, backbone_params=frozen.get("disc_backbone"))
 
-  def generator_loss(self, extra, frozen, est, labels, key):
-    """L_G = mean over heads of -mean D(aug(est)); D's statistics are not updated."""
-    logits, _ = self.logits(extra["disc"], extra["disc_state"], frozen, est, labels, key, False)
-    return disc_lib.generator_loss(logits)
+  def generator_loss(self, dparams, dstate, frozen, est, labels, key):
+    """(L_G, D's new statistics): L_G = mean over heads of -mean D(aug(est)).  As in the
+    reference, whose D stays in train mode, this forward pass also advances D's spectral-norm
+    vectors and BatchNorm running averages (D's parameters get no update on G steps)."""
+    logits, dstate = self.logits(dparams, dstate, frozen, est, labels, key, True)
+    return disc_lib.generator_loss(logits), dstate
 
   def weight(self, g_ctm, g_gan, path: str):
     g = self.config.gan
