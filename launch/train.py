@@ -10,6 +10,8 @@ coordinator_address / num_processes / process_id fields).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import common
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _FAKE_DEVICES = flags.DEFINE_integer(
@@ -18,14 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _FAKE_DEVICES.value:
-    from ctm_jax import parallel
-    parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
+  common.begin(argv, _FAKE_DEVICES.value)
   import jax
-  from ctm_jax import metric_io, parallel, train
-  metric_io.quiet_library_logs()
+  from ctm_jax import parallel, train
   parallel.maybe_initialize_distributed(_CONFIG.value.distributed)
   logging.info("JAX process %d/%d, %d devices (%d local)", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count())

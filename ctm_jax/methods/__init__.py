@@ -6,14 +6,19 @@ def method_names():
   return ("edm", "ctm")
 
 
-def build_method(config, model, **kwargs) -> Method:
-  if config.method == "edm":
+def method_class(name: str) -> type:
+  """The Method subclass of a config.method name (imported, not built)."""
+  if name == "edm":
     from ctm_jax.methods.edm import EDM
-    return EDM(config, model, **kwargs)
-  if config.method == "ctm":
+    return EDM
+  if name == "ctm":
     from ctm_jax.methods.ctm import CTM
-    return CTM(config, model, **kwargs)
-  raise ValueError(f"config.method must be one of {method_names()}, got {config.method!r}")
+    return CTM
+  raise ValueError(f"config.method must be one of {method_names()}, got {name!r}")
+
+
+def build_method(config, model, **kwargs) -> Method:
+  return method_class(config.method)(config, model, **kwargs)
 
 
 def validate_method_config(config):
