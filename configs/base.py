@@ -104,7 +104,7 @@ def eval_block() -> ml_collections.ConfigDict:
       fid_split="train",        # split whose statistics are the FID reference (--mode=fid_stats)
       kid_subsets=100,          # KID: number of subsets ...
       kid_subset_size=1000,     # ... and their size (clamped to the sample counts)
-      nll_split="test",         # split whose per-example NLL --mode=nll computes
+      nll_split="",             # split of --mode=nll; '' = the data set's test/validation split
       nll_num_examples=0,       # examples of that split (0 = all)
       nll_batch_size=256,       # global batch of the NLL solves
       nll_divergence="hutchinson",   # hutchinson | exact (the trace of the jacobian; low dim.)

@@ -62,12 +62,13 @@ class Job:
     return self.info.num_classes if self.config.data.class_conditional else 0
 
 
-def eval_mesh(config):
+def eval_mesh(config, devices=None):
   """Every device on the data axis; the run's fsdp axis kept when it divides the count."""
+  devices = jax.devices() if devices is None else list(devices)
   fsdp = int(config.mesh.fsdp)
-  if jax.device_count() % fsdp:
+  if len(devices) % fsdp:
     fsdp = 1
-  return parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}))
+  return parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
 
 
 def _global(mesh, arr: np.ndarray):
@@ -317,7 +318,7 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
 def nll_data(job: Job):
   """The NLL split's examples: uint8 images (or float points) and labels."""
   ev = job.ev
-  got = data.load_split(job.config.data.dataset, ev.nll_split,
+  got = data.load_split(job.config.data.dataset, settings.nll_split(ev, job.config),
                         ev.data_dir or job.config.data.data_dir or None,
                         max_examples=ev.nll_num_examples or None)
   x = got["x"]
@@ -346,13 +347,14 @@ def nll_setting(job: Job, params, step, ema, t0: float) -> List[dict]:
   image = job.info.kind == "image"
   dequantize = image and ev.nll_dequantize
   x_all, y_all = nll_data(job)
-  s = {"kind": "nll", "split": ev.nll_split, "num_examples": len(x_all), "step": step,
+  split = settings.nll_split(ev, job.config)
+  s = {"kind": "nll", "split": split, "num_examples": len(x_all), "step": step,
        "ema": ema, "seed": ev.seed, "batch_size": ev.nll_batch_size,
        "shard_size": ev.shard_size, "dequantize": dequantize,
        **{k: ev[k] for k in ("nll_divergence", "nll_probes", "nll_solver", "nll_rtol",
                              "nll_atol", "nll_max_steps")}}
   d = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
-                   f"nll_{ev.nll_split}-{settings_hash(s)}")
+                   f"nll_{split}-{settings_hash(s)}")
   result = os.path.join(d, "nll.json")
   got = reuse(job, result)
   if got is not None:
@@ -395,11 +397,11 @@ def nll_setting(job: Job, params, step, ema, t0: float) -> List[dict]:
       rows["bits_per_dim"] = np.asarray(likelihood.bits_per_dim(rows["logp"], dim), np.float64)
     return rows
 
-  out = store.run(compute, f"nll {ev.nll_split} (step {step}, {ema})", ev.recompute)
+  out = store.run(compute, f"nll {split} (step {step}, {ema})", ev.recompute)
   per = out["bits_per_dim"] if image else -out["logp"].astype(np.float64)
   rec = dict(base_record(job, None, step, ema), metric="nll", value=float(np.mean(per)),
              stderr=float(np.std(per, ddof=1) / np.sqrt(len(per))) if len(per) > 1 else None,
-             unit="bits/dim" if image else "nats", split=ev.nll_split,
+             unit="bits/dim" if image else "nats", split=split,
              num_examples=int(len(per)),
              dequantization="uniform" if dequantize else "none",
              offset_bits=7.0 if image else None, divergence=ev.nll_divergence,
@@ -483,19 +485,21 @@ def setup_features(job: Job, feature_fn: Optional[FeatureFn], feature_id: Option
 
 def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] = None,
         feature_id: Optional[str] = None, logp_fn: Optional[LogpFn] = None,
-        argv: Optional[List[str]] = None) -> Dict[str, Any]:
+        argv: Optional[List[str]] = None, devices=None) -> Dict[str, Any]:
   """Run one evaluation invocation; returns its summary (records, files, paths).
 
   ev is the merged config.eval; everything is validated before any compute.  feature_fn /
-  logp_fn replace the Inception network / the PF-ODE likelihood (tests).
+  logp_fn replace the Inception network / the PF-ODE likelihood; devices, a subset of the
+  devices to use (default all).
   """
   t_start = time.time()
-  settings.validate(ev, config, mode=mode, num_devices=jax.device_count(),
+  mesh = eval_mesh(config, devices)
+  settings.validate(ev, config, mode=mode, num_devices=mesh.size,
                     process_count=jax.process_count())
   steps = settings.checkpoint_steps(ev, workdir) if mode != "fid_stats" else []
   emas = settings.ema_list(ev, config)
   specs = settings.sampler_specs(ev, config) if mode in ("sample", "fid", "all") else []
-  job = Job(workdir=workdir, config=config, ev=ev, mode=mode, mesh=eval_mesh(config),
+  job = Job(workdir=workdir, config=config, ev=ev, mode=mode, mesh=mesh,
             info=data.dataset_info(config.data.dataset), model=runs.build_model(config),
             invocation=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", logp_fn=logp_fn)
   if settings.needs_fid(mode):

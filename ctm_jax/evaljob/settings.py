@@ -123,6 +123,11 @@ def default_stats_path(config, ev) -> str:
   return os.path.join(data_dir, STATS_DIR_NAME, f"{name}-{ev.fid_split}.npz")
 
 
+def nll_split(ev, config) -> str:
+  """config.eval.nll_split, '' meaning the data set's test (or validation) split."""
+  return ev.nll_split or data.dataset_info(config.data.dataset).eval_split
+
+
 def stats_path(config, ev) -> str:
   return ev.ref_stats or default_stats_path(config, ev)
 
@@ -165,7 +170,7 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
       raise config_lib.ConfigError(f"config.eval.{f} must be True or False, got {ev[f]!r}")
   splits = ("train", info.eval_split)
   config_lib.check_choice(c, "eval.fid_split", splits)
-  config_lib.check_choice(c, "eval.nll_split", splits)
+  config_lib.check_choice(c, "eval.nll_split", ("",) + splits)
   ema_list(ev, config)
   if mode in ("sample", "fid", "all"):
     sampler_specs(ev, config)

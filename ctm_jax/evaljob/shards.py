@@ -97,6 +97,9 @@ class ShardStore:
     if _is_main():
       os.makedirs(directory, exist_ok=True)
       manifest = os.path.join(directory, "manifest.json")
+      for name in os.listdir(directory):      # left by a job killed while writing
+        if name.startswith(".tmp-"):
+          os.remove(os.path.join(directory, name))
       if not os.path.exists(manifest):
         write_json_atomic(manifest, settings)
       elif read_json(manifest) != json.loads(json.dumps(settings, default=str)):
@@ -144,7 +147,7 @@ class ShardStore:
     if not _is_main():
       return
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    tmp = f"{self.path(i)}.tmp-{os.getpid()}.npz"
+    tmp = os.path.join(self.directory, f".tmp-{os.getpid()}-{os.path.basename(self.path(i))}")
     np.savez(tmp, **arrays, **{_COUNT: np.asarray(want), _SHA: np.asarray(arrays_sha256(arrays))})
     os.replace(tmp, self.path(i))
 
