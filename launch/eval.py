@@ -6,7 +6,7 @@ r"""Evaluate a trained run: samples, FID / KID, NLL, FID reference statistics.
 Settings are config.eval (configs/base.py eval_block): the defaults, then the run's own
 config.eval from DIR/config.json, then --config.eval.FIELD overrides.  The job works in shards
 under DIR/eval/ and resumes from them when re-run with the same command; results go to
-DIR/eval/results.jsonl (docs/evaluation.md).  A mistake in the settings ends in one line on
+DIR/eval/results.jsonl (docs/eval_jobs.md).  A mistake in the settings ends in one line on
 stderr and exit status 2 (--verbose shows the traceback).
 """
 import importlib.util

@@ -43,8 +43,11 @@ def _standin_fid_module():
     return f.mean(0), np.cov(f, rowvar=False)
 
   def frechet_distance(mu1, s1, mu2, s2):
-    covmean = scipy.linalg.sqrtm(np.asarray(s1) @ np.asarray(s2)).real
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
+    # tr sqrt(s1 s2) = tr sqrt(s1^1/2 s2 s1^1/2), a symmetric PSD matrix: eigenvalues only.
+    w, v = np.linalg.eigh(s1)
+    h = (v * np.sqrt(np.maximum(w, 0))) @ v.T
+    tr = np.sum(np.sqrt(np.maximum(np.linalg.eigvalsh(h @ s2 @ h), 0)))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr)
 
   def kid(fa, fb, *, num_subsets=100, subset_size=1000, seed=0):
     rng = np.random.default_rng(seed)
@@ -68,7 +71,7 @@ def _standin_fid_module():
     with open(path, "wb") as f:
       np.savez(f, **arrays)
 
-  def load_stats(path):
+  def load_stats(path, feature_dim=None):
     with np.load(path) as z:
       return {"mu": z["mu"], "sigma": z["sigma"],
               "features": z["features"] if "features" in z.files else None,

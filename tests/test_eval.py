@@ -19,6 +19,7 @@ import pytest
 import eval_standins
 from configs import base, toy_ctm
 from ctm_jax import config_lib, parallel, runs, train
+from ctm_jax import data as data_lib
 from ctm_jax.evaljob import jobs, report, settings, shards
 from launch_utils import ROOT, set_fields, subprocess_env
 from test_ctm_images import tiny_edm
@@ -262,22 +263,42 @@ def _weights_file(tmp_path):
   return str(p), shards.file_sha256(str(p))
 
 
-def test_fid_stats_and_fid_records(digits_run, tmp_path, fid_module):
-  wd = copy_run(digits_run, tmp_path / "run")
-  weights, sha = _weights_file(tmp_path)
-  stats = str(tmp_path / "stats" / "digits-test.npz")
-  common = dict(inception_weights=weights, ref_stats=stats, batch_size=64, shard_size=128,
-                kid_subsets=20, kid_subset_size=100, fid_split="test")
+FID_COMMON = dict(batch_size=32, shard_size=64, kid_subsets=10, kid_subset_size=50,
+                  fid_split="test")
+
+
+@pytest.fixture(scope="module")
+def digits_stats(digits_run, tmp_path_factory, fid_module):
+  """Reference statistics of the digits test split with the stand-in features (one job)."""
+  tmp = tmp_path_factory.mktemp("digits_stats")
+  weights, sha = _weights_file(tmp)
+  stats = str(tmp / "stats" / "digits-test.npz")
+  wd = copy_run(digits_run, tmp / "run")
   feat = eval_standins.fake_feature_fn()
-  ev, config = eval_settings(wd, **common)
-  jobs.run(wd, "fid_stats", ev, config, feature_fn=feat, feature_id=sha)
+  ev, config = eval_settings(wd, inception_weights=weights, ref_stats=stats, **FID_COMMON)
+  summary = jobs.run(wd, "fid_stats", ev, config, feature_fn=feat, feature_id=sha)
+  return dict(stats=stats, weights=weights, sha=sha, feat=feat, summary=summary,
+              common=dict(inception_weights=weights, ref_stats=stats, **FID_COMMON))
+
+
+def _value(summary, metric):
+  return [r["value"] for r in summary["records"] if r["metric"] == metric][0]
+
+
+def test_fid_stats_and_fid_records(digits_run, digits_stats, tmp_path, fid_module):
+  feat, sha, stats = digits_stats["feat"], digits_stats["sha"], digits_stats["stats"]
   st = fid_module.load_stats(stats)
-  data_feats = feat(np.rint((__import__("ctm_jax").data.load_split("digits", "test")["x"] + 1) * 127.5).astype(np.uint8))
+  data_u8 = np.rint((data_lib.load_split("digits", "test")["x"] + 1) * 127.5).astype(np.uint8)
+  data_feats = feat(data_u8).astype(np.float64)
   np.testing.assert_allclose(st["mu"], data_feats.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(st["sigma"], np.cov(data_feats, rowvar=False), rtol=1e-4, atol=1e-6)
   assert st["meta"]["dataset"] == "digits" and list(st["meta"]["resolution"]) == [8, 8, 1]
   assert st["meta"]["count"] == 300 and st["features"].shape == (300, 2048)
+  halves = {r["metric"]: r for r in digits_stats["summary"]["records"]}
+  assert halves["fid_data_halves"]["num_samples"] == 150 and halves["kid_data_halves"]["stderr"] > 0
 
-  ev, config = eval_settings(wd, samplers="heun:2,heun:3", num_samples=300, **common)
+  wd = copy_run(digits_run, tmp_path / "run")
+  ev, config = eval_settings(wd, samplers="heun:2,heun:3", num_samples=160, **digits_stats["common"])
   summary = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=sha)
   recs = {(r["metric"], r["sampler"]): r for r in summary["records"]}
   for sampler in ("heun:2", "heun:3"):
@@ -286,71 +307,66 @@ def test_fid_stats_and_fid_records(digits_run, tmp_path, fid_module):
               "step", "weights", "weights_sha256", "seconds", "network", "resize",
               "ref_stats_sha256", "invocation", "samples", "grid"):
       assert f in r, f
-    assert (r["num_samples"], r["ref_count"], r["step"], r["ema"]) == (300, 300, 2, "rate_0p999")
+    assert (r["num_samples"], r["ref_count"], r["step"], r["ema"]) == (160, 300, 2, "rate_0p999")
     assert r["nfe"] == {"heun:2": 3, "heun:3": 5}[sampler] and r["weights_sha256"] == sha
     assert r["ref_stats_sha256"] == shards.file_sha256(stats)
     d = os.path.dirname(r["samples"])
     fdir = glob.glob(os.path.join(d, "features-*"))[0]
     f_s = np.concatenate([np.load(f)["features"] for f in sorted(glob.glob(os.path.join(fdir, "shard_*.npz")))])
     x_s = np.concatenate([np.load(f)["x"] for f in sorted(glob.glob(os.path.join(r["samples"], "shard_*.npz")))])
-    assert x_s.dtype == np.uint8 and x_s.shape == (300, 8, 8, 1)
+    assert x_s.dtype == np.uint8 and x_s.shape == (160, 8, 8, 1)
     np.testing.assert_allclose(f_s, feat(x_s), rtol=1e-6)
-    np.testing.assert_allclose(r["value"], eval_standins.scipy_fid(f_s.astype(np.float64), data_feats),
-                               rtol=1e-4)
+    # The FID of the cached features against the statistics of freshly computed data features
+    # (the Frechet formula itself is tested with the FID module).
+    f64 = f_s.astype(np.float64)
+    want = fid_module.frechet_distance(f64.mean(0), np.cov(f64, rowvar=False),
+                                       data_feats.mean(0), np.cov(data_feats, rowvar=False))
+    np.testing.assert_allclose(r["value"], want, rtol=1e-6)
     k = recs[("kid", sampler)]
-    assert k["stderr"] > 0 and k["kid_subset_size"] == 100
+    assert k["stderr"] > 0 and k["kid_subset_size"] == 50
+    np.testing.assert_allclose(k["value"], fid_module.kid(f_s, st["features"], num_subsets=10,
+                                                          subset_size=50, seed=0)[0], rtol=1e-9)
     assert os.path.exists(r["grid"])
   assert os.path.exists(os.path.join(wd, "eval", "plots", "fid_vs_nfe-step2-rate_0p999.png"))
   assert glob.glob(os.path.join(wd, "eval", "events.out.tfevents.*"))
   lines = report.read_records(wd)
   assert {("fid", "heun:2"), ("fid", "heun:3")} <= {(l["metric"], l.get("sampler")) for l in lines}
-  assert any(l["metric"] == "fid_data_halves" for l in lines)
 
 
-def test_two_devices_give_the_same_fid_as_one(digits_run, tmp_path, fid_module):
-  weights, sha = _weights_file(tmp_path)
-  feat = eval_standins.fake_feature_fn()
+def test_two_devices_give_the_same_fid_as_one(digits_run, digits_stats, tmp_path, fid_module):
   out = []
   for n in (1, 2):
     wd = copy_run(digits_run, tmp_path / f"run{n}")
-    stats = str(tmp_path / f"stats{n}.npz")
-    ev, config = eval_settings(wd, inception_weights=weights, ref_stats=stats, batch_size=32,
-                               shard_size=64, num_samples=160, samplers="heun:3", kid_subsets=10,
-                               kid_subset_size=50, fid_split="test")
-    devs = jax.devices()[:n]
-    jobs.run(wd, "fid_stats", ev, config, feature_fn=feat, feature_id=sha, devices=devs)
-    s = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=sha, devices=devs)
+    ev, config = eval_settings(wd, num_samples=96, samplers="heun:3", **digits_stats["common"])
+    s = jobs.run(wd, "fid", ev, config, feature_fn=digits_stats["feat"],
+                 feature_id=digits_stats["sha"], devices=jax.devices()[:n])
     out.append((s, _sample_arrays(s)[2]))
   (s1, x1), (s2, x2) = out
   assert np.array_equal(x1, x2)
-  v = lambda s, m: [r["value"] for r in s["records"] if r["metric"] == m][0]
-  assert v(s1, "fid") == v(s2, "fid") and v(s1, "kid") == v(s2, "kid")
+  assert _value(s1, "fid") == _value(s2, "fid") and _value(s1, "kid") == _value(s2, "kid")
 
 
-def test_fid_resumes_identically_after_an_interrupted_feature_shard(digits_run, tmp_path, fid_module):
+def test_fid_resumes_identically_after_an_interrupted_feature_shard(digits_run, digits_stats,
+                                                                    tmp_path, fid_module):
+  feat, sha = digits_stats["feat"], digits_stats["sha"]
   wd = copy_run(digits_run, tmp_path / "run")
-  weights, sha = _weights_file(tmp_path)
-  feat = eval_standins.fake_feature_fn()
-  ev, config = eval_settings(wd, inception_weights=weights, ref_stats=str(tmp_path / "st.npz"),
-                             batch_size=32, shard_size=64, num_samples=256, samplers="heun:2",
-                             kid_subsets=10, kid_subset_size=50, fid_split="test")
-  jobs.run(wd, "fid_stats", ev, config, feature_fn=feat, feature_id=sha)
+  ev, config = eval_settings(wd, num_samples=160, samplers="heun:2", **digits_stats["common"])
   calls = []
 
-  def dying(images):            # "killed" during the third feature shard
+  def dying(images):            # "killed" in the middle of the second feature shard
     calls.append(1)
-    if len(calls) == 5:
+    if len(calls) == 4:
       raise KeyboardInterrupt("killed")
     return feat(images)
 
   with pytest.raises(KeyboardInterrupt):
     jobs.run(wd, "fid", ev, config, feature_fn=dying, feature_id=sha)
-  assert not report.read_records(wd) or all(r["metric"] != "fid" for r in report.read_records(wd))
+  assert all(r["metric"] != "fid" for r in report.read_records(wd))
   resumed = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=sha)
-  fresh_wd = copy_run(digits_run, tmp_path / "fresh")
-  fresh = jobs.run(fresh_wd, "fid", ev, config, feature_fn=feat, feature_id=sha)
-  v = lambda s, m: [r["value"] for r in s["records"] if r["metric"] == m][0]
-  assert v(resumed, "fid") == v(fresh, "fid") and v(resumed, "kid") == v(fresh, "kid")
+  fresh = jobs.run(copy_run(digits_run, tmp_path / "fresh"), "fid", ev, config,
+                   feature_fn=feat, feature_id=sha)
+  assert _value(resumed, "fid") == _value(fresh, "fid")
+  assert _value(resumed, "kid") == _value(fresh, "kid")
 
 
 # ----------------------------------------------------------------------------- NLL path
@@ -369,7 +385,7 @@ def test_nll_job_with_a_closed_form_logp(toy_run, tmp_path):
 
   first = jobs.run(wd, "nll", ev, config, logp_fn=logp_fn)
   r = first["records"][0]
-  x = __import__("ctm_jax").data.load_split("toy_gmm", "test", max_examples=200)["x"].astype(np.float64)
+  x = data_lib.load_split("toy_gmm", "test", max_examples=200)["x"].astype(np.float64)
   nll = 0.5 * np.sum(x ** 2, 1) / 4.0 + np.log(2 * np.pi * 4.0)
   assert (r["metric"], r["unit"], r["num_examples"], r["split"]) == ("nll", "nats", 200, "test")
   assert abs(r["value"] - nll.mean()) < 3e-4
@@ -414,14 +430,14 @@ def test_bad_settings_are_refused_before_any_compute(toy_run, tmp_path, fields, 
 
 def test_fid_inputs_are_checked(digits_run, tmp_path, fid_module):
   wd = copy_run(digits_run, tmp_path / "run")
-  ev, config = eval_settings(wd)
+  ev, config = eval_settings(wd, **FID_COMMON)
   with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.inception_weights must name"):
     jobs.run(wd, "fid", ev, config)
-  ev, _ = eval_settings(wd, inception_weights=str(tmp_path / "nope.npz"))
+  ev, _ = eval_settings(wd, **FID_COMMON, inception_weights=str(tmp_path / "nope.npz"))
   with pytest.raises(config_lib.ConfigError, match=r"inception_weights = .*nope\.npz.*no such file"):
     jobs.run(wd, "fid", ev, config)
   weights, _ = _weights_file(tmp_path)
-  ev, _ = eval_settings(wd, inception_weights=weights, ref_stats=str(tmp_path / "none.npz"))
+  ev, _ = eval_settings(wd, **FID_COMMON, inception_weights=weights, ref_stats=str(tmp_path / "none.npz"))
   with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.ref_stats = .*none\.npz.*--mode=fid_stats"):
     jobs.run(wd, "fid", ev, config)
   cases = [(dict(mu=np.zeros(64), sigma=np.eye(64)), {}, r"holds 64-d statistics.*2048-d"),
@@ -432,7 +448,7 @@ def test_fid_inputs_are_checked(digits_run, tmp_path, fid_module):
   for i, (arrays, meta, pattern) in enumerate(cases):
     path = str(tmp_path / f"stats{i}.npz")
     fid_module.save_stats(path, arrays["mu"], arrays["sigma"], **meta)
-    ev, _ = eval_settings(wd, inception_weights=weights, ref_stats=path)
+    ev, _ = eval_settings(wd, **FID_COMMON, inception_weights=weights, ref_stats=path)
     with pytest.raises(config_lib.ConfigError, match=pattern):
       jobs.run(wd, "fid", ev, config)
   assert not os.path.exists(os.path.join(wd, "eval"))

@@ -1,5 +1,5 @@
 """The evaluation jobs of python -m launch.eval: samples, FID / KID, NLL and FID reference
-statistics of a trained run, as resumable sharded batch jobs (docs/evaluation.md).
+statistics of a trained run, as resumable sharded batch jobs (docs/eval_jobs.md).
 
 Layout under the run's workdir (each setting directory is named by its sampler or split and
 a hash of every setting that determines its content, written out in its manifest.json, so
@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import data, evaluate, parallel, runs, samplers, visualize
+from ctm_jax import config_lib, data, evaluate, parallel, runs, samplers, visualize
 from ctm_jax.evaljob import report, settings
 from ctm_jax.evaljob.shards import (ShardStore, file_sha256, format_seconds, read_json,
                                     settings_hash, write_json_atomic)
@@ -56,6 +56,14 @@ class Job:
   feature_id: str = ""                     # sha256 of the Inception weights
   logp_fn: Optional[LogpFn] = None
   _teacher: Any = None
+  _refs: Dict = dataclasses.field(default_factory=dict)    # 2-D references, per sampler kind
+
+  def reference(self, name: str, fn, *args):
+    """A 2-D reference computed once per invocation."""
+    key = (name,) + args
+    if key not in self._refs:
+      self._refs[key] = fn(self.config, *args)
+    return self._refs[key]
 
   @property
   def num_classes(self) -> int:
@@ -240,12 +248,13 @@ def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
                                      seconds=time.time() - t0, grid=grid)], [grid])
   ref = evaluate.reference_points(job.config, ev.num_samples)
   met = evaluate.toy_metrics(out["x"], ref)
-  refs = {"two_sample": evaluate.two_sample_reference(job.config, ev.num_samples,
-                                                      ev.reference_seeds)}
+  refs = {"two_sample": job.reference("two_sample", evaluate.two_sample_reference,
+                                       ev.num_samples, ev.reference_seeds)}
   if job.config.data.dataset == "toy_gmm":
     steps = spec.steps if spec.kind in ("heun", "teacher_heun") else job.config.sampling.heun_steps
-    refs["exact_denoiser_heun"] = dict(evaluate.exact_denoiser_reference(
-        job.config, ev.num_samples, steps, ev.reference_seeds), heun_steps=steps)
+    refs["exact_denoiser_heun"] = dict(job.reference(
+        "exact_denoiser", evaluate.exact_denoiser_reference, ev.num_samples, steps,
+        ev.reference_seeds), heun_steps=steps)
   pic = report.points_figure(out["x"], ref, os.path.join(d, "points.png"),
                              f"{spec.name}, step {step}")
   recs = []
@@ -461,7 +470,7 @@ def fid_stats(job: Job) -> List[dict]:
 def load_reference(job: Job) -> dict:
   from ctm_jax.metrics import fid
   path = settings.stats_path(job.config, job.ev)
-  stats = fid.load_stats(path)
+  stats = fid.load_stats(path, feature_dim=None)
   settings.check_reference_stats(path, job.config, job.ev, stats)
   feats = stats.get("features")
   meta = stats.get("meta") or {}
@@ -478,7 +487,10 @@ def setup_features(job: Job, feature_fn: Optional[FeatureFn], feature_id: Option
     job.feature_fn, job.feature_id = feature_fn, feature_id or "given"
     return
   from ctm_jax.nets import inception
-  params = inception.load_inception_params(job.ev.inception_weights)
+  try:
+    params = inception.load_inception_params(job.ev.inception_weights)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.eval.inception_weights: {e}") from None
   job.feature_fn = inception.make_feature_fn(params, job.mesh)
   job.feature_id = file_sha256(job.ev.inception_weights)
 

@@ -209,7 +209,7 @@ def check_inception_file(ev) -> None:
   if not path:
     raise config_lib.ConfigError(
         "config.eval.inception_weights must name the FID Inception-v3 weights (.npz made by "
-        "launch/export_inception_weights.py; see docs/evaluation.md)")
+        "launch/export_inception_weights.py; see docs/eval_jobs.md)")
   if not os.path.isfile(path):
     raise config_lib.ConfigError(f"config.eval.inception_weights = {path!r}: no such file")
 
@@ -225,7 +225,7 @@ def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -
           f"reference .npz as --config.eval.ref_stats=PATH)")
     from ctm_jax.metrics import fid
     try:
-      stats = fid.load_stats(path)
+      stats = fid.load_stats(path, feature_dim=None)   # the width is checked below
     except (ValueError, KeyError, OSError) as e:
       raise config_lib.ConfigError(f"{field} = {path!r} is not FID statistics: {e}") from None
   mu = stats["mu"]
