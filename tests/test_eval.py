@@ -3,6 +3,7 @@ jobs (kill at a shard boundary, mid-shard, half-written shards), device-count in
 result records, and every refusal of bad settings."""
 import ast
 import glob
+import io
 import json
 import os
 import shutil
@@ -152,9 +153,15 @@ def test_shard_store_detects_incomplete_files(tmp_path):
   raw = open(store.path(0), "rb").read()
   open(store.path(0), "wb").write(raw[:len(raw) // 2])              # half-written
   assert store.load(0) is None
-  # Same size, one payload byte changed: the checksum catches it.
+  # One payload byte changed: the zip's CRC catches it ...
   i = raw.index(x.tobytes())
   open(store.path(0), "wb").write(raw[:i] + bytes([raw[i] ^ 1]) + raw[i + 1:])
+  assert store.load(0) is None
+  # ... and a well-formed file whose rows are not the ones written, the shard's own checksum.
+  with np.load(io.BytesIO(raw)) as z:
+    fields = {k: z[k] for k in z.files}
+  fields["x"] = fields["x"] + 1
+  np.savez(store.path(0), **fields)
   assert store.load(0) is None
   # A shard made for a larger total serves a smaller one; a shorter one does not.
   store.save(0, {"x": x})
@@ -546,3 +553,21 @@ def test_ctm_samplers_teacher_and_ode_error(tmp_path):
         os.path.join(recs[("mmd", name)]["samples"], "shard_*.npz")))])
     np.testing.assert_allclose(x[64:128], w, rtol=1e-4, atol=1e-4)
   assert os.path.exists(recs[("mmd", "onestep")]["picture"])
+
+
+def test_training_time_2d_metrics_come_with_references(tmp_path):
+  """write_samples on 2-D data: metrics at sampling.num_eval_samples points, beside the two
+  references (mean and spread over seeds; not floors), and a picture with the data beside."""
+  cfg = tiny_config(**{"training.num_train_steps": 2, "training.checkpoint_every": 2,
+                       "training.sample_every": 2, "sampling.num_eval_samples": 256})
+  summary = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  got = summary["samples"]
+  assert set(got) == {"heun18", "two_sample_ref", "exact_denoiser_ref"}
+  for ref in ("two_sample_ref", "exact_denoiser_ref"):
+    assert got[ref]["mmd_std"] > 0 and got[ref]["sliced_w1_std"] > 0
+  # Two independent exact sets of 256 points: MMD^2 is unbiased, so its mean over the seeds is
+  # near 0 (within 4 of its standard errors), and a sliced W1 of that size is about 0.1 or less.
+  two = got["two_sample_ref"]
+  assert abs(two["mmd"]) < 4 * two["mmd_std"] / np.sqrt(train.REFERENCE_SEEDS) + 1e-6
+  assert 0 < two["sliced_w1"] < 0.15
+  assert os.path.exists(tmp_path / "run" / "samples" / "heun18_step00000002.png")
