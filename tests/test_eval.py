@@ -571,3 +571,17 @@ def test_training_time_2d_metrics_come_with_references(tmp_path):
   assert abs(two["mmd"]) < 4 * two["mmd_std"] / np.sqrt(train.REFERENCE_SEEDS) + 1e-6
   assert 0 < two["sliced_w1"] < 0.15
   assert os.path.exists(tmp_path / "run" / "samples" / "heun18_step00000002.png")
+
+
+def test_paper_config_settings_validate_and_exact_trace_is_refused_in_high_dimension():
+  from configs import cifar10_ctm, cifar10_edm, imagenet64_edm
+  for mod in (cifar10_edm, cifar10_ctm, imagenet64_edm):
+    c = mod.get_config()
+    assert c.eval.num_samples == 50_000
+    for mode in ("sample", "nll"):
+      settings.validate(c.eval, c, mode=mode, num_devices=8, process_count=2)
+  c = cifar10_edm.get_config()
+  ev = settings.merge_eval(base.eval_block(), c, {"eval.nll_divergence": "exact"})
+  with pytest.raises(config_lib.ConfigError, match=r"nll_divergence = 'exact' .* 3072 x 3072 .*'hutchinson'"):
+    settings.validate(ev, c, mode="nll", num_devices=8, process_count=1)
+  assert settings.nll_split(ev, imagenet64_edm.get_config()) == "validation"

@@ -11,12 +11,14 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import ml_collections
+import numpy as np
 
 from ctm_jax import config_lib, data, evaluate, methods, runs
 
 MODES = ("sample", "fid", "nll", "fid_stats", "all")
 DIVERGENCES = ("hutchinson", "exact")
-SOLVERS = ("tsit5", "dopri5", "dopri8", "heun")
+SOLVERS = ("tsit5", "dopri5")          # ctm_jax.metrics.likelihood's adaptive solvers
+EXACT_MAX_DIM = 64                     # the exact trace: a jacobian of dim x dim per example
 FEATURE_DIM = 2048
 STATS_DIR_NAME = "ctm_jax_fid_stats"
 
@@ -197,6 +199,11 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
       raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
                                    f"config.eval.nll_batch_size = {nb}")
     config_lib.check_choice(c, "eval.nll_divergence", DIVERGENCES)
+    dim = int(np.prod(info.shape))
+    if ev.nll_divergence == "exact" and dim > EXACT_MAX_DIM:
+      raise config_lib.ConfigError(
+          f"config.eval.nll_divergence = 'exact' builds a {dim} x {dim} jacobian per example; "
+          f"it is accepted up to {EXACT_MAX_DIM} dimensions: use 'hutchinson'")
     config_lib.check_number(c, "eval.nll_probes", 1, integer=True)
     config_lib.check_choice(c, "eval.nll_solver", SOLVERS)
     config_lib.check_number(c, "eval.nll_rtol", 0, lo_open=True)
