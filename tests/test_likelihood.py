@@ -184,6 +184,9 @@ def test_bad_options_are_refused():
     kw = {"sigma_min": SMIN, "sigma_max": SMAX, **kw}
     with pytest.raises(ValueError, match=name):
       lk.pf_ode_log_likelihood(gm.denoise, x, jax.random.PRNGKey(0), **kw)
+  # Running out of steps raises (no silent half-integrated answer).
+  with pytest.raises(Exception, match="maximum number of solver steps"):
+    jax.block_until_ready(_ode(gm.denoise, divergence="exact", max_steps=5)(x[:4], None))
   with pytest.raises(ValueError, match="uint8"):
     lk.dequantize(jax.random.PRNGKey(0), jnp.zeros((2, 4), jnp.float32))
 
