@@ -314,15 +314,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   config_lib.check_workdir(workdir)
-  logging.info("JAX process %d of %d: %d %s devices (%d local)", jax.process_index(),
-               jax.process_count(), jax.device_count(), jax.default_backend(),
-               jax.local_device_count())
   tcfg = config.training
   exp = Experiment(config)
   method = exp.method
   pipeline = data.InputPipeline(config.data, tcfg.batch_size, config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
+  logging.info("JAX process %d of %d, %d %s devices (%d local); data: %s in %s",
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.default_backend(), jax.local_device_count(), pipeline.tfds_name,
+               pipeline.data_dir)
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(workdir, tcfg)

@@ -19,8 +19,8 @@ libraries' INFO logs that are otherwise dropped.
 
 The quiet log: TF_CPP_MIN_LOG_LEVEL=1 and TF_ENABLE_ONEDNN_OPTS=0 (no oneDNN / CPU feature /
 CUDA notices of TensorFlow's and XLA's C++ start-up), the `jax` loggers at WARNING (no "Unable to initialize backend 'tpu'"), and
-the INFO records of TFDS and Orbax dropped (no "Load dataset info" / "Downloading and
-preparing dataset" for the locally built sets).  Set before jax / TensorFlow are imported,
+the INFO records of Orbax and the INFO / WARNING records of TFDS dropped (no "Load dataset
+info from ...", no "Variant folder ... has no dataset_info.json").  Set before jax / TensorFlow are imported,
 which launch binaries do inside main.
 """
 from __future__ import annotations
@@ -48,8 +48,8 @@ USER_ERRORS = (("ctm_jax.config_lib", "UserError", 2),
                ("ctm_jax.data.builders", "DatasetNotPreparedError", 2),
                ("ctm_jax.train", "NonFiniteError", 1))
 
-# Logged INFO records from these library paths are dropped unless --verbose.
-_QUIET_PATHS = ("tensorflow_datasets", "orbax")
+# Log records from these library paths below these levels are dropped unless --verbose.
+_QUIET_BELOW = {"tensorflow_datasets": py_logging.ERROR, "orbax": py_logging.WARNING}
 
 
 class FlagMistake(Exception):
@@ -143,10 +143,9 @@ def quiet_environment():
 
 class _DropLibraryInfo(py_logging.Filter):
   def filter(self, record):
-    if record.levelno >= py_logging.WARNING:
-      return True
     path = record.pathname.replace("\\", "/")
-    return not any(f"/{p}/" in path for p in _QUIET_PATHS)
+    return not any(f"/{p}/" in path and record.levelno < level
+                   for p, level in _QUIET_BELOW.items())
 
 
 _FILTER = _DropLibraryInfo()
@@ -220,7 +219,8 @@ def flat_keys(config, prefix: str = "") -> list:
 
 def unknown_field_message(config, name: str, path: str) -> Optional[str]:
   """'unknown field config.a.b, did you mean config.a.c?' when path is not a field of config
-  (difflib over every flattened key), else None."""
+  (difflib: over the siblings' names when the parent exists, else over every flattened key
+  of the same depth), else None."""
   node, parts = config, path.split(".")
   for part in parts:
     if hasattr(node, "items") and part in node:
@@ -231,15 +231,22 @@ def unknown_field_message(config, name: str, path: str) -> Optional[str]:
       return None       # past a leaf (e.g. indexing a tuple): not ours to judge
   else:
     return None
-  keys = [k for k in flat_keys(config) if k.count(".") == path.count(".")]
-  close = difflib.get_close_matches(path, keys, n=1, cutoff=0.6)
-  if close:
-    return f"unknown field {name}.{path}, did you mean {name}.{close[0]}?"
   parent = ".".join(parts[:-1])
   holder = config_at(config, parent)
-  fields = ", ".join(sorted(holder.keys())) if hasattr(holder, "keys") else ""
+  if hasattr(holder, "keys"):
+    close = difflib.get_close_matches(parts[-1], list(holder.keys()), n=1, cutoff=0.6)
+    close = [f"{parent}.{close[0]}" if parent else close[0]] if close else []
+  else:
+    keys = [k for k in flat_keys(config) if k.count(".") == path.count(".")]
+    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.6)
+  if close:
+    return f"unknown field {name}.{path}, did you mean {name}.{close[0]}?"
+  if not hasattr(holder, "keys"):
+    return f"unknown field {name}.{path}; the sections of {name} are: " + ", ".join(
+        sorted(k for k, v in config.items() if hasattr(v, "keys")))
   where = f"{name}.{parent}" if parent else name
-  return f"unknown field {name}.{path}; the fields of {where} are: {fields}"
+  return (f"unknown field {name}.{path}; the fields of {where} are: "
+          + ", ".join(sorted(holder.keys())))
 
 
 def config_at(config, path: str):

@@ -372,14 +372,15 @@ def resolve_tfds_name(name: str, data_dir: str | None = None) -> str:
 
 def not_prepared_message(tfds_name: str, data_dir: str) -> str:
   """One line: what is missing, where, and the command that prepares it."""
+  folder = os.path.join(data_dir, tfds_name.split("/")[0])
   return (
       f"TFDS data set {tfds_name!r} is not prepared in data_dir {data_dir!r} (ctm-jax never "
-      f"downloads data); on a machine with internet run `python -c \"import "
+      f"downloads data): on a machine with internet run `python -c \"import "
       f"tensorflow_datasets as tfds; tfds.builder('{tfds_name}', data_dir='{data_dir}')"
       f".download_and_prepare(file_format='array_record')\"` (or `tfds build {tfds_name} "
-      f"--data_dir={data_dir} --file_format=array_record`, which needs apache-beam), then "
-      f"copy {os.path.join(data_dir, tfds_name.split('/')[0])} here; or point "
-      f"--config.data.data_dir / TFDS_DATA_DIR at a directory that holds it")
+      f"--data_dir={data_dir} --file_format=array_record`, which needs apache-beam) and bring "
+      f"the folder {folder} here, or set --config.data.data_dir (or TFDS_DATA_DIR) to a "
+      f"directory that holds it")
 
 
 @contextlib.contextmanager
