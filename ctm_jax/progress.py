@@ -1,13 +1,14 @@
 """Training progress: a tqdm bar when a person watches a terminal, plain log lines otherwise.
 
-Both show the same text (progress_text): steps done of the total, steps/s over the last
-window (so the first window includes compilation) and the ETA = remaining steps / rate,
-to the second.
+Both show the same text (progress_text): steps done of the total, steps/s (the log lines:
+over the steps since the previous line; the bar: an exponential average over 0.5 s windows;
+the first window includes compilation) and the ETA = remaining steps / rate, to the second.
 """
 from __future__ import annotations
 
 import logging as py_logging
 import math
+import os
 import sys
 import time
 from typing import Optional
@@ -52,23 +53,31 @@ class _BarLogHandler(py_logging.Handler):
       self.handleError(record)
 
 
+# The bar's rate: an exponential average over its refresh windows (this weight on the newest).
+_SMOOTH = 0.3
+
+
 class Progress:
   """step(s) after every training step; report(s) at logging steps returns steps/s over the
   steps since the previous report (and, without a bar, logs progress_text)."""
 
   def __init__(self, total: int, start: int, *, bar: bool = False, stream=None,
                refresh_seconds: float = 0.5):
-    self.total, self.bar_on = total, bar
+    self.total = total
     self._stream = stream if stream is not None else sys.stderr
     self._refresh = refresh_seconds
     now = time.monotonic()
     self._report_at = self._window_at = (start, now)
-    self._bar, self._swapped = None, []
+    self._bar, self._swapped, self._rate = None, [], None
     if bar:
       from tqdm import tqdm
-      self._bar = tqdm(total=total, initial=start, file=self._stream, dynamic_ncols=True,
-                       bar_format="{percentage:3.0f}%|{bar}| {desc}", leave=True)
-      self._bar.set_description_str(progress_text(start, total, None), refresh=True)
+      # A pseudo-terminal without a size (e.g. under `script`) reports 0 x 0, with which
+      # tqdm draws nothing: then a fixed size.
+      sized = _columns(self._stream) > 0
+      self._bar = tqdm(total=total, initial=start, file=self._stream, dynamic_ncols=sized,
+                       ncols=None if sized else 100, nrows=None if sized else 24,
+                       bar_format="{percentage:3.0f}%|{bar}| {desc}", leave=True,
+                       desc=progress_text(start, total, None))
       root = py_logging.getLogger()
       for h in list(root.handlers):
         if getattr(h, "stream", None) in (sys.stderr, sys.stdout) or h is _absl_handler():
@@ -83,9 +92,11 @@ class Progress:
     now = time.monotonic()
     s0, t0 = self._window_at
     if now - t0 >= self._refresh or step == self.total:
-      rate = (step - s0) / (now - t0) if now > t0 else None
+      if now > t0:
+        rate = (step - s0) / (now - t0)
+        self._rate = rate if self._rate is None else (1 - _SMOOTH) * self._rate + _SMOOTH * rate
       self._window_at = (step, now)
-      self._bar.set_description_str(progress_text(step, self.total, rate), refresh=False)
+      self._bar.set_description_str(progress_text(step, self.total, self._rate), refresh=False)
       self._bar.update(step - self._bar.n)
 
   def report(self, step: int) -> float:
@@ -106,6 +117,15 @@ class Progress:
       root.removeHandler(new)
       root.addHandler(old)
     self._swapped = []
+
+
+def _columns(stream) -> int:
+  """The terminal's width (0 when it has no size or the stream is not a terminal)."""
+  try:
+    size = os.get_terminal_size(stream.fileno())
+  except (AttributeError, OSError, ValueError):
+    return 0
+  return size.columns if size.lines > 0 else 0
 
 
 def _absl_handler():

@@ -358,6 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  for name, fn in method.sample_fns().items()} if tcfg.sample_every else {}
 
   preempt = PreemptionFlag()
+  logging.info("Training steps %d to %d in %s (compiling the step first)", step,
+               tcfg.num_train_steps, workdir)
   progress = progress_lib.Progress(tcfg.num_train_steps, step, bar=progress_bar)
   buffer, last_metrics, sample_results, stop_reason = [], {}, {}, None
   last_saved = latest

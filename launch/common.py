@@ -284,6 +284,9 @@ def describe_parse_error(e: Exception, argv) -> Optional[str]:
       value = _flag_value(argv, name)
       if not value:
         continue
+      if isinstance(e, AttributeError) and "get_config" in str(e):
+        return (f"--{name}={value}: {value.split(':', 1)[0]} has no get_config() function "
+                f"(not a config file)")
       try:
         config = _load_config(value, name)
       except Exception:  # noqa: BLE001

