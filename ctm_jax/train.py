@@ -277,6 +277,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, proc
   methods.validate_method_config(config)
 
 
+def _newest(saved: Optional[int]) -> str:
+  return "no checkpoint yet" if saved is None else f"the newest checkpoint is step {saved}"
+
+
 def final_lines(summary: Dict[str, Any], workdir: str, total_steps: int) -> list:
   """The last lines of a training log: where the results are, then how the run ended."""
   join = lambda name: os.path.join(workdir, name)
@@ -381,11 +385,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if bad:
           raise NonFiniteError(
               f"stopped at step {step}: non-finite metrics {bad}; this state is not saved "
-              f"(the newest checkpoint is step {last_saved})")
+              f"({_newest(last_saved)})")
         writer.write_scalars(step, dict(last_metrics, steps_per_sec=progress.report(step)))
       if tcfg.sample_every and (step % tcfg.sample_every == 0 or is_last):
         sample_results = write_samples(exp, state, step, workdir, writer, sample_jits)
-      stop_reason = preempt.should_stop(step)
+      stop_reason = None if is_last else preempt.should_stop(step)
       if step % tcfg.checkpoint_every == 0 or is_last or stop_reason:
         ckpt.save(step, state, batches.get_state(), {"step": step, "method": config.method,
                                                      "dataset": config.data.dataset})
@@ -395,8 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   except KeyboardInterrupt:
     progress.close()
     logging.warning("Stopped at once by a second Ctrl-C at step %d: no checkpoint written "
-                    "for it (the newest is step %s); re-run the same command to resume",
-                    step, last_saved)
+                    "for it (%s); re-run the same command to resume", step,
+                    _newest(last_saved))
     raise
   finally:
     progress.close()

@@ -126,7 +126,8 @@ def test_non_finite_stop_is_the_last_line_exit_1(tmp_path):
   saved = checkpointing.Checkpointer(str(wd), toy_edm.get_config().training,
                                      read_only=True).latest_step()
   assert last.startswith(E + f"stopped at step {(saved or 0) + 1}: non-finite metrics [")
-  assert last.endswith(f"this state is not saved (the newest checkpoint is step {saved})")
+  newest = "no checkpoint yet" if saved is None else f"the newest checkpoint is step {saved}"
+  assert last.endswith(f"this state is not saved ({newest})")
 
 
 def test_ctrl_c_outside_the_loop_exits_130():
@@ -296,7 +297,8 @@ def test_second_ctrl_c_stops_at_once_keeping_earlier_checkpoints(tmp_path, monke
   assert signal.getsignal(signal.SIGINT) is before
   ck = checkpointing.Checkpointer(str(tmp_path), tiny_config().training, read_only=True)
   assert ck.all_steps() == [2]                      # none for the interrupted step
-  assert any("Stopped at once by a second Ctrl-C at step 3" in r.getMessage()
+  assert any(r.getMessage() == "Stopped at once by a second Ctrl-C at step 3: no checkpoint "
+             "written for it (the newest checkpoint is step 2); re-run the same command to resume"
              for r in caplog.records)
   assert not (tmp_path / "summary.json").exists()
   # The run resumes from step 2 and finishes.
