@@ -1,5 +1,6 @@
-"""The training system: validation, exact resume after SIGKILL/SIGTERM, device and process
-count invariance, FSDP, accumulation, EMA, checkpoint retention and failure safety."""
+"""The training system: validation, exact resume after SIGKILL/SIGTERM/SIGINT, the training
+log, device and process count invariance, FSDP, accumulation, EMA, checkpoint retention and
+failure safety."""
 import json
 import os
 import random
