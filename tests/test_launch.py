@@ -3,13 +3,11 @@ progress output, the TFDS data directory, and validation owned by the methods.""
 import io
 import json
 import logging as py_logging
-import math
 import os
 import signal
 import subprocess
 import sys
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
