@@ -35,10 +35,11 @@ def load_config(workdir):
 
 def main(argv):
   del argv
+  from launch import common
+  common.quiet_logs()
   import jax
   import numpy as np
-  from ctm_jax import evaluate, metric_io, samplers as samplers_lib, train, visualize
-  metric_io.quiet_library_logs()
+  from ctm_jax import evaluate, samplers as samplers_lib, train, visualize
   workdir = _WORKDIR.value
   config = load_config(workdir)
   specs = [evaluate.parse_sampler(s) for s in _SAMPLERS.value]
