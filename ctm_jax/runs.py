@@ -21,7 +21,7 @@ from ctm_jax import checkpointing, config_lib, data, diffusion, flow_map, nets, 
 RAW_PARAMS = "params"     # load_params(ema=RAW_PARAMS): the trained (non-averaged) parameters
 
 
-class NotARunError(FileNotFoundError):
+class NotARunError(config_lib.UserError, FileNotFoundError):
   """A directory that holds no ctm-jax run (no config.json) or no checkpoint."""
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from configs import base
@@ -22,14 +22,14 @@ from launch import common
 
 
 def check_flags(argv):
-  """Misspelled --config.eval.X: one line and exit 2, before absl turns it into a traceback."""
+  """A misspelled --config.eval.X: one line and exit 2, before the config flag reads it."""
   from ctm_jax import config_lib
   from ctm_jax.evaljob import settings
   try:
     settings.check_override_names([a for a in argv[1:] if a.startswith("--config.")],
                                   base.eval_block())
   except config_lib.ConfigError as e:
-    print(f"launch.eval: error: {e}", file=sys.stderr)
+    sys.stderr.write(f"launch.eval: error: {e}\n")
     sys.exit(2)
 
 
@@ -47,17 +47,16 @@ _RUN_CONFIG = flags.DEFINE_string(
     "(FILE.py or FILE.py:arg).")
 _FAKE_DEVICES = flags.DEFINE_integer(
     "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of configuration errors.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def load_run_config(workdir: str, run_config: str):
-  from ctm_jax import runs
+  from ctm_jax import config_lib, runs
   if not run_config:
     return runs.load_run_config(workdir)
   path, _, arg = run_config.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--run_config={run_config}: no such file {path!r}")
+    raise config_lib.UserError(f"--run_config={run_config}: no such file {path!r}")
   spec = importlib.util.spec_from_file_location("run_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -65,21 +64,21 @@ def load_run_config(workdir: str, run_config: str):
 
 
 def main(argv):
-  common.begin(argv, _FAKE_DEVICES.value)
-  from ctm_jax import config_lib, parallel, runs
+  if len(argv) > 1:
+    from absl import app
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: give every setting as --flag=value "
+                         f"or --config.eval.FIELD=value")
+  if _FAKE_DEVICES.value:
+    from ctm_jax import parallel
+    parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
+  from ctm_jax import parallel
   from ctm_jax.evaljob import jobs, settings
-  try:
-    config = load_run_config(_WORKDIR.value, _RUN_CONFIG.value)
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    ev = settings.merge_eval(base.eval_block(), config, overrides)
-    parallel.maybe_initialize_distributed(config.distributed)
-    jobs.run(_WORKDIR.value, _MODE.value, ev, config, argv=sys.argv)
-  except (config_lib.ConfigError, runs.NotARunError, FileNotFoundError) as e:
-    if _VERBOSE.value:
-      raise
-    print(f"launch.eval: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  config = load_run_config(_WORKDIR.value, _RUN_CONFIG.value)
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  ev = settings.merge_eval(base.eval_block(), config, overrides)
+  parallel.maybe_initialize_distributed(config.distributed)
+  jobs.run(_WORKDIR.value, _MODE.value, ev, config, argv=sys.argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main, "launch.eval")

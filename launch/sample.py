@@ -25,7 +25,8 @@ def translate(argv):
     elif name == "config" and eq:
       out.append(f"--run_config={value}")
     elif name.startswith("mode"):
-      raise SystemExit("launch.sample: error: --mode is launch.eval's flag (python -m launch.eval)")
+      sys.stderr.write("launch.sample: error: --mode is launch.eval's flag (python -m launch.eval)\n")
+      sys.exit(2)
     else:
       out.append(arg)
   return out

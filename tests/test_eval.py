@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import eval_standins
 from configs import base, toy_ctm
 from ctm_jax import config_lib, parallel, runs, train
 from ctm_jax import data as data_lib
@@ -261,7 +260,22 @@ def test_killed_subprocess_resumes_to_the_same_samples(toy_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def fid_module():
-  return eval_standins.ensure_fid_module()
+  from ctm_jax.metrics import fid
+  return fid
+
+
+def fake_feature_fn(seed: int = 0):
+  """uint8 NHWC images -> (B, 2048): tanh of a fixed random projection of the pixels, in place
+  of Inception (the jobs' bookkeeping does not depend on the network).  Row-wise."""
+  cache = {}
+
+  def fn(images):
+    x = np.asarray(images, np.float64).reshape(len(images), -1) / 255.0
+    if x.shape[1] not in cache:
+      w = np.random.default_rng(seed).normal(size=(x.shape[1], 2048))
+      cache[x.shape[1]] = w / np.sqrt(x.shape[1])
+    return np.tanh(x @ cache[x.shape[1]] * 3.0).astype(np.float32)
+  return fn
 
 
 def _weights_file(tmp_path):
@@ -281,7 +295,7 @@ def digits_stats(digits_run, tmp_path_factory, fid_module):
   weights, sha = _weights_file(tmp)
   stats = str(tmp / "stats" / "digits-test.npz")
   wd = copy_run(digits_run, tmp / "run")
-  feat = eval_standins.fake_feature_fn()
+  feat = fake_feature_fn()
   ev, config = eval_settings(wd, inception_weights=weights, ref_stats=stats, **FID_COMMON)
   summary = jobs.run(wd, "fid_stats", ev, config, feature_fn=feat, feature_id=sha)
   return dict(stats=stats, weights=weights, sha=sha, feat=feat, summary=summary,

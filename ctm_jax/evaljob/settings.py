@@ -16,10 +16,7 @@ import numpy as np
 from ctm_jax import config_lib, data, evaluate, methods, runs
 
 MODES = ("sample", "fid", "nll", "fid_stats", "all")
-DIVERGENCES = ("hutchinson", "exact")
-SOLVERS = ("tsit5", "dopri5")          # ctm_jax.metrics.likelihood's adaptive solvers
-EXACT_MAX_DIM = 64                     # the exact trace: a jacobian of dim x dim per example
-FEATURE_DIM = 2048
+FEATURE_DIM = 2048                     # ctm_jax.nets.inception.FEATURE_DIM (pool3)
 STATS_DIR_NAME = "ctm_jax_fid_stats"
 
 
@@ -198,14 +195,15 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
     if shard % nb:
       raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
                                    f"config.eval.nll_batch_size = {nb}")
-    config_lib.check_choice(c, "eval.nll_divergence", DIVERGENCES)
+    from ctm_jax.metrics import likelihood
+    config_lib.check_choice(c, "eval.nll_divergence", likelihood.DIVERGENCES)
     dim = int(np.prod(info.shape))
-    if ev.nll_divergence == "exact" and dim > EXACT_MAX_DIM:
+    if ev.nll_divergence == "exact" and dim > likelihood.EXACT_MAX_DIM:
       raise config_lib.ConfigError(
           f"config.eval.nll_divergence = 'exact' builds a {dim} x {dim} jacobian per example; "
-          f"it is accepted up to {EXACT_MAX_DIM} dimensions: use 'hutchinson'")
+          f"it is accepted up to {likelihood.EXACT_MAX_DIM} dimensions: use 'hutchinson'")
     config_lib.check_number(c, "eval.nll_probes", 1, integer=True)
-    config_lib.check_choice(c, "eval.nll_solver", SOLVERS)
+    config_lib.check_choice(c, "eval.nll_solver", likelihood.SOLVERS)
     config_lib.check_number(c, "eval.nll_rtol", 0, lo_open=True)
     config_lib.check_number(c, "eval.nll_atol", 0, lo_open=True)
     config_lib.check_number(c, "eval.nll_max_steps", 1, integer=True)
