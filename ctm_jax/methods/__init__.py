@@ -35,3 +35,10 @@ def validate_method_config(config):
 def build_method(config, model, **kwargs) -> Method:
   name = config_lib.check_choice(config, "method", method_names())
   return METHODS[name].cls(config, model, **kwargs)
+
+
+def method_class(name: str) -> Type[Method]:
+  """The Method subclass of a config.method name (not built)."""
+  if name not in METHODS:
+    raise ValueError(f"config.method must be one of {method_names()}, got {name!r}")
+  return METHODS[name].cls
