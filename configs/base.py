@@ -59,6 +59,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       keep_last=3,              # checkpoints kept besides the permanent ones
       keep_every=0,             # > 0: also keep every checkpoint whose step is a multiple of this
       async_checkpointing=True,
+      # JAX persistent compilation cache (ctm_jax/compile_cache.py): 'auto' = JAX's own when
+      # set, else <workdir>/../.jax_cache; a path; '' = leave JAX's settings alone.
+      compilation_cache_dir="auto",
   ))
 
   c.sampling = ml_collections.ConfigDict(dict(

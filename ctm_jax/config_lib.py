@@ -117,6 +117,10 @@ def validate_common(config, *, num_devices: int, process_count: int):
   check_number(config, "training.keep_last", 1, integer=True)
   check_number(config, "training.keep_every", 0, integer=True)
   check_choice(config, "training.compute_dtype", tuple(nets.DTYPES))
+  cache = config.training.get("compilation_cache_dir", "auto")
+  if not isinstance(cache, str):
+    raise ConfigError(f"config.training.compilation_cache_dir must be a string ('auto', a "
+                      f"directory, or '' for none), got {cache!r}")
 
   from ctm_jax.train_state import OPTIMIZERS
   check_choice(config, "optim.name", OPTIMIZERS)

@@ -1,4 +1,5 @@
-"""Teachers for distillation: the exact mixture oracle, a trained checkpoint, or torch weights.
+"""Teachers for distillation: the exact mixture oracle, a trained checkpoint, or torch weights
+(and, for benchmarks and shape tests only, random weights of the teacher's network).
 
 The student's config nests the teacher's (config.teacher.config), so the teacher network is
 rebuilt exactly as it was trained.  Teacher parameters are loaded once, on the host, and
@@ -10,7 +11,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-SOURCES = ("oracle", "checkpoint", "torch_npz")
+SOURCES = ("oracle", "checkpoint", "torch_npz", "random")
+# 'random': N(0, 0.02^2) weights of the teacher network's shapes (seed 0).  Not a teacher: for
+# timing and memory measurements (launch.bench) and shape tests, where no weights are at hand.
 
 
 class Teacher:
@@ -45,10 +48,25 @@ class Teacher:
       self._params = self._load()
     return self._params
 
+  def random_params(self, seed: int = 0) -> Any:
+    """Host arrays of the teacher network's parameter shapes, each N(0, 0.02^2)."""
+    import jax
+    import jax.numpy as jnp
+    from ctm_jax import data
+    info = data.dataset_info(self.config.data.dataset)
+    labels = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
+    shapes = jax.eval_shape(lambda k: self.model.init(k, jnp.zeros((1,) + tuple(info.shape)),
+                                                      labels), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
   def _load(self):
     tc = self.config.teacher
     if self.source == "oracle":
       return {}
+    if self.source == "random":
+      return self.random_params(0)
     if self.source == "checkpoint":
       from ctm_jax import runs
       name = tc.ema or runs.ema_names(tc.config)[0]

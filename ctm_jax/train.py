@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import (checkpointing, config_lib, data, evaluate, metric_io, methods, parallel,
-                     samplers, train_state, visualize)
+from ctm_jax import (checkpointing, compile_cache, config_lib, data, evaluate, metric_io,
+                     methods, parallel, samplers, train_state, visualize)
 from ctm_jax import progress as progress_lib
 from ctm_jax.evaljob import report
 # Model building and run loading live below the loop (ctm_jax.runs); re-exported here.
@@ -79,17 +79,22 @@ class Experiment:
     return jax.jit(self.init_fn, in_shardings=(None, frozen_sh),
                    out_shardings=self.state_shardings)(key, frozen)
 
-  def step_functions(self):
-    """(frozen arrays on the mesh, {kind: jitted step(state, batch, frozen)})."""
+  def step_functions(self, *, forced_k: bool = False):
+    """(frozen arrays on the mesh, {kind: jitted step(state, batch, frozen)}).
+
+    forced_k: the kinds of method.k_step_kinds take a fourth argument, k (an int32 scalar,
+    replicated), in place of drawing it (benchmarks; the rest of the step is unchanged)."""
     frozen, frozen_sh = self.frozen_on_mesh()
     batch_sh = parallel.batch_sharding(self.mesh)
-    fns = {
-        kind: jax.jit(self.method.make_step(kind, self.tx),
-                      in_shardings=(self.state_shardings, batch_sh, frozen_sh),
-                      out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
-                      donate_argnums=(0,))
-        for kind in self.method.step_kinds}
-    return frozen, fns
+    rep = parallel.replicated(self.mesh)
+
+    def jit(kind):
+      with_k = forced_k and kind in self.method.k_step_kinds
+      return jax.jit(self.method.make_step(kind, self.tx),
+                     in_shardings=(self.state_shardings, batch_sh, frozen_sh)
+                     + ((rep,) if with_k else ()),
+                     out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    return frozen, {kind: jit(kind) for kind in self.method.step_kinds}
 
   def restore_target(self):
     return checkpointing.abstract_with_shardings(self.abstract_state, self.state_shardings)
@@ -302,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   config_lib.check_workdir(workdir)
   tcfg = config.training
+  cache_dir = compile_cache.setup(tcfg.get("compilation_cache_dir", compile_cache.AUTO), workdir)
   exp = Experiment(config)
   method = exp.method
   pipeline = data.InputPipeline(config.data, tcfg.batch_size, config.seed,
@@ -345,8 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  for name, fn in method.sample_fns().items()} if tcfg.sample_every else {}
 
   preempt = PreemptionFlag()
-  logging.info("Training steps %d to %d in %s (compiling the step first)", step,
-               tcfg.num_train_steps, workdir)
+  logging.info("Training steps %d to %d in %s (compiling the step first; compilation cache: "
+               "%s)", step, tcfg.num_train_steps, workdir, cache_dir or "none")
   progress = progress_lib.Progress(tcfg.num_train_steps, step, bar=progress_bar)
   buffer, last_metrics, sample_results, stop_reason = [], {}, {}, None
   last_saved = latest

@@ -50,15 +50,7 @@ def _fill_paths(cfg, lpips_path):
 @pytest.fixture
 def random_teacher(monkeypatch):
   """Teacher weights of the right shapes (the torch loader itself is tested on the fixtures)."""
-  def fake_load(self):
-    info = data.dataset_info(self.config.data.dataset)
-    labels = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
-    shapes = jax.eval_shape(lambda k: self.model.init(k, jnp.zeros((1,) + info.shape), labels),
-                            jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    return jax.tree_util.tree_map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype),
-                                  shapes)
-  monkeypatch.setattr(teacher_lib.Teacher, "_load", fake_load)
+  monkeypatch.setattr(teacher_lib.Teacher, "_load", lambda self: self.random_params(0))
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)

@@ -22,6 +22,9 @@ class Method:
   """
   name = "base"
   step_kinds: Tuple[str, ...] = ("train",)
+  # Step kinds whose step(state, batch, frozen, k) also takes a forced number of teacher steps
+  # (an int32 scalar; launch.bench), with k drawn as in training when it is None.
+  k_step_kinds: Tuple[str, ...] = ()
   # Whether the trained network's g(x, t, t) is a denoiser (a score model): the NLL by the
   # PF-ODE and the Heun samplers need it.  EDM and CTM (trained with DSM) have one; a
   # consistency model without a DSM term would set it False.

@@ -157,6 +157,8 @@ class CTM(Method):
   def step_kinds(self):
     return ("ctm", "ctm_gan", "disc") if self.gan is not None else ("ctm",)
 
+  k_step_kinds = ("ctm", "ctm_gan")     # their steps take k (step(..., k)) for benchmarks
+
   def step_kind(self, step: int) -> str:
     if self.gan is None:
       return "ctm"
@@ -200,9 +202,13 @@ class CTM(Method):
 
   def sample_times(self, rng_k, rng_idx, batch):
     """(k, i, j, t, u, s): k from rng_k (one traced scalar shared by the whole step, so every
-    microbatch uses it), the indices from rng_idx."""
+    microbatch uses it), the indices from rng_idx.  rng_k may instead be k itself, an int32
+    scalar (a step with k given: launch.bench)."""
     c = self.config.ctm
-    k = diffusion.sample_k_proportional(rng_k, c.max_k)
+    if jnp.ndim(rng_k) == 0 and jnp.issubdtype(jnp.result_type(rng_k), jnp.integer):
+      k = jnp.asarray(rng_k, jnp.int32)
+    else:
+      k = diffusion.sample_k_proportional(rng_k, c.max_k)
     k_idx = rng_idx
     i, j = diffusion.sample_ctm_indices(k_idx, batch, c.num_points, k)
     grid = jnp.asarray(self.grid_np)
@@ -284,9 +290,12 @@ class CTM(Method):
 
     with_gan = kind == "ctm_gan"
 
-    def step(state, batch, frozen):
+    def step(state, batch, frozen, k=None):
+      """k: None in training (k ~ P(k)); an int32 scalar forces it (launch.bench)."""
       rng = self.step_rng(state)
       k_times, k_rest = jax.random.split(rng)
+      if k is not None:
+        k_times = k
       grad_fn = lambda p, dst, b, r: self.generator_grads(p, state.extra, frozen, b, r, k_times,
                                                           with_gan, dst)
       grads, metrics, dstate = train_state.accumulate_gradients_with_state(

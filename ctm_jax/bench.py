@@ -1,0 +1,336 @@
+"""Step benchmark: the training step of a config, built exactly as training builds it.
+
+measure(configs, ks, repeats) times, in one process and interleaved (repeat r runs every
+variant, every k and every network call once before repeat r + 1, so slow drifts of a shared
+machine hit all of them alike):
+  - the jitted training step (Experiment.step_functions: the same jit, shardings and donation
+    as train_and_evaluate), with k forced for CTM (step(state, batch, frozen, k));
+  - each network evaluation the step makes, jitted alone: the student forward in train mode,
+    the student forward + backward (gradient of the output's sum w.r.t. the parameters), the
+    teacher forward, and the teacher forward inside a while loop (n chained calls / n);
+  - the step / sum-of-network-calls ratio, with the step's call counts from `network_calls`;
+  - XLA's FLOP count (compiled.cost_analysis()) and the achieved FLOP/s; XLA counts a while
+    loop's body once, so the step's count at k adds (k - 1) teacher loop bodies;
+  - XLA's memory analysis of the step (arguments + outputs - donated aliases + temporaries);
+  - the lowering and compile times, and the host's peak resident memory (getrusage).
+Teacher and LPIPS weights that are not at hand are random ones of the right shapes (the
+timing and memory do not depend on the values).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax import config_lib, parallel, train
+
+LOOP_CALLS = 4        # teacher calls chained inside one while loop (per-call time = total / n)
+
+
+# ----------------------------------------------------------------------------- config
+
+def bench_config(config, batch: int, scratch_dir: str):
+  """A copy of config for benchmarking at global batch `batch`: a random teacher where its
+  weights are not at hand (checkpoint workdir / npz missing) and random LPIPS weights where
+  the distance or the discriminator needs them and none are given.  Returns (config, notes)."""
+  from ctm_jax.nets import lpips
+  cfg = copy.deepcopy(config)
+  cfg.unlock()
+  notes = []
+  cfg.training.batch_size = int(batch)
+  if cfg.method == "ctm":
+    tc = cfg.teacher
+    missing = ((tc.source == "checkpoint" and not os.path.isdir(tc.workdir or "/nonexistent"))
+               or (tc.source == "torch_npz" and not os.path.isfile(tc.npz_path or "/nonexistent")))
+    if missing:
+      notes.append(f"teacher: random weights (no {tc.source} at "
+                   f"{tc.workdir if tc.source == 'checkpoint' else tc.npz_path!r})")
+      tc.source = "random"
+    needs = []
+    if cfg.ctm.distance == "lpips":
+      needs.append("ctm.lpips_weights")
+    if cfg.gan.enabled and cfg.gan.discriminator == "projected":
+      needs.append("gan.feature_weights")
+    for field in needs:
+      sec, name = field.split(".")
+      if not os.path.isfile(cfg[sec][name] or "/nonexistent"):
+        path = os.path.join(scratch_dir, "lpips_random.npz")
+        if not os.path.isfile(path):
+          lpips.random_lpips_npz(path, seed=0)
+        cfg[sec][name] = path
+        notes.append(f"{field}: random VGG16 weights")
+  cfg.lock()
+  return cfg, notes
+
+
+def network_calls(config, k: int) -> Dict[str, int]:
+  """How many network evaluations of each kind one step makes at k teacher steps.
+
+  EDM: one student forward + backward.  CTM (METHODS.md section 3): the target's two student
+  forwards (inner jump with theta, outer map with theta^-), the estimate's two forward +
+  backward passes (the outer map's backward is w.r.t. its input only, so this count is an
+  upper bound), one more for DSM, and 2 teacher calls per Heun step (k steps; the corrector
+  is skipped only for a step to sigma = 0, which the CTM grid never takes).  The GAN's
+  discriminator and the LPIPS network are not counted."""
+  if config.method == "edm":
+    return {"student_forward_backward": 1}
+  fb = 2 + (0 if config.ctm.dsm_weight_mode == "off" else 1)
+  return {"student_forward": 2, "student_forward_backward": fb, "teacher_forward_in_loop": 2 * k}
+
+
+def check_ks(config, ks: Sequence[int]):
+  if config.method != "ctm":
+    return
+  bad = [k for k in ks if not 1 <= k <= config.ctm.max_k]
+  if bad:
+    raise config_lib.ConfigError(f"--k: {bad} outside 1..config.ctm.max_k = {config.ctm.max_k}")
+
+
+# ----------------------------------------------------------------------------- one variant
+
+def _tree_bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _memory(compiled) -> Dict[str, int]:
+  m = compiled.memory_analysis()
+  out = {"argument_bytes": int(m.argument_size_in_bytes),
+         "output_bytes": int(m.output_size_in_bytes),
+         "alias_bytes": int(m.alias_size_in_bytes),
+         "temp_bytes": int(m.temp_size_in_bytes)}
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                       + out["temp_bytes"])
+  return out
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _timed(fn, *args):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - t0
+
+
+class Variant:
+  """One config's step and network calls, compiled (what `measure` times)."""
+
+  def __init__(self, name: str, config, example_batch):
+    self.name, self.config = name, config
+    self.exp = exp = train.Experiment(config)
+    self.method = exp.method
+    self.kind = exp.method.step_kinds[0]
+    self.takes_k = self.kind in exp.method.k_step_kinds
+    self.state = exp.init_state()
+    self.frozen, fns = exp.step_functions(forced_k=True)
+    self.batch = parallel.global_batch(example_batch, exp.mesh)
+    step_args = (self.state, self.batch, self.frozen) + ((jnp.int32(1),) if self.takes_k else ())
+    t0 = time.perf_counter()
+    lowered = fns[self.kind].lower(*step_args)
+    t1 = time.perf_counter()
+    self.step = lowered.compile()
+    t2 = time.perf_counter()
+    self.lower_s, self.compile_s = t1 - t0, t2 - t1
+    self.step_flops_xla = _flops(self.step)
+    self.memory = _memory(self.step)
+    self.state_bytes = _tree_bytes(self.state)
+    self.frozen_bytes = _tree_bytes(self.frozen)
+    self._build_calls()
+
+  def _build_calls(self):
+    """The network evaluations the step makes, each jitted alone on this batch."""
+    model, cfg = self.exp.model, self.config
+    x = self.batch["x"]
+    b = x.shape[0]
+    labels = self.method.labels(self.batch)
+    t = jnp.full((b,), 2.0, jnp.float32)
+    s = jnp.full((b,), 0.5, jnp.float32) if model.uses_s else None
+    key = jax.random.PRNGKey(1)
+
+    def student(params, x):
+      return model.denoiser(params, x, t, s, labels, train=True, rng=key)
+
+    def fwd_bwd(params, x):
+      return jax.grad(lambda p: jnp.sum(student(p, x)))(params)
+
+    params = jax.tree_util.tree_map(jnp.copy, self.state.params)   # the step donates its own
+    calls = {"student_forward": (jax.jit(student), (params, x)),
+             "student_forward_backward": (jax.jit(fwd_bwd), (params, x))}
+    teacher = getattr(self.method, "teacher", None)
+    if teacher is not None:
+      tp = self.frozen["teacher"]
+      den = lambda p, y: teacher.denoise(p, y, t, labels)
+
+      def in_loop(p, y, n):
+        return jax.lax.fori_loop(0, n, lambda i, z: den(p, z), y)
+      calls["teacher_forward"] = (jax.jit(den), (tp, x))
+      calls["teacher_forward_in_loop"] = (jax.jit(in_loop), (tp, x, jnp.int32(LOOP_CALLS)))
+    self.calls, self.call_flops = {}, {}
+    for name, (fn, args) in calls.items():
+      compiled = fn.lower(*args).compile()
+      flops = _flops(compiled)
+      self.calls[name] = (compiled, args)
+      self.call_flops[name] = flops
+    if "teacher_forward" in self.call_flops:
+      # XLA counts the loop body once: the loop's count is one call's.
+      self.call_flops["teacher_forward_in_loop"] = self.call_flops["teacher_forward"]
+
+  def run_step(self, k: Optional[int]) -> float:
+    args = (self.state, self.batch, self.frozen) + ((jnp.int32(k),) if self.takes_k else ())
+    (self.state, _), dt = _timed(self.step, *args)
+    return dt
+
+  def run_call(self, name: str) -> float:
+    fn, args = self.calls[name]
+    _, dt = _timed(fn, *args)
+    return dt / (LOOP_CALLS if name == "teacher_forward_in_loop" else 1)
+
+  def step_flops(self, k: int) -> float:
+    """XLA's count with the loop body counted once, plus (k - 1) more bodies of 2 teacher
+    calls (CTM); EDM: XLA's count."""
+    if not self.takes_k:
+      return self.step_flops_xla
+    return self.step_flops_xla + (k - 1) * 2 * self.call_flops.get("teacher_forward", 0.0)
+
+
+def _stats(times_s: List[float]) -> Dict[str, Any]:
+  ms = [1e3 * v for v in times_s]
+  return {"median_ms": statistics.median(ms), "min_ms": min(ms), "all_ms": ms}
+
+
+def example_batch(config, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
+  from ctm_jax import data
+  info = data.dataset_info(config.data.dataset)
+  rng = np.random.default_rng(seed)
+  out = {"x": rng.uniform(-1, 1, (batch,) + tuple(info.shape)).astype(np.float32)}
+  if config.data.class_conditional:
+    out["label"] = rng.integers(0, info.num_classes, batch).astype(np.int32)
+  return out
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch: int = 8,
+            warmup: int = 1, log=None) -> Dict[str, Any]:
+  """Benchmark each named config (e.g. {'float32': cfg, 'bfloat16': cfg16}) at global batch
+  `batch` and k in ks, interleaved; returns the JSON-able results (module docstring)."""
+  log = log or (lambda msg: None)
+  ks = [int(k) for k in ks]
+  variants, notes = {}, {}
+  with tempfile.TemporaryDirectory(prefix="ctm_bench_") as scratch:
+    for name, config in configs.items():
+      cfg, notes[name] = bench_config(config, batch, scratch)
+      train.validate_config(cfg, num_devices=jax.device_count(), process_count=jax.process_count())
+      check_ks(cfg, ks)
+      log(f"[{name}] building and compiling the {cfg.method} step at batch {batch}")
+      variants[name] = Variant(name, cfg, example_batch(cfg, batch, cfg.seed))
+      log(f"[{name}] compiled in {variants[name].compile_s:.1f} s "
+          f"(lowering {variants[name].lower_s:.1f} s)")
+  step_ks = {n: (ks if v.takes_k else [None]) for n, v in variants.items()}
+  times = {n: {"step": {str(k): [] for k in step_ks[n]}, "calls": {c: [] for c in v.calls}}
+           for n, v in variants.items()}
+  for r in range(warmup + repeats):
+    for n, v in variants.items():
+      for c in v.calls:
+        dt = v.run_call(c)
+        if r >= warmup:
+          times[n]["calls"][c].append(dt)
+      for k in step_ks[n]:
+        dt = v.run_step(k)
+        if r >= warmup:
+          times[n]["step"][str(k)].append(dt)
+          log(f"[{n}] repeat {r - warmup + 1}/{repeats} step k={k}: {1e3 * dt:,.0f} ms")
+  results = {}
+  for n, v in variants.items():
+    calls = {c: _stats(ts) for c, ts in times[n]["calls"].items()}
+    steps, expected, ratio, flops, flops_s = {}, {}, {}, {}, {}
+    for k in step_ks[n]:
+      key = str(k)
+      steps[key] = _stats(times[n]["step"][key])
+      counts = network_calls(v.config, k or 0)
+      expected[key] = sum(cnt * calls[c]["median_ms"] for c, cnt in counts.items())
+      ratio[key] = steps[key]["median_ms"] / expected[key]
+      flops[key] = v.step_flops(k or 0)
+      flops_s[key] = flops[key] / (steps[key]["median_ms"] / 1e3)
+    results[n] = {
+        "method": v.config.method, "compute_dtype": v.config.training.compute_dtype,
+        "notes": notes[n], "step_kind": v.kind,
+        "params_student": int(sum(np.prod(x.shape) for x in
+                                  jax.tree_util.tree_leaves(v.state.params))),
+        "params_teacher": int(sum(np.prod(x.shape) for x in
+                                  jax.tree_util.tree_leaves(v.frozen.get("teacher", {})))),
+        "lower_s": v.lower_s, "compile_s": v.compile_s,
+        "network_calls_ms": calls, "network_call_flops": v.call_flops,
+        "network_calls_per_step": {str(k): network_calls(v.config, k or 0) for k in step_ks[n]},
+        "step_ms": steps, "sum_of_network_calls_ms": expected, "step_over_calls": ratio,
+        "step_flops": flops, "step_flops_xla": v.step_flops_xla, "step_flops_per_s": flops_s,
+        "memory": v.memory, "state_bytes": v.state_bytes, "frozen_bytes": v.frozen_bytes,
+    }
+  return {
+      "batch": int(batch), "ks": ks, "repeats": int(repeats), "warmup": int(warmup),
+      "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+      "device_count": jax.device_count(), "jax": jax.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "host_peak_rss_bytes": host_peak_rss_bytes(),
+      "variants": results,
+  }
+
+
+def host_peak_rss_bytes() -> int:
+  """Peak resident memory of this process (getrusage; kilobytes on Linux, bytes on macOS)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+# ----------------------------------------------------------------------------- table
+
+def _gb(v):
+  return f"{v / 2**30:.2f} GB"
+
+
+def table(results: Dict[str, Any]) -> str:
+  """The results as a text table: one row per quantity, one column per variant."""
+  names = list(results["variants"])
+  rows = []
+  vs = results["variants"]
+  first = vs[names[0]]
+  for c in first["network_calls_ms"]:
+    rows.append((c.replace("_", " ") + " (ms)",
+                 [f"{vs[n]['network_calls_ms'][c]['median_ms']:,.1f}"
+                  if c in vs[n]["network_calls_ms"] else "-" for n in names]))
+  for k in first["step_ms"]:
+    label = "step" + (f" k={k}" if k != "None" else "")
+    rows.append((label + " (ms)", [f"{vs[n]['step_ms'][k]['median_ms']:,.1f}" for n in names]))
+    rows.append((label + " / sum of its network calls",
+                 [f"{vs[n]['step_over_calls'][k]:.2f}" for n in names]))
+    rows.append((label + " GFLOP/s", [f"{vs[n]['step_flops_per_s'][k] / 1e9:.1f}"
+                                      for n in names]))
+  rows.append(("XLA step FLOPs (loop body once)",
+               [f"{vs[n]['step_flops_xla'] / 1e9:.1f} G" for n in names]))
+  rows.append(("peak device memory (XLA)", [_gb(vs[n]["memory"]["peak_bytes"]) for n in names]))
+  rows.append(("  of which temporaries", [_gb(vs[n]["memory"]["temp_bytes"]) for n in names]))
+  rows.append(("compile (s)", [f"{vs[n]['compile_s']:.1f}" for n in names]))
+  rows.append(("lowering (s)", [f"{vs[n]['lower_s']:.1f}" for n in names]))
+  w0 = max(len(r[0]) for r in rows)
+  ws = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
+  head = " " * w0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, ws))
+  lines = [head] + [r[0].ljust(w0) + "  " + "  ".join(v.rjust(w) for v, w in zip(r[1], ws))
+                    for r in rows]
+  lines.append(f"host peak RSS: {_gb(results['host_peak_rss_bytes'])}; batch {results['batch']}, "
+               f"{results['repeats']} repeats (medians), {results['backend']} x "
+               f"{results['device_count']} ({results['device_kind']})")
+  return "\n".join(lines)
