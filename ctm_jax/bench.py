@@ -9,8 +9,9 @@ machine hit all of them alike):
     the student forward + backward (gradient of the output's sum w.r.t. the parameters), the
     teacher forward, and the teacher forward inside a while loop (n chained calls / n);
   - the step / sum-of-network-calls ratio, with the step's call counts from `network_calls`;
-  - XLA's FLOP count (compiled.cost_analysis()) and the achieved FLOP/s; XLA counts a while
-    loop's body once, so the step's count at k adds (k - 1) teacher loop bodies;
+  - XLA's FLOP count (compiled.cost_analysis(); per device: one SPMD partition's program)
+    and the achieved FLOP/s of all the mesh's devices together; XLA counts a while loop's
+    body once, so the step's count at k adds (k - 1) teacher loop bodies;
   - XLA's memory analysis of the step (arguments + outputs - donated aliases + temporaries);
   - the lowering and compile times, and the host's peak resident memory (getrusage).
 Teacher and LPIPS weights that are not at hand are random ones of the right shapes (the
@@ -265,7 +266,7 @@ def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch:
       expected[key] = sum(cnt * calls[c]["median_ms"] for c, cnt in counts.items())
       ratio[key] = steps[key]["median_ms"] / expected[key]
       flops[key] = v.step_flops(k or 0)
-      flops_s[key] = flops[key] / (steps[key]["median_ms"] / 1e3)
+      flops_s[key] = flops[key] * v.exp.mesh.size / (steps[key]["median_ms"] / 1e3)
     results[n] = {
         "method": v.config.method, "compute_dtype": v.config.training.compute_dtype,
         "notes": notes[n], "step_kind": v.kind,
@@ -278,7 +279,7 @@ def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch:
         "network_calls_per_step": {str(k): network_calls(v.config, k or 0) for k in step_ks[n]},
         "step_ms": steps, "sum_of_network_calls_ms": expected, "step_over_calls": ratio,
         "step_flops": flops, "step_flops_xla": v.step_flops_xla, "step_flops_per_s": flops_s,
-        "memory": v.memory, "state_bytes": v.state_bytes, "frozen_bytes": v.frozen_bytes,
+        "mesh_devices": int(v.exp.mesh.size), "memory": v.memory, "state_bytes": v.state_bytes, "frozen_bytes": v.frozen_bytes,
     }
   return {
       "batch": int(batch), "ks": ks, "repeats": int(repeats), "warmup": int(warmup),
@@ -319,9 +320,9 @@ def table(results: Dict[str, Any]) -> str:
                  [f"{vs[n]['step_over_calls'][k]:.2f}" for n in names]))
     rows.append((label + " GFLOP/s", [f"{vs[n]['step_flops_per_s'][k] / 1e9:.1f}"
                                       for n in names]))
-  rows.append(("XLA step FLOPs (loop body once)",
+  rows.append(("XLA step FLOPs per device (loop once)",
                [f"{vs[n]['step_flops_xla'] / 1e9:.1f} G" for n in names]))
-  rows.append(("peak device memory (XLA)", [_gb(vs[n]["memory"]["peak_bytes"]) for n in names]))
+  rows.append(("peak memory per device (XLA)", [_gb(vs[n]["memory"]["peak_bytes"]) for n in names]))
   rows.append(("  of which temporaries", [_gb(vs[n]["memory"]["temp_bytes"]) for n in names]))
   rows.append(("compile (s)", [f"{vs[n]['compile_s']:.1f}" for n in names]))
   rows.append(("lowering (s)", [f"{vs[n]['lower_s']:.1f}" for n in names]))
