@@ -130,13 +130,15 @@ def _timed(fn, *args):
 class Variant:
   """One config's step and network calls, compiled (what `measure` times)."""
 
-  def __init__(self, name: str, config, example_batch):
+  def __init__(self, name: str, config, example_batch, compile_only: bool = False):
+    """compile_only: lower and compile the step on abstract arguments (nothing allocated for
+    the state; no network calls): compile time, FLOPs and memory only."""
     self.name, self.config = name, config
     self.exp = exp = train.Experiment(config)
     self.method = exp.method
     self.kind = exp.method.step_kinds[0]
     self.takes_k = self.kind in exp.method.k_step_kinds
-    self.state = exp.init_state()
+    self.state = exp.restore_target() if compile_only else exp.init_state()
     self.frozen, fns = exp.step_functions(forced_k=True)
     self.batch = parallel.global_batch(example_batch, exp.mesh)
     step_args = (self.state, self.batch, self.frozen) + ((jnp.int32(1),) if self.takes_k else ())
@@ -150,7 +152,9 @@ class Variant:
     self.memory = _memory(self.step)
     self.state_bytes = _tree_bytes(self.state)
     self.frozen_bytes = _tree_bytes(self.frozen)
-    self._build_calls()
+    self.calls, self.call_flops = {}, {}
+    if not compile_only:
+      self._build_calls()
 
   def _build_calls(self):
     """The network evaluations the step makes, each jitted alone on this batch."""
@@ -226,9 +230,12 @@ def example_batch(config, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- measuring
 
 def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch: int = 8,
-            warmup: int = 1, log=None) -> Dict[str, Any]:
+            warmup: int = 1, log=None, compile_only: bool = False) -> Dict[str, Any]:
   """Benchmark each named config (e.g. {'float32': cfg, 'bfloat16': cfg16}) at global batch
-  `batch` and k in ks, interleaved; returns the JSON-able results (module docstring)."""
+  `batch` and k in ks, interleaved; returns the JSON-able results (module docstring).
+  compile_only: no timings (repeats = 0): compile time, FLOPs and memory of the step."""
+  if compile_only:
+    repeats, warmup = 0, 0
   log = log or (lambda msg: None)
   ks = [int(k) for k in ks]
   variants, notes = {}, {}
@@ -238,7 +245,7 @@ def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch:
       train.validate_config(cfg, num_devices=jax.device_count(), process_count=jax.process_count())
       check_ks(cfg, ks)
       log(f"[{name}] building and compiling the {cfg.method} step at batch {batch}")
-      variants[name] = Variant(name, cfg, example_batch(cfg, batch, cfg.seed))
+      variants[name] = Variant(name, cfg, example_batch(cfg, batch, cfg.seed), compile_only)
       log(f"[{name}] compiled in {variants[name].compile_s:.1f} s "
           f"(lowering {variants[name].lower_s:.1f} s)")
   step_ks = {n: (ks if v.takes_k else [None]) for n, v in variants.items()}
@@ -261,11 +268,14 @@ def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch:
     steps, expected, ratio, flops, flops_s = {}, {}, {}, {}, {}
     for k in step_ks[n]:
       key = str(k)
+      if v.calls:      # the teacher's count is known from its own compile
+        flops[key] = v.step_flops(k or 0)
+      if not times[n]["step"][key]:
+        continue       # compile_only
       steps[key] = _stats(times[n]["step"][key])
       counts = network_calls(v.config, k or 0)
       expected[key] = sum(cnt * calls[c]["median_ms"] for c, cnt in counts.items())
       ratio[key] = steps[key]["median_ms"] / expected[key]
-      flops[key] = v.step_flops(k or 0)
       flops_s[key] = flops[key] * v.exp.mesh.size / (steps[key]["median_ms"] / 1e3)
     results[n] = {
         "method": v.config.method, "compute_dtype": v.config.training.compute_dtype,
@@ -313,7 +323,7 @@ def table(results: Dict[str, Any]) -> str:
     rows.append((c.replace("_", " ") + " (ms)",
                  [f"{vs[n]['network_calls_ms'][c]['median_ms']:,.1f}"
                   if c in vs[n]["network_calls_ms"] else "-" for n in names]))
-  for k in first["step_ms"]:
+  for k in [k for k in first["step_ms"] if all(k in vs[n]["step_ms"] for n in names)]:
     label = "step" + (f" k={k}" if k != "None" else "")
     rows.append((label + " (ms)", [f"{vs[n]['step_ms'][k]['median_ms']:,.1f}" for n in names]))
     rows.append((label + " / sum of its network calls",
@@ -331,6 +341,7 @@ def table(results: Dict[str, Any]) -> str:
   head = " " * w0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, ws))
   lines = [head] + [r[0].ljust(w0) + "  " + "  ".join(v.rjust(w) for v, w in zip(r[1], ws))
                     for r in rows]
+  lines.append(f"state {_gb(first['state_bytes'])}, frozen {_gb(first['frozen_bytes'])}")
   lines.append(f"host peak RSS: {_gb(results['host_peak_rss_bytes'])}; batch {results['batch']}, "
                f"{results['repeats']} repeats (medians), {results['backend']} x "
                f"{results['device_count']} ({results['device_kind']})")

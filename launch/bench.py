@@ -27,6 +27,10 @@ _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here ('' = do n
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", "", "JAX persistent compilation cache for this run ('' = none: "
     "the compile time is a real compile).")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Only lower and compile the step on abstract arguments (no state "
+    "allocated, nothing timed): compile time, FLOPs and XLA's memory analysis, e.g. to find "
+    "the largest batch that fits.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -64,7 +68,7 @@ def main(argv):
     cfg.training.compute_dtype = d
     configs[d] = cfg
   results = bench.measure(configs, ks, repeats=_REPEATS.value, batch=_BATCH.value,
-                          log=lambda m: print(m, flush=True))
+                          log=lambda m: print(m, flush=True), compile_only=_COMPILE_ONLY.value)
   results["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
   results["argv"] = sys.argv[1:]
   print(bench.table(results))
