@@ -17,7 +17,7 @@ from PIL import Image
 
 from configs import digits_ctm, digits_edm
 from ctm_jax import data, samplers, train
-from launch_utils import set_fields
+from launch_utils import set_fields, teacher_restored_once
 from method_reference import check_disc_step, check_gan_generator_step, perturbed
 
 # One resolution, no attention: these checks are about the method, and compile time on a CPU
@@ -65,7 +65,8 @@ def teacher_dir(tmp_path_factory):
   wd = tmp_path_factory.mktemp("cond_teacher")
   train.train_and_evaluate(tiny_teacher_cfg(**{"training.num_train_steps": 2,
                                                "training.checkpoint_every": 2}), str(wd))
-  return wd
+  with teacher_restored_once():       # one restore for all the Experiments below
+    yield wd
 
 
 @pytest.fixture(scope="module")
