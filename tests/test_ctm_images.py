@@ -10,7 +10,10 @@ from ctm_jax import checkpointing, data, metric_io, parallel, train
 from ctm_jax.nets.torch_port import copy_matching_params
 from launch_utils import set_fields, teacher_restored_once
 
-TINY_NET = dict(model_channels=16, num_blocks=1, channel_mult_emb=2)
+# One resolution, no attention: the checks are about initialisation and the phase logic, and
+# compile time on a CPU grows with every layer (as in test_gan_checks).
+TINY_NET = dict(model_channels=16, num_blocks=1, channel_mult_emb=2, channel_mult=(1,),
+                attn_resolutions=())
 
 
 def tiny_edm(**overrides):
