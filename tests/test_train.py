@@ -119,9 +119,9 @@ def test_edm_halflife_ema_matches_formula():
   cfg.ema.rampup_ratio = 0.05
   for step, batch in [(0, 64), (100, 64), (10_000, 512)]:
     d = train_state.ema_decays(cfg.ema, jnp.int32(step), batch)
-    seen = (step + 1) * batch
-    h = min(500.0, 0.05 * seen)     # EDM training_loop.py: half-life in images with ramp-up
-    np.testing.assert_allclose(float(d["halflife"]), 0.5 ** (batch / h), rtol=1e-6)
+    seen = step * batch             # EDM training_loop.py: cur_nimg before the step
+    h = min(500.0, 0.05 * seen)     # half-life in images with ramp-up
+    np.testing.assert_allclose(float(d["halflife"]), 0.5 ** (batch / h) if h else 0.0, rtol=1e-6)
     assert float(d["rate_0p99"]) == pytest.approx(0.99)
 
 
