@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+from absl import logging
 
 SOURCES = ("oracle", "checkpoint", "torch_npz")
 
@@ -53,10 +54,14 @@ class Teacher:
     if self.source == "checkpoint":
       from ctm_jax import train, train_state
       exp, state, step = train.load_state(tc.config, tc.workdir, None if tc.step < 0 else tc.step)
-      name = tc.ema or train_state.ema_names(tc.config.ema)[0]
+      # The teacher run's evaluation EMA (e.g. EDM's half-life EMA) unless teacher.ema names one.
+      field = "config.teacher.ema" if tc.ema else "config.teacher.config.sampling.eval_ema"
+      name = (tc.ema or tc.config.sampling.get("eval_ema", "")
+              or train_state.ema_names(tc.config.ema)[0])
       if name not in state.ema:
-        raise ValueError(f"config.teacher.ema = {name!r} is not an EMA of the teacher run "
+        raise ValueError(f"{field} = {name!r} is not an EMA of the teacher run "
                          f"(it has {sorted(state.ema)})")
+      logging.info("Teacher: source=checkpoint workdir=%s step=%d ema=%s", tc.workdir, step, name)
       return jax.device_get(state.ema[name])
     from ctm_jax.nets import torch_port
     sd = torch_port.load_npz_state_dict(tc.npz_path)
