@@ -13,7 +13,8 @@ from ctm_jax import config_lib, data, parallel, teacher as teacher_lib, train
 from ctm_jax.nets import lpips
 
 CONFIGS = [("cifar10_edm", ""), ("cifar10_edm", "cond"), ("cifar10_ctm", ""),
-           ("cifar10_ctm", "cond"), ("cifar10_ctm", "gan"), ("imagenet64_edm", ""),
+           ("cifar10_ctm", "cond"), ("cifar10_ctm", "gan"), ("cifar10_ctm", "cond_gan"),
+           ("imagenet64_edm", ""),
            ("imagenet64_ctm", ""), ("imagenet64_ctm", "gan")]
 
 # Student / teacher parameter counts: layer-by-layer counts of the torch constructors
@@ -21,6 +22,7 @@ CONFIGS = [("cifar10_edm", ""), ("cifar10_edm", "cond"), ("cifar10_ctm", ""),
 PARAMS = {("cifar10_edm", ""): 55_733_891, ("cifar10_edm", "cond"): 55_735_299,
           ("cifar10_ctm", ""): 60_395_267 + 9 * 128, ("cifar10_ctm", "cond"): 60_396_675 + 9 * 128,
           ("cifar10_ctm", "gan"): 60_395_267 + 9 * 128,
+          ("cifar10_ctm", "cond_gan"): 60_396_675 + 9 * 128,
           ("imagenet64_edm", ""): 295_899_267, ("imagenet64_ctm", ""): 324_100_611,
           ("imagenet64_ctm", "gan"): 324_100_611}
 
