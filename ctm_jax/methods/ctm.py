@@ -250,7 +250,9 @@ class CTM(Method):
       (1/B) sum_i [l_CTM,i + lambda_DSM,k(i) l_DSM,i (+ lambda_GAN,k(i) l_GAN,i)]
     with group k's lambdas from the gradients at W of its own mean losses (adaptive_groups),
     and D's statistics after the GAN term's forward pass (with_gan).  k, the indices and all
-    noise are drawn for the whole (micro)batch, whatever G."""
+    noise are drawn for the whole (micro)batch, whatever G.  (Where the projected D's BatchNorm
+    couples the examples, the GAN term is the batch's GAN gradient split by the examples it
+    flows through, each part weighted by its group's lambda_GAN.)"""
     c = self.config.ctm
     x0, labels = batch["x"], self.labels(batch)
     b = x0.shape[0]
