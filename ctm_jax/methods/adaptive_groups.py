@@ -1,6 +1,6 @@
 """Adaptive loss weights per group of examples (CTM, Kim et al. 2024, eq. 13 / App. C).
 
-The reference (Kim-Dongjun/ctm-cifar10 cm/train_util.py forward_backward, lines 1043-1097, and
+The reference (Kim-Dongjun/ctm-cifar10 cm/train_util.py forward_backward, lines 1043-1093, and
 cm/karras_diffusion.py calculate_adaptive_weight, lines 103-108) runs each GPU's batch in
 microbatches of `--microbatch` examples and, for each one, sets
   lambda_k = clamp(||grad_W L_CTM,k|| / (||grad_W L_other,k|| + 1e-4), 0, 1e4)
