@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -29,9 +28,9 @@ class Teacher:
       self.model = None
       self._denoise = lambda params, x, t, labels: gm.denoise(x, t).astype(x.dtype)
       return
-    from ctm_jax import train
+    from ctm_jax import runs
     tcfg = tc.config
-    self.model = train.build_model(tcfg, use_s=False)
+    self.model = runs.build_model(tcfg, use_s=False)
     self.class_conditional = bool(tcfg.data.class_conditional)
 
     def denoise(params, x, t, labels):
@@ -52,17 +51,14 @@ class Teacher:
     if self.source == "oracle":
       return {}
     if self.source == "checkpoint":
-      from ctm_jax import train, train_state
-      exp, state, step = train.load_state(tc.config, tc.workdir, None if tc.step < 0 else tc.step)
+      from ctm_jax import runs
       # The teacher run's evaluation EMA (e.g. EDM's half-life EMA) unless teacher.ema names one.
       field = "config.teacher.ema" if tc.ema else "config.teacher.config.sampling.eval_ema"
-      name = (tc.ema or tc.config.sampling.get("eval_ema", "")
-              or train_state.ema_names(tc.config.ema)[0])
-      if name not in state.ema:
-        raise ValueError(f"{field} = {name!r} is not an EMA of the teacher run "
-                         f"(it has {sorted(state.ema)})")
+      params, step, name = runs.load_params(tc.config, tc.workdir,
+                                            None if tc.step < 0 else tc.step, tc.ema or None,
+                                            field=field)
       logging.info("Teacher: source=checkpoint workdir=%s step=%d ema=%s", tc.workdir, step, name)
-      return jax.device_get(state.ema[name])
+      return params
     from ctm_jax.nets import torch_port
     sd = torch_port.load_npz_state_dict(tc.npz_path)
     return torch_port.load_torch_state_dict(self.model.net, sd)

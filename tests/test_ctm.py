@@ -184,7 +184,7 @@ def test_adaptive_groups_within_each_microbatch(setup):
   mean over parts of each part's mean weighted group gradient."""
   cfg, _, _, batch = setup
   cfg2 = tiny_ctm_config(**{"ctm.adaptive_group_size": 4, "training.microbatches": 2})
-  config_lib.validate(cfg2, num_devices=8, process_count=1)
+  train.validate_config(cfg2, num_devices=8, process_count=1)
   exp = train.Experiment(cfg2)
   state = exp.init_state()
   frozen, fns = exp.step_functions()
@@ -205,7 +205,7 @@ def test_adaptive_groups_within_each_microbatch(setup):
   np.testing.assert_allclose(met["grad_norm"], optax.tree.norm(ref), rtol=1e-4)
   bad = tiny_ctm_config(**{"ctm.adaptive_group_size": 16, "training.microbatches": 2})
   with pytest.raises(config_lib.ConfigError, match=r"ctm\.adaptive_group_size.*microbatch"):
-    config_lib.validate(bad, num_devices=8, process_count=1)
+    train.validate_config(bad, num_devices=8, process_count=1)
 
 
 def test_step_compiles_once_for_all_k_and_teacher_cost_is_2k(setup):
@@ -261,10 +261,10 @@ def test_ctm_config_errors_name_fields():
                              ("ctm.adaptive_group_size", -1, "ctm.adaptive_group_size")]:
     cfg = tiny_ctm_config(**{path: value})
     with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
-      config_lib.validate(cfg, num_devices=8, process_count=1)
+      train.validate_config(cfg, num_devices=8, process_count=1)
   cfg = tiny_ctm_config(**{"ctm.distance": "lpips"})
   with pytest.raises(config_lib.ConfigError, match="lpips_weights"):
-    config_lib.validate(cfg, num_devices=8, process_count=1)
+    train.validate_config(cfg, num_devices=8, process_count=1)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
@@ -272,7 +272,7 @@ def test_ctm_sample_fns_are_finite_for_every_gamma(setup, gamma):
   """config.ctm.sample_gamma in [0, 1] (accepted by the config check) samples finite values."""
   _, _, state, _ = setup
   cfg = tiny_ctm_config(**{"ctm.sample_gamma": gamma, "ctm.sample_nfes": (1, 3)})
-  config_lib.validate(cfg, num_devices=8, process_count=1)
+  train.validate_config(cfg, num_devices=8, process_count=1)
   exp = train.Experiment(cfg)
   x_T = 80.0 * jax.random.normal(jax.random.PRNGKey(9), (8, 2))
   fns = exp.method.sample_fns()
@@ -296,7 +296,7 @@ def test_checkpoint_teacher_takes_its_eval_ema(tmp_path, caplog):
   assert not np.allclose(ema["rate_0p5"]["out"]["kernel"], ema["rate_0p9"]["out"]["kernel"])
   cfg = tiny_ctm_config(**{"teacher.source": "checkpoint", "teacher.workdir": str(tmp_path),
                            "teacher.config": tcfg})
-  config_lib.validate(cfg, num_devices=8, process_count=1)
+  train.validate_config(cfg, num_devices=8, process_count=1)
   for choice, expect in (("", "rate_0p9"), ("rate_0p5", "rate_0p5")):
     cfg.teacher.ema = choice
     caplog.clear()

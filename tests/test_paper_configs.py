@@ -66,7 +66,7 @@ def random_teacher(monkeypatch):
 @pytest.mark.parametrize("name,arg", CONFIGS)
 def test_paper_config_validates_and_shape_checks(name, arg, weight_files, random_teacher):
   cfg = _fill_paths(load(name, arg), weight_files)
-  config_lib.validate(cfg, num_devices=8, process_count=1)
+  train.validate_config(cfg, num_devices=8, process_count=1)
   exp = train.Experiment(cfg)                   # eval_shape of the whole TrainState
   st = exp.abstract_state
   n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(st.params))
@@ -133,10 +133,10 @@ def test_discriminator_is_unconditional_unless_asked(name, arg, weight_files):
     heads = [n for n in names if "embed" in n]
     assert bool(heads) == conditional, heads
     assert gan.num_classes == (info.num_classes if conditional else 0)
-  config_lib.validate(cfg, num_devices=8, process_count=1)          # conditional on labels: ok
+  train.validate_config(cfg, num_devices=8, process_count=1)          # conditional on labels: ok
   cfg.data.class_conditional = False
   with pytest.raises(config_lib.ConfigError, match=r"gan\.conditional"):
-    config_lib.validate(cfg, num_devices=8, process_count=1)
+    train.validate_config(cfg, num_devices=8, process_count=1)
 
 
 def _one_device_steps(cfg, batch_size=2):

@@ -22,6 +22,10 @@ class Method:
   """
   name = "base"
   step_kinds: Tuple[str, ...] = ("train",)
+  # Whether the trained network's g(x, t, t) is a denoiser (a score model): the NLL by the
+  # PF-ODE and the Heun samplers need it.  EDM and CTM (trained with DSM) have one; a
+  # consistency model without a DSM term would set it False.
+  has_score_head: bool = True
 
   def __init__(self, config, model: flow_map.FlowModel):
     self.config = config
