@@ -8,9 +8,12 @@ import pytest
 from configs import digits_ctm, digits_edm
 from ctm_jax import checkpointing, data, metric_io, parallel, train
 from ctm_jax.nets.torch_port import copy_matching_params
-from launch_utils import set_fields
+from launch_utils import set_fields, teacher_restored_once
 
-TINY_NET = dict(model_channels=16, num_blocks=1, channel_mult_emb=2)
+# One resolution, no attention: the checks are about initialisation and the phase logic, and
+# compile time on a CPU grows with every layer (as in test_gan_checks).
+TINY_NET = dict(model_channels=16, num_blocks=1, channel_mult_emb=2, channel_mult=(1,),
+                attn_resolutions=())
 
 
 def tiny_edm(**overrides):
@@ -40,10 +43,13 @@ def tiny_ctm(teacher_workdir, **overrides):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
+  """A 3-step EDM run; the CTM runs and states below restore its checkpoint once in all."""
   wd = tmp_path_factory.mktemp("digits_teacher")
   train.train_and_evaluate(tiny_edm(**{"training.num_train_steps": 3,
                                        "training.checkpoint_every": 3}), str(wd))
-  return wd
+  with teacher_restored_once() as loads:
+    yield wd
+  assert len(loads) <= 1, loads
 
 
 def test_student_starts_from_the_teacher(teacher_dir):

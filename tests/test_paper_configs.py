@@ -49,22 +49,33 @@ def _fill_paths(cfg, lpips_path):
   return cfg
 
 
-@pytest.fixture
-def random_teacher(monkeypatch):
-  """Teacher weights of the right shapes (the torch loader itself is tested on the fixtures)."""
+def _fake_teacher(monkeypatch, fill):
+  """Teacher weights of the right shapes (the torch loader itself is tested on the fixtures),
+  valued by fill(shape, dtype)."""
   def fake_load(self):
     info = data.dataset_info(self.config.data.dataset)
     labels = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
     shapes = jax.eval_shape(lambda k: self.model.init(k, jnp.zeros((1,) + info.shape), labels),
                             jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    return jax.tree_util.tree_map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype),
-                                  shapes)
+    return jax.tree_util.tree_map(lambda s: fill(s.shape, s.dtype), shapes)
   monkeypatch.setattr(teacher_lib.Teacher, "_load", fake_load)
 
 
+@pytest.fixture
+def zeros_teacher(monkeypatch):
+  """For the shape checks, which read only shapes: zeros cost nothing to allocate."""
+  _fake_teacher(monkeypatch, np.zeros)
+
+
+@pytest.fixture
+def random_teacher(monkeypatch):
+  rng = np.random.default_rng(0)
+  _fake_teacher(monkeypatch, lambda shape, dtype: (0.02 * rng.standard_normal(shape, np.float32))
+                .astype(dtype))
+
+
 @pytest.mark.parametrize("name,arg", CONFIGS)
-def test_paper_config_validates_and_shape_checks(name, arg, weight_files, random_teacher):
+def test_paper_config_validates_and_shape_checks(name, arg, weight_files, zeros_teacher):
   cfg = _fill_paths(load(name, arg), weight_files)
   train.validate_config(cfg, num_devices=8, process_count=1)
   exp = train.Experiment(cfg)                   # eval_shape of the whole TrainState
