@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import numpy as np
+from absl import logging
 
 SOURCES = ("oracle", "checkpoint", "torch_npz", "random")
 # 'random': N(0, 0.02^2) weights of the teacher network's shapes (seed 0).  Not a teacher: for
@@ -48,18 +49,23 @@ class Teacher:
       self._params = self._load()
     return self._params
 
-  def random_params(self, seed: int = 0) -> Any:
-    """Host arrays of the teacher network's parameter shapes, each N(0, 0.02^2)."""
+  def param_shapes(self) -> Any:
+    """jax.ShapeDtypeStructs of the teacher network's parameters (nothing allocated)."""
     import jax
     import jax.numpy as jnp
     from ctm_jax import data
     info = data.dataset_info(self.config.data.dataset)
     labels = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
-    shapes = jax.eval_shape(lambda k: self.model.init(k, jnp.zeros((1,) + tuple(info.shape)),
-                                                      labels), jax.random.PRNGKey(0))
+    return jax.eval_shape(lambda k: self.model.init(k, jnp.zeros((1,) + tuple(info.shape)),
+                                                    labels), jax.random.PRNGKey(0))
+
+  def random_params(self, seed: int = 0) -> Any:
+    """Host arrays of the teacher network's parameter shapes, each N(0, 0.02^2)."""
+    import jax
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(
-        lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+        lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype),
+        self.param_shapes())
 
   def _load(self):
     tc = self.config.teacher
@@ -69,9 +75,12 @@ class Teacher:
       return self.random_params(0)
     if self.source == "checkpoint":
       from ctm_jax import runs
-      name = tc.ema or runs.ema_names(tc.config)[0]
-      params, _, _ = runs.load_params(tc.config, tc.workdir, None if tc.step < 0 else tc.step,
-                                      name, field="config.teacher.ema")
+      # The teacher run's evaluation EMA (e.g. EDM's half-life EMA) unless teacher.ema names one.
+      field = "config.teacher.ema" if tc.ema else "config.teacher.config.sampling.eval_ema"
+      params, step, name = runs.load_params(tc.config, tc.workdir,
+                                            None if tc.step < 0 else tc.step, tc.ema or None,
+                                            field=field)
+      logging.info("Teacher: source=checkpoint workdir=%s step=%d ema=%s", tc.workdir, step, name)
       return params
     from ctm_jax.nets import torch_port
     sd = torch_port.load_npz_state_dict(tc.npz_path)
