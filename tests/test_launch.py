@@ -47,7 +47,8 @@ E = "launch.train: error: "
      E + "unknown field config.traning.batch_size, did you mean config.training.batch_size?"),
     ([TOY, "--config.training.zzzz=8"],
      E + "unknown field config.training.zzzz; the fields of config.training are: "
-         "async_checkpointing, batch_size, checkpoint_every, compute_dtype, keep_every, "
+         "async_checkpointing, batch_size, checkpoint_every, compilation_cache_dir, compute_dtype, "
+         "keep_every, "
          "keep_last, log_every, microbatches, num_train_steps, sample_every"),
     ([TOY, "--config.training.batch_size=abc"],
      E + "--config.training.batch_size=abc: config.training.batch_size must be an integer, "
