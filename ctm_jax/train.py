@@ -34,7 +34,7 @@ def schedule_from_config(config) -> diffusion.Schedule:
 
 
 def uses_s(config) -> bool:
-  return config.method == "ctm"
+  return methods.uses_s(config)
 
 
 def build_model(config, *, use_s: Optional[bool] = None) -> flow_map.FlowModel:

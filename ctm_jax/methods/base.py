@@ -22,6 +22,18 @@ class Method:
   """
   name = "base"
   step_kinds: Tuple[str, ...] = ("train",)
+  # What the trained network is, for samplers and the evaluation binary:
+  #   'jump': G(x, t, s) for any s <= t (CTM, TCD, EDM's DDIM jump of its denoiser);
+  #   'cm_f': a consistency function f(x, t), the jump to sigma_min only (CD, CT, iCT, Direct CD).
+  generator_kind = "jump"
+  # g(x, t, t) is a denoiser (a score model): EDM Heun sampling and the NLL apply.
+  has_score_head = True
+
+  @classmethod
+  def uses_s(cls, config) -> bool:
+    """Whether this method's network takes the second time input s (decided from the config
+    alone: the network is built before the method)."""
+    return False
 
   def __init__(self, config, model: flow_map.FlowModel):
     self.config = config
@@ -60,6 +72,25 @@ class Method:
     return new_state, {**metrics, **upd, "lr": jnp.asarray(lr, jnp.float32)}
 
   # -- sampling
+  def jump_fn(self, params, labels=None):
+    """jump_fn(x, t, s) for the samplers (eval mode).  For generator_kind 'cm_f' it is valid
+    only for s = sigma_min (onestep, cm:<nfe>); check_sampler refuses the rest."""
+    return self.model.jump_fn(params, labels)
+
+  def check_sampler(self, spec):
+    """Raise ValueError if this model cannot run the sampler `spec` (an evaluate.SamplerSpec:
+    kind 'gamma' | 'heun', steps, gamma, shift, name)."""
+    name = getattr(spec, "name", spec.kind)
+    if spec.kind == "heun" and not self.has_score_head:
+      raise ValueError(f"sampler {name!r} integrates the score head g(x, t, t), but method "
+                       f"{self.name!r} trains no denoiser; use onestep or cm:<nfe>"
+                       + ("" if self.generator_kind == "cm_f" else " or gamma:<g>:<nfe>"))
+    if spec.kind == "gamma" and self.generator_kind == "cm_f" and spec.steps > 1 and not (
+        spec.gamma == 1.0 and spec.shift):
+      raise ValueError(f"sampler {name!r} jumps to intermediate times s > sigma_min, but method "
+                       f"{self.name!r} learns only the map f(x, t) to sigma_min; use onestep or "
+                       f"cm:<nfe> (gamma 1 with the sigma_min shift)")
+
   def sample_fns(self) -> Dict[str, Callable]:
     """name -> fn(params, x_init, key, labels) -> samples.  Default: EDM Heun on g(x, t, t)."""
     steps = self.config.sampling.heun_steps
