@@ -57,14 +57,19 @@ def parse_sampler(spec: str) -> SamplerSpec:
                    f"gamma_shift:<g>:<nfe>, cm:<nfe> or heun:<steps >= 2>")
 
 
-def sampler_fn(model: flow_map.FlowModel, spec: SamplerSpec):
-  """fn(params, x_init, key, labels) -> samples for the spec."""
+def sampler_fn(model: flow_map.FlowModel, spec: SamplerSpec, method=None):
+  """fn(params, x_init, key, labels) -> samples for the spec.  With the run's `method` the spec
+  is checked against what the model learned (method.check_sampler: a consistency function
+  f(x, t) runs only onestep / cm:<nfe>, no score head no heun) and its jump_fn is used."""
   sch = model.schedule
+  if method is not None:
+    method.check_sampler(spec)
   if spec.kind == "heun":
     return lambda params, x, key, labels: samplers.edm_heun_sampler(
         model.denoise_fn(params, labels), x, spec.steps, sch)
+  jump = method.jump_fn if method is not None else model.jump_fn
   return lambda params, x, key, labels: samplers.gamma_sampler(
-      model.jump_fn(params, labels), x, key, spec.steps, spec.gamma, sch, spec.times, spec.shift)
+      jump(params, labels), x, key, spec.steps, spec.gamma, sch, spec.times, spec.shift)
 
 
 def generate(fn, params, shape, num: int, batch: int, seed: int, mesh,
@@ -106,8 +111,12 @@ def exact_ode_solution(denoise_fn, x_T, t0: float, t1: float, rtol: float = 1e-9
   return sol.y[:, -1].reshape(shape)
 
 
-def ode_error(model: flow_map.FlowModel, params, x_T, reference) -> float:
-  """E = mean over examples of |G(x_T, T, sigma_min) - x_ref|^2 / dim (Vouitsis et al. 2024)."""
-  x0 = samplers.onestep(model.jump_fn(params), jnp.asarray(x_T, jnp.float32), model.schedule)
+def ode_error(model: flow_map.FlowModel, params, x_T, reference, jump_fn=None) -> float:
+  """E = mean over examples of |G(x_T, T, sigma_min) - x_ref|^2 / dim (Vouitsis et al. 2024).
+
+  jump_fn: the run's method.jump_fn(params) (for a consistency model f(x_T, T)); default the
+  model's jump G."""
+  jump = jump_fn if jump_fn is not None else model.jump_fn(params)
+  x0 = samplers.onestep(jump, jnp.asarray(x_T, jnp.float32), model.schedule)
   diff = np.asarray(x0, np.float64) - np.asarray(reference, np.float64)
   return float(np.mean(diff.reshape(len(diff), -1) ** 2))

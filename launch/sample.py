@@ -4,9 +4,10 @@ r"""Sample from a trained run and evaluate the samples.
 
 Writes, under <workdir>/eval/step_<N>/: samples_<name>.npz (uint8 images or float points,
 plus labels), <name>.png (a grid or a 2-D density picture) and report.json.  For 2-D data
-it adds MMD and sliced-W1 against fresh data; for toy_gmm also the oracle's EDM-Heun floor,
-and for CTM runs the ODE error E against the exact PF-ODE solution and the teacher's
-EDM-Heun samples.  Without --config the run's own workdir/config.json is used.
+it adds MMD and sliced-W1 against fresh data; for toy_gmm also the oracle's EDM-Heun floor
+and the ODE error E of the one-step map against the exact PF-ODE solution; for distilled runs
+the teacher's EDM-Heun samples.  Consistency models (cd, ct, ict, direct_cd) take only onestep
+and cm:<nfe>.  Without --config the run's own workdir/config.json is used.
 """
 import json
 import os
@@ -72,12 +73,12 @@ def main(argv):
     logging.info("%s: %s", name, entry)
 
   for spec in specs:
-    x, labels = evaluate.generate(evaluate.sampler_fn(exp.model, spec), params, info.shape,
+    x, labels = evaluate.generate(evaluate.sampler_fn(exp.model, spec, exp.method), params, info.shape,
                                   _NUM.value, _BATCH.value, _SEED.value, exp.mesh, num_classes,
                                   _LABEL.value, exp.model.schedule.sigma_max)
     record(spec.name, spec.nfe, x, labels)
 
-  if config.method == "ctm" and _TEACHER.value:
+  if getattr(exp.method, "teacher", None) is not None and _TEACHER.value:
     teacher = exp.method.teacher
     t_params = teacher.params()
     steps = config.sampling.heun_steps
@@ -90,15 +91,16 @@ def main(argv):
 
   if config.data.dataset == "toy_gmm":
     report["oracle_floor_heun"] = train.oracle_floor(config, _NUM.value)
-    if config.method == "ctm":
-      from ctm_jax.oracle import toy_mixture_2d
-      gm = toy_mixture_2d()
-      sch = exp.model.schedule
-      x_T = np.asarray(samplers_lib.initial_noise(jax.random.PRNGKey(_SEED.value + 1),
-                                                  (_ODE_N.value, 2), sch.sigma_max))
-      ref = evaluate.exact_ode_solution(gm.denoise, x_T, sch.sigma_max, sch.sigma_min)
-      report["ode_error_exact"] = evaluate.ode_error(exp.model, params, x_T, ref)
-      report["data_variance_per_dim"] = float(np.var(ref))
+    # ODE error of the one-step map (G(x_T, T, sigma_min), or f(x_T, T) for a CM)
+    from ctm_jax.oracle import toy_mixture_2d
+    gm = toy_mixture_2d()
+    sch = exp.model.schedule
+    x_T = np.asarray(samplers_lib.initial_noise(jax.random.PRNGKey(_SEED.value + 1),
+                                                (_ODE_N.value, 2), sch.sigma_max))
+    ref = evaluate.exact_ode_solution(gm.denoise, x_T, sch.sigma_max, sch.sigma_min)
+    report["ode_error_exact"] = evaluate.ode_error(exp.model, params, x_T, ref,
+                                                   exp.method.jump_fn(params))
+    report["data_variance_per_dim"] = float(np.var(ref))
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, "report.json"), "w") as f:
       json.dump(report, f, indent=2)
