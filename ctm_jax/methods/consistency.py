@@ -174,7 +174,8 @@ class ConsistencyMethod(Method):
     return {"target": params} if self.keeps_target else {}
 
   def target_params(self, params, extra):
-    return extra["target"] if self.keeps_target else jax.lax.stop_gradient(params)
+    """theta^-: the EMA in extra, or theta itself (regression_loss stops the gradient)."""
+    return extra["target"] if self.keeps_target else params
 
   # ------------------------------------------------------------------------- pieces
   def teacher_step(self, frozen, x, t, u, is_last, labels):
