@@ -110,6 +110,8 @@ def digits_config(method: str, block, *, distil: bool, steps: int):
   c[method].distance = "pseudo_huber"      # LPIPS needs 224-pixel VGG inputs: too slow here
   if method == "cd":
     c.cd.target_ema = 0.95
+  if method == "ct":
+    c.ct.s1 = 50
   c.optim.lr = 4e-4
   c.ema.rates = (0.99, 0.999)              # a short run: sample the faster EMA
   c.sampling.eval_ema = "rate_0p99"

@@ -7,4 +7,5 @@ from configs import cm_common
 
 
 def get_config():
-  return cm_common.digits_config("direct_cd", cm_common.direct_cd_block(num_points=10), distil=True, steps=2000)
+  return cm_common.digits_config("direct_cd", cm_common.direct_cd_block(num_points=10),
+                                  distil=True, steps=500)

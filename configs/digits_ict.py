@@ -6,4 +6,5 @@ from configs import cm_common
 
 
 def get_config():
-  return cm_common.digits_config("ict", cm_common.ict_block(), distil=False, steps=2000)
+  return cm_common.digits_config("ict", cm_common.ict_block(),
+                                  distil=False, steps=2000)

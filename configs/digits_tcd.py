@@ -7,4 +7,5 @@ from configs import cm_common
 
 
 def get_config():
-  return cm_common.digits_config("tcd", cm_common.tcd_block(num_points=10), distil=True, steps=2000)
+  return cm_common.digits_config("tcd", cm_common.tcd_block(num_points=10),
+                                  distil=True, steps=1500)
