@@ -44,6 +44,8 @@ def main(argv):
   config = load_config(workdir)
   specs = [evaluate.parse_sampler(s) for s in _SAMPLERS.value]
   exp, state, step = train.load_state(config, workdir, None if _STEP.value < 0 else _STEP.value)
+  for spec in specs:                  # refuse what the model cannot run before sampling anything
+    exp.method.check_sampler(spec)
   if _EMA.value:
     config.unlock()
     config.sampling.eval_ema = _EMA.value
