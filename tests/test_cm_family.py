@@ -120,7 +120,8 @@ def test_ct_loss_uses_shared_noise_and_the_curriculum_grid():
   step = 700
   cfg, exp, state, batch = setup("ct", **{"training.num_train_steps": 1000})
   m, model, sd = exp.method, exp.model, cfg.diffusion.sigma_data
-  n = math.ceil(math.sqrt(step / 1000 * (151 ** 2 - 4) + 4) - 1) + 1       # N(k), CM paper
+  s0, s1 = cfg.ct.s0, cfg.ct.s1
+  n = math.ceil(math.sqrt(step / 1000 * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1  # CM paper
   extra = {"target": perturbed(state.params, 2)}
   rng = jax.random.PRNGKey(8)
   x0 = batch["x"]
@@ -388,8 +389,9 @@ def test_ct_target_is_an_ema_with_the_curriculum_rate():
     prev = jax.device_get(state.extra["target"])
     state, met = fns["train"](state, parallel.global_batch(pipe.batch_at(s), exp.mesh), frozen)
     new = jax.device_get(state)
-    n = math.ceil(math.sqrt(s / 50 * (151 ** 2 - 4) + 4) - 1) + 1
-    mu = math.exp(2 * math.log(0.9) / n)
+    s0, s1, mu0 = cfg.ct.s0, cfg.ct.s1, cfg.ct.mu0
+    n = math.ceil(math.sqrt(s / 50 * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+    mu = math.exp(s0 * math.log(mu0) / n)
     rates.append(mu)
     np.testing.assert_allclose(float(met["target_ema"]), mu, rtol=1e-6)
     expect = jax.tree_util.tree_map(lambda a, b: mu * a + (1 - mu) * b, prev, new.params)
