@@ -68,6 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_eval_samples=4096,    # toy data: samples for the MMD / sliced-Wasserstein metrics
   ))
 
+  c.eval = eval_block()
+
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,                  # -1: all devices not used by the other axes
       fsdp=1,                   # parameter sharding axis (1 = replicated parameters)
@@ -80,3 +82,40 @@ def get_base_config() -> ml_collections.ConfigDict:
       process_id=-1,            # -1 = detect
   ))
   return c
+
+
+def eval_block() -> ml_collections.ConfigDict:
+  """Settings of the evaluation binary (python -m launch.eval, docs/eval_jobs.md).
+
+  A run stores them in config.json; `--config.eval.FIELD=...` overrides them at evaluation
+  time (base defaults < the run's block < the command line).
+  """
+  return ml_collections.ConfigDict(dict(
+      checkpoints="latest",     # latest | all | comma list of steps
+      ema="",                   # '' = sampling.eval_ema or the first EMA | comma list | all | params
+      samplers="",              # comma list of sampler specs; '' = the method's default
+      num_samples=10000,        # samples per setting (FID: the paper configs use 50000)
+      batch_size=256,           # global sampling batch (divisible by the device count)
+      shard_size=2048,          # examples per shard file (a multiple of batch_size)
+      seed=0,                   # x_T and sampler noise: fold_in(fold_in(key(seed), shard), batch)
+      class_label=-1,           # class-conditional runs: -1 cycles the classes
+      inception_weights="",     # the FID Inception-v3 .npz (docs/eval_jobs.md: how to make it)
+      ref_stats="",             # FID reference .npz; '' = <data_dir>/ctm_jax_fid_stats/<set>-<split>.npz
+      fid_split="train",        # split whose statistics are the FID reference (--mode=fid_stats)
+      kid_subsets=100,          # KID: number of subsets ...
+      kid_subset_size=1000,     # ... and their size (clamped to the sample counts)
+      nll_split="",             # split of --mode=nll; '' = the data set's test/validation split
+      nll_num_examples=0,       # examples of that split (0 = all)
+      nll_batch_size=256,       # global batch of the NLL solves
+      nll_divergence="hutchinson",   # hutchinson | exact (the trace of the jacobian; low dim.)
+      nll_probes=1,             # Hutchinson probes per example
+      nll_solver="tsit5",       # adaptive ODE solver of the PF-ODE (diffrax)
+      nll_rtol=1e-5,
+      nll_atol=1e-5,
+      nll_max_steps=4096,
+      nll_dequantize=True,      # images: uniform dequantization of the 256 levels
+      reference_seeds=5,        # 2-D data: seeds of the exact-denoiser / two-sample references
+      ode_error_samples=512,    # toy_gmm CTM: x_T's for the ODE error against scipy
+      data_dir="",              # TFDS data dir for fid_stats / nll ('' = config.data.data_dir)
+      recompute=False,          # recompute finished settings and their shards
+  ))

@@ -45,5 +45,9 @@ def get_config(arg: str = ""):
   c.training.keep_every = 50_000
   c.training.sample_every = 10_000
   c.sampling.num_samples = 64
+  c.eval.num_samples = 50_000            # the papers' FID sample count
+  c.eval.batch_size = 512
+  c.eval.shard_size = 5_120
+  c.eval.nll_batch_size = 512
   c.lock()
   return c

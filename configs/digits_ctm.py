@@ -34,5 +34,7 @@ def get_config():
   c.training.log_every = 100
   c.training.checkpoint_every = 500
   c.training.sample_every = 500
+  c.eval.samplers = ("onestep,gamma:0:2,gamma:0:4,gamma:0.5:2,gamma:0.5:4,gamma:1:2,gamma:1:4,"
+                     "heun:18,teacher_heun:18")
   c.lock()
   return c

@@ -40,5 +40,9 @@ def get_config():
   c.training.keep_every = 50_000
   c.training.sample_every = 10_000
   c.sampling.heun_steps = 40
+  c.eval.num_samples = 50_000            # the papers' FID sample count
+  c.eval.batch_size = 512
+  c.eval.shard_size = 5_120
+  c.eval.nll_batch_size = 512
   c.lock()
   return c

@@ -23,5 +23,6 @@ def get_config():
   c.training.num_train_steps = 6000
   c.training.sample_every = 2000
   c.sampling.num_samples = 1000
+  c.eval.samplers = "onestep,gamma:0:2,gamma:0:4,gamma:0:8,gamma:0.5:4,cm:4,heun:18,teacher_heun:18"
   c.lock()
   return c

@@ -53,6 +53,15 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return out["state"], out["data"], out["meta"]
 
+  def restore_subtree(self, step: int, subtree) -> Any:
+    """Only the arrays of `subtree` (nested dicts of ShapeDtypeStructs, keyed like the saved
+    state: {'ema': {name: params}}, {'params': params}, ...) from the saved state; nothing
+    else is read.  Leaves with a sharding come back as jax.Arrays, the others as numpy."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(subtree)
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=subtree, restore_args=restore_args, partial_restore=True)))
+    return out["state"]
+
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 

@@ -1,12 +1,20 @@
-"""Config validation: every bad value fails here, naming the field and the accepted range,
-before anything is compiled or written."""
+"""Config checking: the shared helpers (check_number, check_choice, ...) and the fields every
+method has (validate_common).  Each method checks its own section (ctm_jax.methods); the
+training entry (ctm_jax.train.validate_config) runs both before anything is compiled or
+written.  This module imports no method."""
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Iterable, Optional
+import os
+from typing import Iterable
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+  """A mistake in what the user asked for (a config value, a path): reported in one line."""
+
+
+class ConfigError(UserError):
   """A config field has a value outside its accepted range."""
 
 
@@ -44,24 +52,49 @@ def check_choice(config, path: str, choices: Iterable[str]):
   return v
 
 
-def check_divides(config, path: str, value: int, divisor: int, what: str):
-  if divisor <= 0 or value % divisor:
-    raise ConfigError(f"config.{path} = {value} must be divisible by {what} ({divisor})")
+def _plural(n: int, word: str, plural: str) -> str:
+  return f"{n} {word if n == 1 else plural}"
+
+
+def check_batch_split(batch_size: int, microbatches: int, num_devices: int,
+                      process_count: int = 1):
+  """The global batch splits into `microbatches` equal parts, each part evenly over the
+  devices, and over the processes: batch_size must be a multiple of
+  lcm(microbatches * num_devices, process_count).  The error names the nearest such sizes."""
+  unit = math.lcm(microbatches * num_devices, process_count)
+  if batch_size % unit == 0:
+    return
+  below = batch_size // unit * unit
+  near = (below, below + unit) if below > 0 else (unit, 2 * unit)
+  procs = f" on {_plural(process_count, 'process', 'processes')}" if process_count > 1 else ""
+  raise ConfigError(
+      f"config.training.batch_size = {batch_size} cannot be split over "
+      f"{_plural(num_devices, 'device', 'devices')} x "
+      f"{_plural(microbatches, 'microbatch', 'microbatches')}{procs}: use a multiple of {unit} "
+      f"(e.g. {near[0]} or {near[1]})")
+
+
+def check_workdir(workdir: str):
+  """A workdir must be a directory or not exist yet (it is created)."""
+  if not workdir:
+    raise UserError("the workdir is empty: name a directory for checkpoints, logs and samples")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir!r} is an existing file, not a directory: name a new "
+                    f"directory or an earlier run's directory (to resume it)")
 
 
 def validate_common(config, *, num_devices: int, process_count: int):
-  """Checks shared by every method. num_devices / process_count: the run's (global) counts."""
-  from ctm_jax import data, methods, nets, solvers  # noqa: F401  (import cycles)
+  """Checks of the fields every method has (not config.method itself, which the method
+  registry checks). num_devices / process_count: the run's (global) counts."""
+  from ctm_jax import data, nets
   from ctm_jax.diffusion import C_NOISE_KINDS
 
   check_number(config, "seed", 0, integer=True)
   check_number(config, "init_from_step", -1, integer=True)
   if config.get("init_from"):
-    import os
     if not os.path.exists(os.path.join(config.init_from, "config.json")):
       raise ConfigError(f"config.init_from = {config.init_from!r} is not a ctm-jax run directory "
                         f"(no config.json there)")
-  check_choice(config, "method", methods.method_names())
   check_choice(config, "data.dataset", tuple(data.DATASETS))
   check_choice(config, "data.sharding", ("global", "split"))
   check_number(config, "data.prefetch", 0, integer=True)
@@ -76,10 +109,7 @@ def validate_common(config, *, num_devices: int, process_count: int):
 
   bs = check_number(config, "training.batch_size", 1, integer=True)
   mb = check_number(config, "training.microbatches", 1, integer=True)
-  check_divides(config, "training.batch_size", bs, process_count, "the process count")
-  check_divides(config, "training.batch_size", bs, mb, "config.training.microbatches")
-  check_divides(config, "training.batch_size", bs // mb, num_devices,
-                f"the device count times microbatches; batch/microbatches by the device count")
+  check_batch_split(bs, mb, num_devices, process_count)
   check_number(config, "training.num_train_steps", 1, integer=True)
   check_number(config, "training.log_every", 1, integer=True)
   check_number(config, "training.checkpoint_every", 1, integer=True)
@@ -136,9 +166,3 @@ def validate_common(config, *, num_devices: int, process_count: int):
                       f"{info.kind} dataset {config.data.dataset!r} (mlp is for vectors, "
                       f"songunet/adm for images)")
 
-
-def validate(config, *, num_devices: int, process_count: int):
-  """All checks: the common ones, then the method's own."""
-  validate_common(config, num_devices=num_devices, process_count=process_count)
-  from ctm_jax import methods
-  methods.validate_method_config(config)

@@ -1,28 +1,25 @@
-"""Metric writers: clu's default writers (TensorBoard + log) plus a JSON-lines file."""
+"""Metric writers: TensorBoard and log lines (clu), plus a JSON-lines file.
+
+clu's writers import TensorFlow (about 15 s here), so they are imported in create_writer,
+after the config, the workdir and the data set have been checked.
+"""
 from __future__ import annotations
 
+import abc
 import json
-import logging as py_logging
 import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
-from clu import metric_writers
-from clu.metric_writers import interface
 
 
-class JsonlWriter(interface.MetricWriter):
-  """Appends {"step": s, name: value, ...} lines to workdir/metrics.jsonl (scalars only)."""
+class _ScalarSink(abc.ABC):
+  """The clu MetricWriter interface for a writer that keeps scalars only."""
 
-  def __init__(self, path: str):
-    self._path = path
-
+  @abc.abstractmethod
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    row = {"step": int(step)}
-    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    with open(self._path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    raise NotImplementedError
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -52,12 +49,40 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + logging (+ metrics.jsonl) on process 0; logging only elsewhere."""
-  default = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+class JsonlWriter(_ScalarSink):
+  """Appends {"step": s, name: value, ...} lines to workdir/metrics.jsonl."""
+
+  def __init__(self, path: str):
+    self._path = path
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    row = {"step": int(step)}
+    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    with open(self._path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+class ScalarLogWriter(_ScalarSink):
+  """clu's log lines for scalars only ("[step] name=value, ..."): hyperparameters and
+  images go to TensorBoard, not into the log."""
+
+  def __init__(self):
+    from clu.metric_writers import LoggingWriter
+    self._log = LoggingWriter()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    self._log.write_scalars(step, scalars)
+
+
+def create_writer(workdir: str):
+  """TensorBoard + log lines (+ metrics.jsonl) on process 0; log lines only elsewhere."""
+  from clu import metric_writers
+  log = ScalarLogWriter()
   if jax.process_index() > 0:
-    return default
-  return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+    return metric_writers.AsyncMultiWriter([log])
+  return metric_writers.MultiWriter([
+      metric_writers.AsyncMultiWriter([log, metric_writers.SummaryWriter(workdir)]),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 
 def read_metrics(workdir: str):
@@ -66,14 +91,25 @@ def read_metrics(workdir: str):
     return [json.loads(line) for line in f if line.strip()]
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Drops INFO chatter from checkpoint internals (warnings and errors still pass)."""
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-
-def quiet_library_logs():
-  for h in py_logging.getLogger("absl").handlers + py_logging.getLogger().handlers:
-    h.addFilter(_QuietLibraries())
-  py_logging.getLogger("absl").addFilter(_QuietLibraries())
+def drop_rows_after(workdir: str, step: int) -> int:
+  """Removes the metrics.jsonl rows with a step past `step` (a resumed run computes them
+  again) and a half-written last line; the file is replaced atomically.  Returns how many
+  lines were dropped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if row.get("step", 0) <= step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+  return len(lines) - len(keep)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import jax
 import numpy as np
 
 SOURCES = ("oracle", "checkpoint", "torch_npz")
@@ -60,9 +59,9 @@ class Teacher:
       self.model = None
       self._denoise = lambda params, x, t, labels: gm.denoise(x, t).astype(x.dtype)
       return
-    from ctm_jax import train
+    from ctm_jax import runs
     tcfg = tc.config
-    self.model = train.build_model(tcfg, use_s=False)
+    self.model = runs.build_model(tcfg, use_s=False)
     self.class_conditional = bool(tcfg.data.class_conditional)
 
     def denoise(params, x, t, labels):
@@ -83,13 +82,11 @@ class Teacher:
     if self.source == "oracle":
       return {}
     if self.source == "checkpoint":
-      from ctm_jax import train, train_state
-      exp, state, step = train.load_state(tc.config, tc.workdir, None if tc.step < 0 else tc.step)
-      name = tc.ema or train_state.ema_names(tc.config.ema)[0]
-      if name not in state.ema:
-        raise ValueError(f"config.teacher.ema = {name!r} is not an EMA of the teacher run "
-                         f"(it has {sorted(state.ema)})")
-      return jax.device_get(state.ema[name])
+      from ctm_jax import runs
+      name = tc.ema or runs.ema_names(tc.config)[0]
+      params, _, _ = runs.load_params(tc.config, tc.workdir, None if tc.step < 0 else tc.step,
+                                      name, field="config.teacher.ema")
+      return params
     from ctm_jax.nets import torch_port
     sd = torch_port.load_npz_state_dict(tc.npz_path)
     return torch_port.load_torch_state_dict(self.model.net, sd)

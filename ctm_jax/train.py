@@ -1,13 +1,15 @@
 """train_and_evaluate(config, workdir): the training loop every method runs in.
 
-Order of work: validate the config (nothing compiled or written before), build the data
-pipeline, model and method, make the device mesh, create the state with eval_shape + jit
+Order of work: validate the config (the common fields, then the method's section) and the
+workdir, build the model, method and mesh, then the data pipeline (nothing compiled or
+written before), create the state with eval_shape + jit
 (out_shardings) or restore it from the newest checkpoint in the workdir, then step.  The
 per-step key is fold_in(base key, step) and the input position is saved with the state,
 so a resumed run computes exactly what an uninterrupted run computes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,41 +22,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
-from ctm_jax import (checkpointing, config_lib, data, diffusion, flow_map, metric_io, methods,
-                     nets, parallel, samplers, train_state, visualize)
+from ctm_jax import (checkpointing, config_lib, data, evaluate, metric_io, methods, parallel,
+                     samplers, train_state, visualize)
+from ctm_jax import progress as progress_lib
+from ctm_jax.evaljob import report
+# Model building and run loading live below the loop (ctm_jax.runs); re-exported here.
+from ctm_jax.runs import (build_model, example_input, example_labels, load_run_config,  # noqa: F401
+                          schedule_from_config, uses_s)
 
 
 # ----------------------------------------------------------------------------- building
-
-def schedule_from_config(config) -> diffusion.Schedule:
-  d = config.diffusion
-  return diffusion.Schedule(d.sigma_min, d.sigma_max, d.sigma_data, d.rho)
-
-
-def uses_s(config) -> bool:
-  return methods.uses_s(config)
-
-
-def build_model(config, *, use_s: Optional[bool] = None) -> flow_map.FlowModel:
-  """The FlowModel (network + EDM preconditioning) that config describes."""
-  info = data.dataset_info(config.data.dataset)
-  label_dim = info.num_classes if config.data.class_conditional else 0
-  net = nets.build_net(config.model, use_s=uses_s(config) if use_s is None else use_s,
-                       label_dim=label_dim, data_shape=info.shape,
-                       compute_dtype=config.training.compute_dtype)
-  return flow_map.FlowModel(net, schedule_from_config(config), config.diffusion.c_noise)
-
-
-def example_input(config, batch: int = 1):
-  info = data.dataset_info(config.data.dataset)
-  return jnp.zeros((batch,) + tuple(info.shape), jnp.float32)
-
-
-def example_labels(config, batch: int = 1):
-  return jnp.zeros((batch,), jnp.int32) if config.data.class_conditional else None
-
 
 def make_init_fn(config, model, method, tx):
   """(key, frozen) -> a fresh TrainState (pure; used under eval_shape and jit)."""
@@ -141,88 +119,120 @@ def make_sampler(exp: Experiment, fn, num: int):
   return jax.jit(run, out_shardings=parallel.replicated(exp.mesh))
 
 
-def reference_points(config, num: int, seed: int = 1234) -> np.ndarray:
-  """Fresh data for the toy metrics: exact samples for toy_gmm, else the test split."""
-  if config.data.dataset == "toy_gmm":
-    from ctm_jax.oracle import toy_mixture_2d
-    return np.asarray(toy_mixture_2d().sample(jax.random.PRNGKey(seed), num))
-  return data.load_split(config.data.dataset, "test", config.data.data_dir or None,
-                         max_examples=num)["x"]
-
-
-def toy_metrics(samples: np.ndarray, reference: np.ndarray, seed: int = 0) -> Dict[str, float]:
-  from ctm_jax.metrics import sample_quality
-  n = min(len(samples), len(reference))
-  return {"mmd": sample_quality.mmd_rbf(samples[:n], reference[:n]),
-          "sliced_w1": sample_quality.sliced_wasserstein(samples[:n], reference[:n],
-                                                         jax.random.PRNGKey(seed))}
+def sample_count(config) -> int:
+  """Samples drawn at sample_every: the grid's count for images; for 2-D data
+  sampling.num_eval_samples, enough that the metrics' sampling noise is below the differences
+  they show (the standard deviation of MMD^2 over seeds is 0.0014 at 2000 points, 0.0008 at
+  4096 on the mixture; docs/eval_jobs.md)."""
+  info = data.dataset_info(config.data.dataset)
+  return config.sampling.num_samples if info.kind == "image" else config.sampling.num_eval_samples
 
 
 def write_samples(exp: Experiment, state, step: int, workdir: str, writer, samplers_jit) -> Dict:
-  """Sample grids (PNG under workdir/samples and TensorBoard images) and, for 2-D data,
-  MMD / sliced-W1 against fresh data."""
+  """Sample pictures (PNG under workdir/samples and TensorBoard images) and, for 2-D data,
+  MMD / sliced-W1 against fresh data, beside the references of evaluate.py."""
   params = exp.eval_params(state)
   key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed), 0x5A4D)
   results = {}
+  points = exp.info.kind != "image"
   for name, fn in samplers_jit.items():
     x = np.asarray(parallel.to_host(fn(params, key)))
     pic = visualize.samples_picture(x, exp.info.kind)
     if jax.process_index() == 0:
-      visualize.save_png(os.path.join(workdir, "samples", f"{name}_step{step:08d}.png"), pic,
-                         scale=4 if exp.info.kind == "image" and pic.shape[0] < 128 else 1)
+      path = os.path.join(workdir, "samples", f"{name}_step{step:08d}.png")
+      if points:
+        ref = evaluate.reference_points(exp.config, len(x))
+        report.points_figure(x, ref, path, f"{name}, step {step}")
+      else:
+        visualize.save_png(path, pic, scale=4 if pic.shape[0] < 128 else 1)
     writer.write_images(step, {f"samples/{name}": pic[None]})
-    if exp.info.kind != "image":
-      ref = reference_points(exp.config, len(x))
-      met = toy_metrics(x, ref)
+    if points:
+      met = evaluate.toy_metrics(x, evaluate.reference_points(exp.config, len(x)))
       writer.write_scalars(step, {f"eval/{name}_{k}": v for k, v in met.items()})
       results[name] = met
-  if exp.config.data.dataset == "toy_gmm":
-    floor = oracle_floor(exp.config, exp.config.sampling.num_samples)
-    writer.write_scalars(step, {f"eval/oracle_{k}": v for k, v in floor.items()})
-    results["oracle_floor"] = floor
+  if points:
+    refs = sample_references(exp.config)
+    for ref_name, vals in refs.items():
+      writer.write_scalars(step, {f"eval/{ref_name}_{k}": v for k, v in vals.items()})
+    results.update(refs)
   return results
 
 
-def oracle_floor(config, num: int) -> Dict[str, float]:
-  """The metrics of EDM Heun (config.sampling.heun_steps) with the exact mixture denoiser:
-  the best any learned denoiser can do with that sampler and sample size."""
-  from ctm_jax.oracle import toy_mixture_2d
-  gm = toy_mixture_2d()
-  sch = schedule_from_config(config)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A4D)
-  k_init, _ = jax.random.split(key)
-  x_init = samplers.initial_noise(k_init, (num, 2), sch.sigma_max)
-  x = jax.jit(lambda x: samplers.edm_heun_sampler(gm.denoise, x, config.sampling.heun_steps, sch))(x_init)
-  return toy_metrics(np.asarray(x), reference_points(config, num))
+REFERENCE_SEEDS = 5
 
 
-# ----------------------------------------------------------------------------- pre-emption
+@functools.lru_cache(maxsize=4)
+def _references(config_json: str) -> Dict[str, Dict[str, float]]:
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  num = sample_count(config)
+  refs = {"two_sample_ref": evaluate.two_sample_reference(config, num, REFERENCE_SEEDS)}
+  if config.data.dataset == "toy_gmm":
+    refs["exact_denoiser_ref"] = evaluate.exact_denoiser_reference(
+        config, num, config.sampling.heun_steps, REFERENCE_SEEDS, config.seed)
+  return refs
+
+
+def sample_references(config) -> Dict[str, Dict[str, float]]:
+  """The references of the 2-D sample metrics at the training-time sample count (computed
+  once per run): two independent data sets and, for toy_gmm, EDM Heun with the exact
+  mixture denoiser; each the mean and standard deviation over REFERENCE_SEEDS seeds.  They
+  carry sampling noise like the model's numbers: references, not floors."""
+  return _references(config.to_json_best_effort())
+
+
+# ----------------------------------------------------------------------------- stopping
+
+class NonFiniteError(FloatingPointError):
+  """The training metrics turned non-finite; the state of that step is not saved."""
+
+
+# Why a run stopped before num_train_steps (summary["stop_reason"]) -> how the log says it.
+STOP_REASONS = {
+    "SIGINT": "Ctrl-C (SIGINT)",
+    "SIGTERM": "SIGTERM",
+    "preemption": "a pre-emption notice",
+}
+
 
 class PreemptionFlag:
-  """Set by SIGTERM (single process) or JAX's preemption sync point (multi-host)."""
+  """Asks the loop to stop after the current step (it then writes a checkpoint).
+
+  Single process: SIGTERM or a first SIGINT (Ctrl-C) set `reason`; a second SIGINT raises
+  KeyboardInterrupt at once (no checkpoint; the ones written before are complete).
+  Multi-host: JAX's pre-emption sync point (all processes stop at the same step)."""
 
   def __init__(self):
-    self._flag = False
-    self._old = None
+    self.reason: Optional[str] = None
+    self._old = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handler)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handler)
 
   def _handler(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self._flag = True
+    if signum == signal.SIGINT and self.reason is not None:
+      signal.signal(signal.SIGINT, self._old[signal.SIGINT])   # a third Ctrl-C: the default
+      raise KeyboardInterrupt
+    self.reason = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: finishing this step and writing a checkpoint (press Ctrl-C "
+                      "again to stop at once, without one)")
+    else:
+      logging.warning("SIGTERM received: finishing this step and writing a checkpoint")
 
-  def should_stop(self, step: int) -> bool:
+  def should_stop(self, step: int) -> Optional[str]:
+    """The reason to stop after `step` (a key of STOP_REASONS), or None."""
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
+        return "preemption" if multihost_utils.reached_preemption_sync_point(step) else None
       except RuntimeError:
-        return False
-    return self._flag
+        return None
+    return self.reason
 
   def close(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -243,19 +253,64 @@ def _write_config(workdir: str, config, step: int):
     os.replace(path + ".tmp", path)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int):
+  """Every config check: the fields all methods share, then the chosen method's own section
+  (raises config_lib.ConfigError naming the field and what is accepted)."""
+  config_lib.validate_common(config, num_devices=num_devices, process_count=process_count)
+  methods.validate_method_config(config)
+
+
+def _newest(saved: Optional[int]) -> str:
+  return "no checkpoint yet" if saved is None else f"the newest checkpoint is step {saved}"
+
+
+def final_lines(summary: Dict[str, Any], workdir: str, total_steps: int) -> list:
+  """The last lines of a training log: where the results are, then how the run ended."""
+  join = lambda name: os.path.join(workdir, name)
+  lines = [f"Results in {workdir}:"]
+  if os.path.isdir(join("samples")):
+    lines.append(f"  sample pictures (PNG): {join('samples')}")
+  lines += [f"  metrics: {join('metrics.jsonl')}",
+            f"  summary: {join('summary.json')}",
+            f"  checkpoints: {join('checkpoints')}",
+            f"  TensorBoard: tensorboard --logdir {workdir}"]
+  step, reason = summary["step"], summary.get("stop_reason")
+  if reason is None:
+    loss = summary["metrics"].get("loss")
+    lines.append(f"Finished at step {step} in {progress_lib.format_duration(summary['seconds'])}"
+                 + (f" (loss {loss:.4g})" if loss is not None else ""))
+  elif reason == "SIGINT":
+    lines.append(f"Stopped by {STOP_REASONS[reason]}: interrupted at step {step} of "
+                 f"{total_steps}, checkpoint written; re-run the same command to resume")
+  else:
+    lines.append(f"Stopped by {STOP_REASONS[reason]} at step {step} of {total_steps}, "
+                 f"checkpoint written; re-run the same command to resume")
+  return lines
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress_bar: bool = False) -> Dict[str, Any]:
   """Train (or resume) the run in `workdir` to config.training.num_train_steps.
 
-  Returns a summary: the final step, the last logged metrics, sample metrics, and whether
-  the run stopped early on SIGTERM.
+  Start-up order: every check that needs no data (config, workdir, model and method shapes)
+  before the data set is built, and all of them before anything is compiled or written.
+  progress_bar: a tqdm bar (for a terminal) instead of progress log lines.
+  Returns a summary: the final step, the last logged metrics, sample metrics, and
+  stop_reason (None, or a key of STOP_REASONS when the run stopped early).  Raises
+  NonFiniteError (nothing saved for that state) and KeyboardInterrupt (a second Ctrl-C).
   """
-  config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  config_lib.check_workdir(workdir)
   tcfg = config.training
+  exp = Experiment(config)
+  method = exp.method
   pipeline = data.InputPipeline(config.data, tcfg.batch_size, config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
-  exp = Experiment(config)
-  method = exp.method
+  logging.info("JAX process %d of %d, %d %s devices (%d local); data: %s in %s",
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.default_backend(), jax.local_device_count(), pipeline.tfds_name,
+               pipeline.data_dir)
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(workdir, tcfg)
@@ -274,20 +329,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if batches.get_state()["next_step"] != step:
     raise RuntimeError(f"checkpoint step {step} and input position "
                        f"{batches.get_state()['next_step']} disagree")
+  if latest is not None and jax.process_index() == 0:
+    dropped = metric_io.drop_rows_after(workdir, step)
+    if dropped:
+      logging.info("Dropped %d metrics.jsonl rows past step %d (they are computed again)",
+                   dropped, step)
   _write_config(workdir, config, step)
 
   writer = metric_io.create_writer(workdir)
   if step == 0:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
-  progress = periodic_actions.ReportProgress(num_train_steps=tcfg.num_train_steps, writer=writer,
-                                             every_steps=tcfg.log_every)
 
   frozen, step_fns = exp.step_functions()
-  sample_jits = {name: make_sampler(exp, fn, config.sampling.num_samples)
+  sample_jits = {name: make_sampler(exp, fn, sample_count(config))
                  for name, fn in method.sample_fns().items()} if tcfg.sample_every else {}
 
   preempt = PreemptionFlag()
-  buffer, last_metrics, sample_results, stopped_early = [], {}, {}, False
+  logging.info("Training steps %d to %d in %s (compiling the step first)", step,
+               tcfg.num_train_steps, workdir)
+  progress = progress_lib.Progress(tcfg.num_train_steps, step, bar=progress_bar)
+  buffer, last_metrics, sample_results, stop_reason = [], {}, {}, None
+  last_saved = latest
   t_start = time.time()
   try:
     while step < tcfg.num_train_steps:
@@ -297,35 +359,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         state, metrics = step_fns[method.step_kind(step)](state, batch, frozen)
       step += 1
       buffer.append(metrics)
-      progress(step)
+      progress.step(step)
       is_last = step == tcfg.num_train_steps
       if step % tcfg.log_every == 0 or is_last:
         last_metrics = _mean_metrics(buffer)
         buffer = []
         bad = [k for k, v in last_metrics.items() if not np.isfinite(v)]
         if bad:
-          raise FloatingPointError(f"non-finite metrics {bad} at step {step}; no checkpoint "
-                                   f"is written for this state")
-        writer.write_scalars(step, last_metrics)
+          raise NonFiniteError(
+              f"stopped at step {step}: non-finite metrics {bad}; this state is not saved "
+              f"({_newest(last_saved)})")
+        writer.write_scalars(step, dict(last_metrics, steps_per_sec=progress.report(step)))
       if tcfg.sample_every and (step % tcfg.sample_every == 0 or is_last):
         sample_results = write_samples(exp, state, step, workdir, writer, sample_jits)
-      stop = preempt.should_stop(step)
-      if step % tcfg.checkpoint_every == 0 or is_last or stop:
+      stop_reason = None if is_last else preempt.should_stop(step)
+      if step % tcfg.checkpoint_every == 0 or is_last or stop_reason:
         ckpt.save(step, state, batches.get_state(), {"step": step, "method": config.method,
                                                      "dataset": config.data.dataset})
-      if stop:
-        stopped_early = True
+        last_saved = step
+      if stop_reason:
         break
+  except KeyboardInterrupt:
+    progress.close()
+    logging.warning("Stopped at once by a second Ctrl-C at step %d: no checkpoint written "
+                    "for it (%s); re-run the same command to resume", step,
+                    _newest(last_saved))
+    raise
   finally:
+    progress.close()
     preempt.close()
     batches.close()
     ckpt.close()
     writer.flush()
   summary = {"step": step, "metrics": last_metrics, "samples": sample_results,
-             "stopped_early": stopped_early, "seconds": time.time() - t_start}
+             "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
+             "seconds": time.time() - t_start}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
+    for line in final_lines(summary, workdir, tcfg.num_train_steps):
+      logging.info("%s", line)
   return summary
 
 
@@ -343,15 +416,6 @@ def _flatten(d, prefix=""):
 
 
 # ----------------------------------------------------------------------------- loading
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was started with (workdir/config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: not a ctm-jax run directory")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
 
 def merge_state(fresh, source):
   """fresh with every leaf whose path, shape and dtype match a leaf of source replaced by it.

@@ -1,17 +1,24 @@
-r"""Train a model: an absl main that parses flags and calls train_and_evaluate.
+r"""Train a model: parses the flags and calls ctm_jax.train.train_and_evaluate.
 
   python -m launch.train --config=configs/toy_edm.py --workdir=workdirs/toy_edm \
       --config.training.batch_size=256
 
-Re-running the same command resumes from the newest checkpoint in --workdir.
+Re-running the same command resumes from the newest checkpoint in --workdir.  Ctrl-C (or
+SIGTERM) finishes the current step, writes a checkpoint and stops (exit status 130 for
+Ctrl-C, 0 for SIGTERM); a second Ctrl-C stops at once.  A mistake in a flag or the config
+ends in one line and exit status 2 (--verbose adds the traceback).
 Multi-host: add --config.distributed.initialize=True (and, off TPU/SLURM, the
 coordinator_address / num_processes / process_id fields).
 """
-from absl import app, flags, logging
+import sys
+
+from absl import app, flags
 from ml_collections import config_flags
 
+from launch import common
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples")
 _FAKE_DEVICES = flags.DEFINE_integer(
     "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -19,19 +26,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: give every setting as --flag=value "
+                         f"or --config.FIELD=value")
+  from ctm_jax import config_lib
+  config_lib.check_workdir(_WORKDIR.value)          # before jax and the data start
   if _FAKE_DEVICES.value:
     from ctm_jax import parallel
     parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
-  import jax
-  from ctm_jax import metric_io, parallel, train
-  metric_io.quiet_library_logs()
+  from ctm_jax import parallel, train
   parallel.maybe_initialize_distributed(_CONFIG.value.distributed)
-  logging.info("JAX process %d/%d, %d devices (%d local)", jax.process_index(),
-               jax.process_count(), jax.device_count(), jax.local_device_count())
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  logging.info("Finished at step %d: %s", summary["step"], summary["metrics"])
+  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                     progress_bar=sys.stderr.isatty())
+  return 130 if summary["stop_reason"] == "SIGINT" else 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main, "launch.train")

@@ -30,9 +30,10 @@ def train_cmd(workdir, *overrides, devices=1):
           f"--fake_cpu_devices={devices}", *TINY_TOY, *overrides]
 
 
-def run_train(workdir, *overrides, devices=1, timeout=600, check=True):
+def run_train(workdir, *overrides, devices=1, timeout=600, check=True, extra_env=None):
   proc = subprocess.run(train_cmd(workdir, *overrides, devices=devices), cwd=ROOT,
-                        env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+                        env=subprocess_env(extra_env), capture_output=True, text=True,
+                        timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"launch.train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc

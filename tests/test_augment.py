@@ -104,7 +104,7 @@ def test_draws_follow_edm_probabilities():
 
 
 def validate(c):
-  config_lib.validate(c, num_devices=1, process_count=1)
+  train.validate_config(c, num_devices=1, process_count=1)
 
 
 def test_config_checks():

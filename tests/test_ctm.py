@@ -129,10 +129,10 @@ def test_ctm_config_errors_name_fields():
                              ("teacher.step", -5, "teacher.step")]:
     cfg = tiny_ctm_config(**{path: value})
     with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
-      config_lib.validate(cfg, num_devices=8, process_count=1)
+      train.validate_config(cfg, num_devices=8, process_count=1)
   cfg = tiny_ctm_config(**{"ctm.distance": "lpips"})
   with pytest.raises(config_lib.ConfigError, match="lpips_weights"):
-    config_lib.validate(cfg, num_devices=8, process_count=1)
+    train.validate_config(cfg, num_devices=8, process_count=1)
 
 
 def test_pseudo_huber_distance_formula():

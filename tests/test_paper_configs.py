@@ -71,7 +71,7 @@ def random_teacher(monkeypatch):
 @pytest.mark.parametrize("name,arg", CONFIGS)
 def test_paper_config_validates_and_shape_checks(name, arg, weight_files, random_teacher):
   cfg = _fill_paths(load(name, arg), weight_files)
-  config_lib.validate(cfg, num_devices=8, process_count=1)
+  train.validate_config(cfg, num_devices=8, process_count=1)
   exp = train.Experiment(cfg)                   # eval_shape of the whole TrainState
   st = exp.abstract_state
   n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(st.params))

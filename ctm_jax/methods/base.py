@@ -23,17 +23,16 @@ class Method:
   name = "base"
   step_kinds: Tuple[str, ...] = ("train",)
   # What the trained network is, for samplers and the evaluation binary:
-  #   'jump': G(x, t, s) for any s <= t (CTM, TCD, EDM's DDIM jump of its denoiser);
+  #   'jump': G(x, t, s) (CTM, TCD; EDM's "jump" is a DDIM step of its denoiser);
   #   'cm_f': a consistency function f(x, t), the jump to sigma_min only (CD, CT, iCT, Direct CD).
   generator_kind = "jump"
-  # g(x, t, t) is a denoiser (a score model): EDM Heun sampling and the NLL apply.
-  has_score_head = True
-
-  @classmethod
-  def uses_s(cls, config) -> bool:
-    """Whether this method's network takes the second time input s (decided from the config
-    alone: the network is built before the method)."""
-    return False
+  # Whether G(x, t, s) itself was trained (CTM, TCD): the gamma / SSS samplers apply.  EDM's
+  # jump from sigma_max is the data mean, not a sample.
+  trains_jump = False
+  # Whether the trained network's g(x, t, t) is a denoiser (a score model): the NLL by the
+  # PF-ODE and the Heun samplers need it.  EDM and CTM (trained with DSM) have one; the
+  # consistency family (no DSM term) does not.
+  has_score_head: bool = True
 
   def __init__(self, config, model: flow_map.FlowModel):
     self.config = config
@@ -77,18 +76,19 @@ class Method:
     only for s = sigma_min (onestep, cm:<nfe>); check_sampler refuses the rest."""
     return self.model.jump_fn(params, labels)
 
-  def check_sampler(self, spec):
-    """Raise ValueError if this model cannot run the sampler `spec` (an evaluate.SamplerSpec:
-    kind 'gamma' | 'heun', steps, gamma, shift, name)."""
+  @classmethod
+  def check_sampler(cls, spec):
+    """Raise ValueError if this method's model cannot run the sampler `spec` (an
+    evaluate.SamplerSpec: kind 'gamma' | 'sss' | 'heun' | 'teacher_heun', steps, gamma, shift)."""
     name = getattr(spec, "name", spec.kind)
-    if spec.kind == "heun" and not self.has_score_head:
+    if spec.kind == "heun" and not cls.has_score_head:
       raise ValueError(f"sampler {name!r} integrates the score head g(x, t, t), but method "
-                       f"{self.name!r} trains no denoiser; use onestep or cm:<nfe>"
-                       + ("" if self.generator_kind == "cm_f" else " or gamma:<g>:<nfe>"))
-    if spec.kind == "gamma" and self.generator_kind == "cm_f" and spec.steps > 1 and not (
-        spec.gamma == 1.0 and spec.shift):
+                       f"{cls.name!r} trains no denoiser; use onestep or cm:<nfe>"
+                       + ("" if cls.generator_kind == "cm_f" else " or gamma:<g>:<nfe> / sss:<g>:<nfe>"))
+    if (spec.kind in ("gamma", "sss") and cls.generator_kind == "cm_f" and spec.steps > 1
+        and not (spec.kind == "gamma" and spec.gamma == 1.0 and spec.shift)):
       raise ValueError(f"sampler {name!r} jumps to intermediate times s > sigma_min, but method "
-                       f"{self.name!r} learns only the map f(x, t) to sigma_min; use onestep or "
+                       f"{cls.name!r} learns only the map f(x, t) to sigma_min; use onestep or "
                        f"cm:<nfe> (gamma 1 with the sigma_min shift)")
 
   def sample_fns(self) -> Dict[str, Callable]:

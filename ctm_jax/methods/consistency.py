@@ -222,7 +222,7 @@ class ConsistencyMethod(Method):
   # ------------------------------------------------------------------------- sampling
   def jump_fn(self, params, labels=None):
     """(x, t, s) -> f(x, t): the consistency function, i.e. the jump to s = sigma_min only."""
-    return lambda x, t, s: self.model.cm_f(params, x, t, labels)
+    return self.model.cm_jump_fn(params, labels)
 
   def multistep_times(self):
     """name -> the intermediate times tau of each multistep sampler: for every NFE in

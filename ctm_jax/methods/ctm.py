@@ -94,9 +94,7 @@ def tree_axpy(a, x, y):
 class CTM(Method):
   name = "ctm"
 
-  @classmethod
-  def uses_s(cls, config) -> bool:
-    return True
+  trains_jump = True
 
   def __init__(self, config, model):
     super().__init__(config, model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ctm_jax import augment, diffusion, train_state
+from ctm_jax import augment, config_lib, diffusion, train_state
 from ctm_jax.diffusion import append_dims
 from ctm_jax.methods.base import Method
 
@@ -28,8 +28,7 @@ def dsm_loss(model, params, x0, sigma, noise, labels, rng, *, train=True, augmen
 
 
 def validate_edm_config(config):
-  """config.edm: the DSM noise distribution and the augmentation."""
-  from ctm_jax import config_lib
+  """config.edm: the log-normal t distribution and the augmentation."""
   config_lib.check_number(config, "edm.p_std", 0, lo_open=True)
   config_lib.check_number(config, "edm.p_mean", -10, 10)
   validate_augment_config(config)
@@ -38,7 +37,7 @@ def validate_edm_config(config):
 def validate_augment_config(config):
   """config.edm.augment: ranges, an image data set, and model.augment_dim equal to the
   number of augment labels the enabled transforms make."""
-  from ctm_jax import augment, config_lib, data
+  from ctm_jax import data
   if "augment" not in config.edm:       # a run saved before augmentation existed
     return
   a = "edm.augment"

@@ -78,9 +78,7 @@ class TCD(consistency.ConsistencyMethod):
   generator_kind = "jump"
   has_score_head = False
 
-  @classmethod
-  def uses_s(cls, config) -> bool:
-    return bool(config.tcd.s_input)
+  trains_jump = True
 
   def __init__(self, config, model):
     super().__init__(config, model)

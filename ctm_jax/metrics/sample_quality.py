@@ -1,6 +1,7 @@
 """Two-sample metrics for low-dimensional samples (toy data): MMD and sliced Wasserstein."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -13,17 +14,21 @@ def mmd_rbf(x, y, bandwidths: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0)):
   k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2))."""
   x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
   y = jnp.asarray(y, jnp.float32).reshape(y.shape[0], -1)
+  return float(_mmd_rbf(x, y, tuple(float(h) for h in bandwidths)))
 
-  def kern(a, b):
+
+@functools.partial(jax.jit, static_argnums=2)
+def _mmd_rbf(x, y, bandwidths):
+  def kern_sums(a, b):
     d2 = jnp.sum(a ** 2, 1)[:, None] + jnp.sum(b ** 2, 1)[None] - 2 * a @ b.T
-    d2 = jnp.maximum(d2, 0.0)
-    return sum(jnp.exp(-d2 / (2 * h ** 2)) for h in bandwidths)
+    k = sum(jnp.exp(-jnp.maximum(d2, 0.0) / (2 * h ** 2)) for h in bandwidths)
+    return jnp.sum(k), jnp.trace(k)
 
   n, m = x.shape[0], y.shape[0]
-  kxx, kyy, kxy = kern(x, x), kern(y, y), kern(x, y)
-  sxx = (jnp.sum(kxx) - jnp.trace(kxx)) / (n * (n - 1))
-  syy = (jnp.sum(kyy) - jnp.trace(kyy)) / (m * (m - 1))
-  return float(sxx + syy - 2 * jnp.mean(kxy))
+  sxx, txx = kern_sums(x, x)
+  syy, tyy = kern_sums(y, y)
+  sxy, _ = kern_sums(x, y)
+  return (sxx - txx) / (n * (n - 1)) + (syy - tyy) / (m * (m - 1)) - 2 * sxy / (n * m)
 
 
 def sliced_wasserstein(x, y, key, num_projections: int = 256):

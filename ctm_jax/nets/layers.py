@@ -97,6 +97,28 @@ def upsample2d(x, resample_filter: Sequence[int] = (1, 1)):
   return _depthwise(x, f2d, stride=1, padding=((q, q), (q, q)), lhs_dilation=(2, 2))
 
 
+def interp_matrix(src: np.ndarray, n_in: int) -> np.ndarray:
+  """(len(src), n_in) float32 weights of 1-D linear interpolation at source coordinates src >= 0:
+  out[j] = (1 - f) in[i] + f in[min(i + 1, n_in - 1)], i = min(floor(src), n_in - 1), f = src - i
+  (coordinates past the last sample take the last sample)."""
+  src = np.asarray(src, np.float64)
+  n_out = src.shape[0]
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  frac = src - i0
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), i1), frac)
+  return m.astype(np.float32)
+
+
+def resize_separable(x, mh, mw):
+  """NHWC x resized by per-axis interpolation matrices mh (H_out, H) and mw (W_out, W)."""
+  hi = jax.lax.Precision.HIGHEST
+  x = jnp.einsum('oh,bhwc->bowc', jnp.asarray(mh), x, precision=hi)
+  return jnp.einsum('pw,bowc->bopc', jnp.asarray(mw), x, precision=hi)
+
+
 def _conv(x, w, padding):
   return jax.lax.conv_general_dilated(
       x, w, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),

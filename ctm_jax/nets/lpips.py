@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax.nets.layers import interp_matrix, resize_separable
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORM_EPS = 1e-10          # LPIPS normalize_tensor / piq EPS
@@ -55,22 +57,13 @@ def _interp_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
     src = out * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros_like(out)
   else:
     src = np.maximum((out + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  frac = src - i0
-  m = np.zeros((n_out, n_in), np.float64)
-  np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
-  np.add.at(m, (np.arange(n_out), i1), frac)
-  return m.astype(np.float32)
+  return interp_matrix(src, n_in)
 
 
 def resize_bilinear(x, size: Tuple[int, int], align_corners: bool = False):
   """torch `F.interpolate(x, size, mode='bilinear', align_corners=...)`, NHWC, no antialias."""
-  mh = jnp.asarray(_interp_matrix(x.shape[1], size[0], align_corners))
-  mw = jnp.asarray(_interp_matrix(x.shape[2], size[1], align_corners))
-  hi = jax.lax.Precision.HIGHEST
-  x = jnp.einsum('oh,bhwc->bowc', mh, x, precision=hi)
-  return jnp.einsum('pw,bowc->bopc', mw, x, precision=hi)
+  return resize_separable(x, _interp_matrix(x.shape[1], size[0], align_corners),
+                          _interp_matrix(x.shape[2], size[1], align_corners))
 
 
 def hann_kernel(kernel_size: int = 3) -> np.ndarray:

@@ -1,0 +1,602 @@
+"""The evaluation jobs of python -m launch.eval: samples, FID / KID, NLL and FID reference
+statistics of a trained run, as resumable sharded batch jobs (docs/eval_jobs.md).
+
+Layout under the run's workdir (each setting directory is named by its sampler or split and
+a hash of every setting that determines its content, written out in its manifest.json, so
+files of different settings never mix):
+  eval/step_<N>/<ema>/<sampler>-<hash>/samples/shard_00000.npz   uint8 images / float points
+  eval/step_<N>/<ema>/<sampler>-<hash>/features-<weights sha>/shard_*.npz   2048-d float32
+  eval/step_<N>/<ema>/<sampler>-<hash>/{grid.png, fid-*.json, samples-*.json, toy-*.json}
+  eval/step_<N>/<ema>/nll_<split>-<hash>/shard_*.npz, nll-*.json    per-example log p, bits/dim
+  eval/teacher/<sampler>-<hash>/...                               CTM runs: the teacher's samples
+  eval/results.jsonl, eval/plots/*.png, eval/invocations/<time>.json, TensorBoard under eval/
+Keys: x_T and sampler noise of batch b of shard i come from fold_in(fold_in(key(seed), i), b);
+NLL dequantization and probes likewise.  A finished setting (its result file exists) is
+reused unless config.eval.recompute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ctm_jax import config_lib, data, evaluate, parallel, runs, samplers, visualize
+from ctm_jax.evaljob import report, settings
+from ctm_jax.evaljob.shards import (ShardStore, file_sha256, format_seconds, read_json,
+                                    settings_hash, write_json_atomic)
+
+NETWORK = "Inception-v3 2015-12-05 (FID), pool3 2048-d"
+RESIZE = "299x299 bilinear (TF1 legacy resize), (x - 128) / 128, gray -> 3 channels"
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]     # uint8 NHWC -> (B, 2048)
+LogpFn = Callable[..., Dict[str, Any]]             # (params, x, key, labels) -> {'logp', ...}
+
+
+@dataclasses.dataclass
+class Job:
+  workdir: str
+  config: ml_collections.ConfigDict       # the run's config
+  ev: ml_collections.ConfigDict           # the merged config.eval
+  mode: str
+  mesh: Any
+  info: Any
+  model: Any
+  invocation: str
+  records: List[dict] = dataclasses.field(default_factory=list)   # this invocation's
+  files: List[str] = dataclasses.field(default_factory=list)
+  feature_fn: Optional[FeatureFn] = None
+  feature_id: str = ""                     # sha256 of the Inception weights
+  logp_fn: Optional[LogpFn] = None
+  _teacher: Any = None
+  _refs: Dict = dataclasses.field(default_factory=dict)    # 2-D references, per sampler kind
+
+  def reference(self, name: str, fn, *args):
+    """A 2-D reference computed once per invocation."""
+    key = (name,) + args
+    if key not in self._refs:
+      self._refs[key] = fn(self.config, *args)
+    return self._refs[key]
+
+  @property
+  def num_classes(self) -> int:
+    return self.info.num_classes if self.config.data.class_conditional else 0
+
+
+def eval_mesh(config, devices=None):
+  """Every device on the data axis; the run's fsdp axis kept when it divides the count."""
+  devices = jax.devices() if devices is None else list(devices)
+  fsdp = int(config.mesh.fsdp)
+  if len(devices) % fsdp:
+    fsdp = 1
+  return parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
+
+
+def _global(mesh, arr: np.ndarray):
+  """A host array (the same on every process) as a batch-sharded global jax.Array."""
+  sh = parallel.batch_sharding(mesh)
+  return jax.make_array_from_callback(arr.shape, sh, lambda idx: arr[idx])
+
+
+def _put_replicated(mesh, tree):
+  return jax.device_put(tree, parallel.replicated(mesh))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _batch_keys(seed: int, shard: int, batch: int):
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), shard), batch)
+
+
+def make_batch_sampler(job: Job, fn):
+  """jit(params, key, labels) -> one global batch of samples, batch-sharded: x_T from the
+  first half of key, the sampler's noise from the second; images as uint8."""
+  shape = (job.ev.batch_size,) + tuple(job.info.shape)
+  sigma_max = job.config.diffusion.sigma_max
+  sh = parallel.batch_sharding(job.mesh)
+  image = job.info.kind == "image"
+
+  def run(params, key, labels):
+    k_x, k_s = jax.random.split(key)
+    x = jax.lax.with_sharding_constraint(samplers.initial_noise(k_x, shape, sigma_max), sh)
+    out = fn(params, x, k_s, labels)
+    return samplers.to_uint8(out) if image else out.astype(jnp.float32)
+
+  return jax.jit(run, out_shardings=sh)
+
+
+def _labels(job: Job, start: int, n: int) -> Optional[np.ndarray]:
+  if not job.num_classes:
+    return None
+  if job.ev.class_label >= 0:
+    return np.full((n,), job.ev.class_label, np.int32)
+  return (np.arange(start, start + n) % job.num_classes).astype(np.int32)
+
+
+def sample_settings(job: Job, spec, step, ema) -> dict:
+  return {"kind": "samples", "sampler": spec.name, "seed": job.ev.seed,
+          "batch_size": job.ev.batch_size, "shard_size": job.ev.shard_size,
+          "class_label": job.ev.class_label, "step": step, "ema": ema,
+          "shape": list(job.info.shape), "dataset": job.config.data.dataset}
+
+
+def setting_dir(job: Job, spec, step, ema) -> str:
+  s = sample_settings(job, spec, step, ema)
+  base = (os.path.join(report.eval_dir(job.workdir), "teacher") if spec.kind == "teacher_heun"
+          else os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema))
+  return os.path.join(base, f"{spec.safe_name}-{settings_hash(s)}")
+
+
+def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
+  """All job.ev.num_samples samples of one setting, from its shards (computed if missing)."""
+  if spec.kind == "teacher_heun":
+    teacher, params = job_teacher(job)
+    fn = evaluate.teacher_sampler_fn(teacher, spec, job.model.schedule)
+  else:
+    fn = evaluate.sampler_fn(job.model, spec, evaluate.generator_kind(job.config))
+  run = make_batch_sampler(job, fn)
+  ev = job.ev
+  bs = ev.batch_size
+  store = ShardStore(os.path.join(setting_dir(job, spec, step, ema), "samples"),
+                     sample_settings(job, spec, step, ema), ev.num_samples, ev.shard_size)
+
+  def compute(i, start, count):
+    xs, ys = [], []
+    for b in range(-(-count // bs)):
+      lab = _labels(job, start + b * bs, bs)
+      out = run(params, _batch_keys(ev.seed, i, b), None if lab is None else _global(job.mesh, lab))
+      xs.append(np.asarray(parallel.to_host(out)))
+      if lab is not None:
+        ys.append(lab)
+    arrays = {"x": np.concatenate(xs)[:count]}
+    if ys:
+      arrays["label"] = np.concatenate(ys)[:count]
+    return arrays
+
+  return store.run(compute, f"samples {spec.name} (step {step}, {ema})", ev.recompute)
+
+
+def job_teacher(job: Job):
+  """(Teacher, its params on the mesh) of a distilled run, built once."""
+  if job._teacher is None:
+    from ctm_jax import teacher as teacher_lib
+    t = teacher_lib.Teacher(job.config)
+    job._teacher = (t, _put_replicated(job.mesh, t.params()))
+  return job._teacher
+
+
+# ----------------------------------------------------------------------------- records
+
+def base_record(job: Job, spec=None, step=None, ema=None) -> dict:
+  r = {"workdir": os.path.abspath(job.workdir), "invocation": job.invocation,
+       "dataset": job.config.data.dataset, "method": job.config.method,
+       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  if spec is not None:
+    r.update(sampler=spec.name, kind=spec.kind, nfe=spec.nfe,
+             gamma=spec.gamma if spec.kind == "gamma" else None, seed=job.ev.seed)
+    if spec.kind == "teacher_heun":
+      step, ema = None, "teacher"
+  r.update(step=step, ema=ema)
+  return r
+
+
+def finish(job: Job, result_path: str, records: List[dict], files: List[str]) -> List[dict]:
+  """Write a setting's result file (its records and files), then append the records."""
+  if jax.process_index() == 0:
+    write_json_atomic(result_path, {"records": records, "files": files})
+  report.append_records(job.workdir, records)
+  job.records.extend(records)
+  job.files.extend(files + [result_path])
+  for r in records:
+    logging.info("%s = %s%s  [%s]", r["metric"], _fmt(r["value"]),
+                 f" +- {_fmt(r['stderr'])}" if r.get("stderr") is not None else "",
+                 ", ".join(f"{k}={r[k]}" for k in ("sampler", "split", "step", "ema",
+                                                    "num_samples", "num_examples") if r.get(k) is not None))
+  return records
+
+
+def _fmt(v):
+  return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def reuse(job: Job, result_path: str) -> Optional[List[dict]]:
+  """The records of a finished setting (not recomputed unless config.eval.recompute)."""
+  if job.ev.recompute or not os.path.exists(result_path):
+    return None
+  got = read_json(result_path)
+  logging.info("already evaluated (config.eval.recompute=True redoes it): %s", result_path)
+  for r in got["records"]:
+    job.records.append(dict(r, reused=True))
+  job.files.extend(got["files"] + [result_path])
+  return got["records"]
+
+
+def save_grid(job: Job, x: np.ndarray, path: str) -> str:
+  if jax.process_index() == 0:
+    pic = visualize.image_grid(x[:256] if x.dtype == np.uint8 else
+                               np.asarray(samplers.to_uint8(jnp.asarray(x[:256]))))
+    visualize.save_png(path, pic, scale=4 if job.info.shape[0] < 32 else 1)
+  return path
+
+
+# ----------------------------------------------------------------------------- modes
+
+def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
+  """--mode=sample: the samples, a picture, and for 2-D data MMD / sliced W1 with their two
+  references (exact denoiser with the same Heun sampler; two independent data sets)."""
+  ev = job.ev
+  d = setting_dir(job, spec, step, ema)
+  points = job.info.kind != "image"
+  result = os.path.join(d, f"{'toy' if points else 'samples'}-n{ev.num_samples}-"
+                           f"{settings_hash({'seeds': ev.reference_seeds})}.json")
+  got = reuse(job, result)
+  if got is not None:
+    return got
+  out = draw_samples(job, spec, params, step, ema)
+  rec = dict(base_record(job, spec, step, ema), num_samples=ev.num_samples,
+             samples=os.path.join(d, "samples"))
+  if not points:
+    grid = save_grid(job, out["x"], os.path.join(d, "grid.png"))
+    return finish(job, result, [dict(rec, metric="samples", value=ev.num_samples,
+                                     seconds=time.time() - t0, grid=grid)], [grid])
+  ref = evaluate.reference_points(job.config, ev.num_samples)
+  met = evaluate.toy_metrics(out["x"], ref)
+  refs = {"two_sample": job.reference("two_sample", evaluate.two_sample_reference,
+                                       ev.num_samples, ev.reference_seeds)}
+  if job.config.data.dataset == "toy_gmm":
+    steps = spec.steps if spec.kind in ("heun", "teacher_heun") else job.config.sampling.heun_steps
+    refs["exact_denoiser_heun"] = dict(job.reference(
+        "exact_denoiser", evaluate.exact_denoiser_reference, ev.num_samples, steps,
+        ev.reference_seeds), heun_steps=steps)
+  pic = report.points_figure(out["x"], ref, os.path.join(d, "points.png"),
+                             f"{spec.name}, step {step}")
+  recs = []
+  for k in ("mmd", "sliced_w1"):
+    recs.append(dict(rec, metric=k, value=met[k], seconds=time.time() - t0, picture=pic,
+                     references={n: {"mean": r.get(k), "std": r.get(k + "_std"), "seeds":
+                                     ev.reference_seeds} for n, r in refs.items() if r}))
+  return finish(job, result, recs, [p for p in (pic,) if p])
+
+
+def feature_shards(job: Job, samples: Dict[str, np.ndarray], d: str) -> np.ndarray:
+  """The Inception features of a setting's samples, cached in shards beside them."""
+  ev = job.ev
+  bs = ev.batch_size
+  store = ShardStore(os.path.join(d, f"features-{job.feature_id[:12]}"),
+                     {"kind": "features", "weights_sha256": job.feature_id,
+                      "samples": os.path.basename(d), "shard_size": ev.shard_size},
+                     ev.num_samples, ev.shard_size)
+
+  def compute(i, start, count):
+    return {"features": compute_features(job.feature_fn, samples["x"][start:start + count], bs)}
+
+  return store.run(compute, f"features {os.path.basename(d)}", ev.recompute)["features"]
+
+
+def compute_features(feature_fn: FeatureFn, images: np.ndarray, batch: int) -> np.ndarray:
+  """feature_fn over fixed-size batches (the last padded by repeating rows, then cut)."""
+  out = []
+  for s in range(0, len(images), batch):
+    chunk = images[s:s + batch]
+    n = len(chunk)
+    if n < batch:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)])
+    out.append(np.asarray(feature_fn(chunk), np.float32)[:n])
+  return np.concatenate(out)
+
+
+def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List[dict]:
+  """--mode=fid: samples (reused from disk when there), their features, FID and KID against
+  the reference statistics."""
+  from ctm_jax.metrics import fid
+  ev = job.ev
+  d = setting_dir(job, spec, step, ema)
+  key = settings_hash({"ref": ref["sha256"], "weights": job.feature_id,
+                       "kid": [ev.kid_subsets, ev.kid_subset_size]})
+  result = os.path.join(d, f"fid-n{ev.num_samples}-{key}.json")
+  got = reuse(job, result)
+  if got is not None:
+    return got
+  samples = draw_samples(job, spec, params, step, ema)
+  grid = save_grid(job, samples["x"], os.path.join(d, "grid.png"))
+  feats = feature_shards(job, samples, d)
+  mu, sigma = fid.feature_statistics(feats)
+  value = float(fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
+  rec = dict(base_record(job, spec, step, ema), num_samples=len(feats),
+             ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
+             weights=os.path.abspath(ev.inception_weights), weights_sha256=job.feature_id,
+             network=NETWORK, resize=RESIZE, samples=os.path.join(d, "samples"), grid=grid)
+  recs = [dict(rec, metric="fid", value=value, stderr=None, seconds=time.time() - t0)]
+  if ref.get("features") is not None:
+    size = min(ev.kid_subset_size, len(feats), len(ref["features"]))
+    k_mean, k_se = fid.kid(feats, ref["features"], num_subsets=ev.kid_subsets,
+                           subset_size=size, seed=ev.seed)
+    recs.append(dict(rec, metric="kid", value=float(k_mean), stderr=float(k_se),
+                     kid_subsets=ev.kid_subsets, kid_subset_size=size,
+                     seconds=time.time() - t0))
+  return finish(job, result, recs, [grid])
+
+
+def nll_data(job: Job):
+  """The NLL split's examples: uint8 images (or float points) and labels."""
+  ev = job.ev
+  got = data.load_split(job.config.data.dataset, settings.nll_split(ev, job.config),
+                        ev.data_dir or job.config.data.data_dir or None,
+                        max_examples=ev.nll_num_examples or None)
+  x = got["x"]
+  if job.info.kind == "image":
+    x = np.rint((x + 1.0) * 127.5).astype(np.uint8)
+  return x, got.get("label")
+
+
+def default_logp_fn(job: Job) -> LogpFn:
+  """log p(x) by the PF-ODE of the score head g(x, t, t), sigma_min -> sigma_max (eval mode)."""
+  from ctm_jax.metrics import likelihood
+  ev, sch = job.ev, job.model.schedule
+
+  def fn(params, x, key, labels):
+    return likelihood.pf_ode_log_likelihood(
+        job.model.denoise_fn(params, labels), x, key, sigma_min=sch.sigma_min,
+        sigma_max=sch.sigma_max, divergence=ev.nll_divergence, num_probes=ev.nll_probes,
+        solver=ev.nll_solver, rtol=ev.nll_rtol, atol=ev.nll_atol, max_steps=ev.nll_max_steps)
+  return fn
+
+
+def nll_setting(job: Job, params, step, ema, t0: float) -> List[dict]:
+  """--mode=nll: per-example NLL of the split (bits/dim for images, nats for points), in
+  shards; the record holds the mean and its standard error."""
+  ev = job.ev
+  image = job.info.kind == "image"
+  dequantize = image and ev.nll_dequantize
+  x_all, y_all = nll_data(job)
+  split = settings.nll_split(ev, job.config)
+  s = {"kind": "nll", "split": split, "num_examples": len(x_all), "step": step,
+       "ema": ema, "seed": ev.seed, "batch_size": ev.nll_batch_size,
+       "shard_size": ev.shard_size, "dequantize": dequantize,
+       **{k: ev[k] for k in ("nll_divergence", "nll_probes", "nll_solver", "nll_rtol",
+                             "nll_atol", "nll_max_steps")}}
+  d = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
+                   f"nll_{split}-{settings_hash(s)}")
+  result = os.path.join(d, "nll.json")
+  got = reuse(job, result)
+  if got is not None:
+    return got
+  logp_fn = job.logp_fn or default_logp_fn(job)
+  dim = int(np.prod(job.info.shape))
+  nb = ev.nll_batch_size
+  cond = job.num_classes > 0
+
+  def batch_logp(params, xb, key, labels):
+    k_deq, k_div = jax.random.split(key)
+    if dequantize:
+      from ctm_jax.metrics import likelihood
+      xb = likelihood.dequantize(k_deq, xb)
+    elif image:
+      xb = xb.astype(jnp.float32) / 127.5 - 1.0
+    out = logp_fn(params, xb, k_div, labels)
+    return {k: jnp.asarray(v) for k, v in out.items() if jnp.ndim(v) <= 1}
+
+  batch_logp = jax.jit(batch_logp)
+  store = ShardStore(d, s, len(x_all), ev.shard_size)
+
+  def compute(i, start, count):
+    rows = {}
+    for b in range(-(-count // nb)):
+      lo = start + b * nb
+      idx = np.arange(lo, lo + nb)
+      idx = np.minimum(idx, start + count - 1)          # pad the last batch, cut below
+      labels = _global(job.mesh, y_all[idx].astype(np.int32)) if cond else None
+      out = parallel.to_host(batch_logp(params, _global(job.mesh, x_all[idx]),
+                                 _batch_keys(ev.seed, i, b), labels))
+      n = min(nb, start + count - lo)
+      for k, v in out.items():
+        v = np.asarray(v)
+        rows.setdefault(k, []).append(v[:n] if v.ndim == 1 and len(v) == nb else
+                                      np.full((n,), v, v.dtype))
+    rows = {k: np.concatenate(v) for k, v in rows.items()}
+    if image:
+      from ctm_jax.metrics import likelihood
+      rows["bits_per_dim"] = np.asarray(likelihood.bits_per_dim(rows["logp"], dim), np.float64)
+    return rows
+
+  out = store.run(compute, f"nll {split} (step {step}, {ema})", ev.recompute)
+  per = out["bits_per_dim"] if image else -out["logp"].astype(np.float64)
+  rec = dict(base_record(job, None, step, ema), metric="nll", value=float(np.mean(per)),
+             stderr=float(np.std(per, ddof=1) / np.sqrt(len(per))) if len(per) > 1 else None,
+             unit="bits/dim" if image else "nats", split=split,
+             num_examples=int(len(per)),
+             dequantization="uniform" if dequantize else "none",
+             offset_bits=7.0 if image else None, divergence=ev.nll_divergence,
+             probes=ev.nll_probes, solver=ev.nll_solver, rtol=ev.nll_rtol, atol=ev.nll_atol,
+             nfe_mean=float(np.mean(out["nfe"])) if "nfe" in out else None,
+             shards=d, seconds=time.time() - t0)
+  return finish(job, result, [rec], [])
+
+
+def fid_stats(job: Job) -> List[dict]:
+  """--mode=fid_stats: mu, sigma and the features (for KID) of a split of the run's data set,
+  in EDM's .npz layout, with the data set, split, resolution and count in its meta; plus
+  the FID / KID of one half of the split against the other (the data's own level)."""
+  from ctm_jax.metrics import fid
+  ev, t0 = job.ev, time.time()
+  path = settings.stats_path(job.config, ev)
+  if os.path.exists(path) and not ev.recompute:
+    logging.info("reference statistics exist (config.eval.recompute=True redoes them): %s", path)
+    job.files.append(path)
+    return []
+  got = data.load_split(job.config.data.dataset, ev.fid_split,
+                        ev.data_dir or job.config.data.data_dir or None)
+  images = np.rint((got["x"] + 1.0) * 127.5).astype(np.uint8)
+  store = ShardStore(f"{path}.shards-{job.feature_id[:12]}",
+                     {"kind": "data_features", "dataset": job.config.data.dataset,
+                      "split": ev.fid_split, "count": len(images),
+                      "weights_sha256": job.feature_id, "shard_size": ev.shard_size},
+                     len(images), ev.shard_size)
+  feats = store.run(lambda i, start, count: {"features": compute_features(
+      job.feature_fn, images[start:start + count], ev.batch_size)},
+      f"features of {job.config.data.dataset}/{ev.fid_split}", ev.recompute)["features"]
+  mu, sigma = fid.feature_statistics(feats)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    fid.save_stats(tmp, mu, sigma, features=feats, dataset=job.config.data.dataset,
+                   split=ev.fid_split, resolution=list(job.info.shape), count=len(feats),
+                   weights_sha256=job.feature_id, network=NETWORK, resize=RESIZE)
+    os.replace(tmp, path)
+  rng = np.random.default_rng(ev.seed)
+  perm = rng.permutation(len(feats))
+  a, b = feats[perm[:len(feats) // 2]], feats[perm[len(feats) // 2:2 * (len(feats) // 2)]]
+  (mu_a, s_a), (mu_b, s_b) = fid.feature_statistics(a), fid.feature_statistics(b)
+  rec = dict(base_record(job), metric="fid_data_halves", split=ev.fid_split,
+             value=float(fid.frechet_distance(mu_a, s_a, mu_b, s_b)), stderr=None,
+             num_samples=len(a), ref_stats=path, weights=os.path.abspath(ev.inception_weights),
+             weights_sha256=job.feature_id, network=NETWORK, resize=RESIZE)
+  size = min(ev.kid_subset_size, len(a))
+  k_mean, k_se = fid.kid(a, b, num_subsets=ev.kid_subsets, subset_size=size, seed=ev.seed)
+  recs = [dict(rec, seconds=time.time() - t0),
+          dict(rec, metric="kid_data_halves", value=float(k_mean), stderr=float(k_se),
+               kid_subset_size=size, seconds=time.time() - t0)]
+  return finish(job, os.path.join(os.path.dirname(path), os.path.basename(path) + ".json"),
+                recs, [path])
+
+
+def load_reference(job: Job) -> dict:
+  from ctm_jax.metrics import fid
+  path = settings.stats_path(job.config, job.ev)
+  stats = fid.load_stats(path, feature_dim=None)
+  settings.check_reference_stats(path, job.config, job.ev, stats)
+  feats = stats.get("features")
+  meta = stats.get("meta") or {}
+  count = meta.get("count", len(feats) if feats is not None else None)
+  return {"mu": stats["mu"], "sigma": stats["sigma"], "features": feats, "path": path,
+          "sha256": file_sha256(path), "count": count}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def setup_features(job: Job, feature_fn: Optional[FeatureFn], feature_id: Optional[str]):
+  """The Inception feature function from config.eval.inception_weights (or the one given)."""
+  if feature_fn is not None:
+    job.feature_fn, job.feature_id = feature_fn, feature_id or "given"
+    return
+  from ctm_jax.nets import inception
+  try:
+    params = inception.load_inception_params(job.ev.inception_weights)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.eval.inception_weights: {e}") from None
+  job.feature_fn = inception.make_feature_fn(params, job.mesh)
+  job.feature_id = file_sha256(job.ev.inception_weights)
+
+
+def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] = None,
+        feature_id: Optional[str] = None, logp_fn: Optional[LogpFn] = None,
+        argv: Optional[List[str]] = None, devices=None) -> Dict[str, Any]:
+  """Run one evaluation invocation; returns its summary (records, files, paths).
+
+  ev is the merged config.eval; everything is validated before any compute.  feature_fn /
+  logp_fn replace the Inception network / the PF-ODE likelihood; devices, a subset of the
+  devices to use (default all).
+  """
+  t_start = time.time()
+  mesh = eval_mesh(config, devices)
+  settings.validate(ev, config, mode=mode, num_devices=mesh.size,
+                    process_count=jax.process_count())
+  steps = settings.checkpoint_steps(ev, workdir) if mode != "fid_stats" else []
+  emas = settings.ema_list(ev, config)
+  specs = settings.sampler_specs(ev, config) if mode in ("sample", "fid", "all") else []
+  job = Job(workdir=workdir, config=config, ev=ev, mode=mode, mesh=mesh,
+            info=data.dataset_info(config.data.dataset), model=runs.build_model(config),
+            invocation=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", logp_fn=logp_fn)
+  if settings.needs_fid(mode):
+    setup_features(job, feature_fn, feature_id)
+  ref = load_reference(job) if mode in ("fid", "all") else None
+  logging.info("eval %s of %s: steps %s, EMAs %s, samplers %s, %d devices, %d processes",
+               mode, workdir, steps, emas, [s.name for s in specs], jax.device_count(),
+               jax.process_count())
+
+  if mode == "fid_stats":
+    fid_stats(job)
+  own = [s for s in specs if s.kind != "teacher_heun"]
+  teacher_specs = [s for s in specs if s.kind == "teacher_heun"]
+  for step in steps:
+    for ema in emas:
+      params = None
+      for spec in own:
+        params = params if params is not None else _load(job, step, ema)
+        t0 = time.time()
+        if mode == "sample":
+          sample_setting(job, spec, params, step, ema, t0)
+        else:
+          fid_setting(job, spec, params, step, ema, ref, t0)
+      if settings.needs_nll(mode):
+        params = params if params is not None else _load(job, step, ema)
+        nll_setting(job, params, step, ema, time.time())
+      if (mode == "sample" and config.data.dataset == "toy_gmm"
+          and evaluate.one_step_generator(config) and own):
+        _toy_ode_error(job, params, step, ema)
+  for spec in teacher_specs:
+    t0 = time.time()
+    if mode == "sample":
+      sample_setting(job, spec, None, None, "teacher", t0)
+    else:
+      fid_setting(job, spec, None, None, "teacher", ref, t0)
+  return _close(job, argv, t_start)
+
+
+def _load(job: Job, step: int, ema: str):
+  params, _, _ = runs.load_params(job.config, job.workdir, step, ema, mesh=job.mesh)
+  return params
+
+
+def _toy_ode_error(job: Job, params, step, ema):
+  n = job.ev.ode_error_samples
+  result = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
+                        f"ode_error-n{n}-seed{job.ev.seed}.json")
+  if reuse(job, result) is not None:
+    return
+  t0 = time.time()
+  got = evaluate.toy_ode_error(job.config, job.model, jax.device_get(params), n, job.ev.seed)
+  finish(job, result, [dict(base_record(job, None, step, ema), metric="ode_error",
+                            value=got["ode_error"], num_samples=n,
+                            data_variance_per_dim=got["data_variance_per_dim"],
+                            reference="scipy DOP853 rtol=atol=1e-9 on the exact mixture PF-ODE",
+                            seconds=time.time() - t0)], [])
+
+
+def _close(job: Job, argv, t_start) -> Dict[str, Any]:
+  """Plots from results.jsonl, TensorBoard scalars, and this invocation's summary file."""
+  new = [r for r in job.records if not r.get("reused")]
+  if new:
+    report.write_scalars(job.workdir, new)
+  plots = []
+  all_recs = [r for r in report.read_records(job.workdir)
+              if r.get("workdir") == os.path.abspath(job.workdir)]
+  touched = {(r.get("step"), r.get("ema")) for r in job.records if r.get("metric") == "fid"}
+  pdir = os.path.join(report.eval_dir(job.workdir), "plots")
+  for step, ema in sorted(touched, key=str):
+    rows = [r for r in all_recs if r.get("step") == step and r.get("ema") == ema]
+    p = report.plot_fid_vs_nfe(rows, os.path.join(pdir, f"fid_vs_nfe-step{step}-{ema}.png"))
+    plots.append(p)
+  if touched:
+    plots.append(report.plot_fid_vs_step(all_recs, os.path.join(pdir, "fid_vs_step.png")))
+  plots = [p for p in plots if p]
+  summary = {"invocation": job.invocation, "mode": job.mode, "workdir": os.path.abspath(job.workdir),
+             "command": argv or sys.argv, "eval": job.ev.to_dict(), "records": job.records,
+             "files": sorted(set(job.files)) + plots, "seconds": time.time() - t_start}
+  path = os.path.join(report.eval_dir(job.workdir), "invocations", f"{job.invocation}.json")
+  if jax.process_index() == 0:
+    write_json_atomic(path, summary)
+  summary["summary_path"] = path
+  logging.info("eval finished in %s: %d records (%d new); results %s, this invocation %s; "
+               "tensorboard --logdir %s", format_seconds(time.time() - t_start),
+               len(job.records), len(new),
+               os.path.join(report.eval_dir(job.workdir), report.RESULTS), path,
+               report.eval_dir(job.workdir))
+  return summary

@@ -1,0 +1,147 @@
+"""What an evaluation leaves behind: results.jsonl records, TensorBoard scalars, plots and
+pictures (matplotlib, Agg backend; process 0 only)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List, Optional
+
+import jax
+import numpy as np
+
+RESULTS = "results.jsonl"
+
+
+def eval_dir(workdir: str) -> str:
+  return os.path.join(workdir, "eval")
+
+
+def append_records(workdir: str, records: Iterable[dict]) -> None:
+  """Append records to workdir/eval/results.jsonl (one JSON object a line)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(eval_dir(workdir), RESULTS)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    for r in records:
+      f.write(json.dumps(r, sort_keys=True, default=str) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_records(workdir: str) -> List[dict]:
+  path = os.path.join(eval_dir(workdir), RESULTS)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_scalars(workdir: str, records: Iterable[dict]) -> None:
+  """TensorBoard scalars eval/<metric>/<ema>/<sampler or split> at each record's step (logdir
+  workdir/eval; `tensorboard --logdir workdir` shows it beside the training curves)."""
+  from clu import metric_writers
+  writer = metric_writers.create_default_writer(eval_dir(workdir),
+                                                just_logging=jax.process_index() > 0,
+                                                asynchronous=False)
+  for r in records:
+    if r.get("value") is None or r.get("step") is None:
+      continue
+    what = r.get("sampler") or r.get("split") or "data"
+    writer.write_scalars(int(r["step"]), {f"eval/{r['metric']}/{r.get('ema', '-')}/{what}":
+                                          float(r["value"])})
+  writer.flush()
+  writer.close()
+
+
+def _latest(records: List[dict], key) -> Dict:
+  out = {}
+  for r in records:
+    out[key(r)] = r
+  return out
+
+
+def plot_fid_vs_nfe(records: List[dict], path: str, metric: str = "fid") -> Optional[str]:
+  """FID against NFE, one line per gamma (Heun on the score head as separate points), for the
+  records of one checkpoint and EMA; the newest record of each sampler counts."""
+  rows = [r for r in records if r.get("metric") == metric and r.get("nfe")]
+  if not rows:
+    return None
+  rows = list(_latest(rows, lambda r: r["sampler"]).values())
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  groups: Dict[str, list] = {}
+  for r in rows:
+    label = (f"gamma = {r['gamma']:g}" if r.get("kind") == "gamma" else
+             "teacher, EDM Heun" if r.get("kind") == "teacher_heun" else "EDM Heun (score head)")
+    groups.setdefault(label, []).append((r["nfe"], r["value"]))
+  for label, pts in sorted(groups.items()):
+    pts.sort()
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+  r0 = rows[0]
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("NFE")
+  ax.set_ylabel(metric.upper())
+  ax.set_title(f"step {r0.get('step')}, EMA {r0.get('ema')}, {r0.get('num_samples')} samples",
+               fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def plot_fid_vs_step(records: List[dict], path: str, metric: str = "fid") -> Optional[str]:
+  """FID against training step, one line per sampler and EMA (when >= 2 steps exist)."""
+  rows = [r for r in records if r.get("metric") == metric and r.get("step") is not None]
+  rows = list(_latest(rows, lambda r: (r["sampler"], r["ema"], r["step"])).values())
+  lines: Dict[str, list] = {}
+  for r in rows:
+    lines.setdefault(f"{r['sampler']} ({r['ema']})", []).append((r["step"], r["value"]))
+  if not any(len(v) >= 2 for v in lines.values()):
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  for label, pts in sorted(lines.items()):
+    pts.sort()
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+  ax.set_xlabel("training step")
+  ax.set_ylabel(metric.upper())
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def points_figure(samples: np.ndarray, reference: np.ndarray, path: str, title: str,
+                  lim: float = 2.0) -> Optional[str]:
+  """2-D samples beside the true data, on the same axes."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+  for ax, pts, name in ((axes[0], samples, title), (axes[1], reference, "data")):
+    ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color="k", rasterized=True)
+    ax.set_title(f"{name} ({len(pts)} points)", fontsize=9)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x1")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("x2")
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> Optional[str]:
+  import matplotlib.pyplot as plt
+  if jax.process_index() != 0:
+    plt.close(fig)
+    return None
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,184 @@
+"""Frechet Inception distance, kernel Inception distance and reference-statistics files.
+
+FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to two feature sets,
+  d^2 = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}),
+with mu the mean and S the unbiased covariance (np.cov, ddof 1), as pytorch-fid, NVIDIA's
+StyleGAN/EDM metrics and fid-helper-pytorch compute them (in float64).
+
+KID (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased MMD^2 with the cubic polynomial
+kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
+
+Statistics files are .npz with `mu` (d,) and `sigma` (d, d): the layout of EDM's
+`fid-refs/cifar10-32x32.npz` and pytorch-fid's `--save-stats` files, both of which `load_stats`
+reads; ours may add `features` (n, d) for KID and `meta` (a JSON string).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+# The Inception pool3 width (= ctm_jax.nets.inception.FEATURE_DIM; checked by the tests).
+INCEPTION_FEATURE_DIM = 2048
+
+
+def _as_features(features, name: str) -> np.ndarray:
+  f = np.asarray(features, np.float64)
+  if f.ndim != 2 or f.shape[0] < 2:
+    raise ValueError(f'{name}: expected features of shape (n >= 2, d), got {f.shape}')
+  if not np.all(np.isfinite(f)):
+    raise ValueError(f'{name}: features contain non-finite values')
+  return f
+
+
+def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) in float64: the mean and the unbiased covariance np.cov(features, rowvar=False)."""
+  f = _as_features(features, 'feature_statistics')
+  return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _clip_noise(w: np.ndarray) -> np.ndarray:
+  """Eigenvalues of a PSD matrix with those below its rounding floor set to 0: |w| <= d eps max|w|
+  (np.linalg.matrix_rank's tolerance). sqrt would magnify that noise (1e-16 -> 1e-8 each)."""
+  tol = w.size * np.finfo(np.float64).eps * max(float(np.max(np.abs(w))), 0.0)
+  return np.where(w > tol, w, 0.0)
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+  """Symmetric square root of a symmetric PSD matrix (eigenvalues at the rounding floor -> 0)."""
+  w, v = np.linalg.eigh(s)
+  return (v * np.sqrt(_clip_noise(w))) @ v.T
+
+
+def _check_gaussian(mu, sigma, name: str):
+  mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+  if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+    raise ValueError(f'{name}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}')
+  if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+    raise ValueError(f'{name}: non-finite mu or sigma')
+  return mu, 0.5 * (sigma + sigma.T)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr (S1 S2)^{1/2}.
+
+  Tr (S1 S2)^{1/2} = Tr (A S2 A)^{1/2} with A = S1^{1/2} (S1 S2 = A (A S2 A) A^{-1} has the
+  eigenvalues of the symmetric PSD A S2 A), so it is sum_i sqrt(lambda_i) from eigvalsh: real,
+  no complex sqrtm. Eigenvalues at the rounding floor count as 0, so singular S1 / S2 (fewer
+  samples than dimensions) do not pick up sqrt(1e-16)-sized terms: FID(P, P) = 0 to 1e-12.
+  """
+  mu1, s1 = _check_gaussian(mu1, sigma1, 'frechet_distance (first)')
+  mu2, s2 = _check_gaussian(mu2, sigma2, 'frechet_distance (second)')
+  if mu1.shape != mu2.shape:
+    raise ValueError(f'frechet_distance: the statistics have {mu1.shape[0]} and {mu2.shape[0]} '
+                     f'features')
+  a = _psd_sqrt(s1)
+  m = a @ s2 @ a
+  tr_sqrt = np.sum(np.sqrt(_clip_noise(np.linalg.eigvalsh(0.5 * (m + m.T)))))
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
+
+
+def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+  """Unbiased MMD^2 of two equal-size samples with k(a, b) = (a.b / d + 1)^3:
+  sum_{i != j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2."""
+  m, d = x.shape
+  kxx = (x @ x.T / d + 1.0) ** 3
+  kyy = (y @ y.T / d + 1.0) ** 3
+  kxy = (x @ y.T / d + 1.0) ** 3
+  within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+  return float(within - 2.0 * kxy.sum() / m ** 2)
+
+
+def kid(features_a, features_b, *, num_subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> Tuple[float, float]:
+  """Kernel Inception distance: (mean, standard error) of `polynomial_mmd2` over subsets.
+
+  Subset s draws m = min(subset_size, n_a, n_b) rows of a, then m rows of b, each without
+  replacement, from np.random.default_rng(seed) (subset_size is clipped to the smaller set).
+  stderr = std(ddof=1) over the subsets / sqrt(num_subsets) (nan for a single subset).
+  """
+  a = _as_features(features_a, 'kid (first)')
+  b = _as_features(features_b, 'kid (second)')
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f'kid: the feature sets have {a.shape[1]} and {b.shape[1]} dimensions')
+  if num_subsets < 1 or subset_size < 2:
+    raise ValueError(f'kid: num_subsets must be >= 1 and subset_size >= 2, got {num_subsets}, '
+                     f'{subset_size}')
+  m = min(subset_size, a.shape[0], b.shape[0])
+  rng = np.random.default_rng(seed)
+  vals = np.empty(num_subsets)
+  for s in range(num_subsets):
+    x = a[rng.choice(a.shape[0], m, replace=False)]
+    y = b[rng.choice(b.shape[0], m, replace=False)]
+    vals[s] = polynomial_mmd2(x, y)
+  stderr = vals.std(ddof=1) / np.sqrt(num_subsets) if num_subsets > 1 else float('nan')
+  return float(vals.mean()), float(stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics files.
+
+
+def save_stats(path, mu, sigma, features=None, **meta) -> None:
+  """Write `mu`, `sigma` (float64), optional `features` (float32) and `meta` (JSON) atomically:
+  a temporary file in the same folder, then os.replace (an existing file survives a failure)."""
+  path = os.fspath(path)
+  mu, sigma = _check_gaussian(mu, sigma, f'save_stats({path})')
+  arrays = dict(mu=mu, sigma=sigma)
+  if features is not None:
+    features = np.asarray(features, np.float32)
+    if features.ndim != 2 or features.shape[1] != mu.shape[0]:
+      raise ValueError(f'save_stats({path}): features must be (n, {mu.shape[0]}), got '
+                       f'{features.shape}')
+    arrays['features'] = features
+  try:
+    arrays['meta'] = np.asarray(json.dumps(meta, sort_keys=True))
+  except TypeError as e:
+    raise ValueError(f'save_stats({path}): meta must be JSON-serialisable ({e})') from None
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_stats(path, feature_dim: Optional[int] = INCEPTION_FEATURE_DIM) -> dict:
+  """{'mu', 'sigma', 'features' (None if absent), 'meta' (dict)} from an .npz with `mu`, `sigma`.
+
+  Reads ours, EDM's `cifar10-32x32.npz` and pytorch-fid's stats files. `feature_dim` (default
+  the Inception pool3 width; None: any) is the width the features must have. Errors name the
+  file and the problem.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f'{path}: no such statistics file')
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      data = {k: z[k] for k in z.files}
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f'{path}: not an .npz statistics file ({type(e).__name__}: {e})') from None
+  missing = [k for k in ('mu', 'sigma') if k not in data]
+  if missing:
+    raise ValueError(f'{path}: statistics file lacks {missing} (has {sorted(data)})')
+  mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
+  if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+    raise ValueError(f'{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}')
+  if feature_dim is not None and mu.shape[0] != feature_dim:
+    raise ValueError(f'{path}: the reference statistics have {mu.shape[0]} features, the network '
+                     f'gives {feature_dim}')
+  features = data.get('features')
+  if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
+    raise ValueError(f'{path}: features must be (n, {mu.shape[0]}), got {features.shape}')
+  meta = {}
+  if 'meta' in data:
+    try:
+      meta = json.loads(str(data['meta']))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: meta is not JSON ({e})') from None
+  return dict(mu=mu, sigma=sigma, features=features, meta=meta)

@@ -1,0 +1,132 @@
+"""Loading a trained run: its config, its model and the parameters of one EMA.
+
+This module sits below the training loop (it imports no method and not ctm_jax.train), so
+the teacher, the evaluation jobs and the launch scripts can load runs without the loop that
+drives the methods.  `load_params` restores only the parameters it is asked for with an
+Orbax partial restore of the saved TrainState: no optimizer, method, teacher or
+discriminator is built and their arrays are never read.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ctm_jax import checkpointing, config_lib, data, diffusion, flow_map, nets, parallel, train_state
+
+RAW_PARAMS = "params"     # load_params(ema=RAW_PARAMS): the trained (non-averaged) parameters
+
+
+class NotARunError(config_lib.UserError, FileNotFoundError):
+  """A directory that holds no ctm-jax run (no config.json) or no checkpoint."""
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (workdir/config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise NotARunError(f"{path} not found: {workdir!r} is not a ctm-jax run directory "
+                       f"(launch.train writes config.json there)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def schedule_from_config(config) -> diffusion.Schedule:
+  d = config.diffusion
+  return diffusion.Schedule(d.sigma_min, d.sigma_max, d.sigma_data, d.rho)
+
+
+def uses_s(config) -> bool:
+  """Whether the run's network takes the second time input s: CTM's, and TCD's unless
+  config.tcd.s_input is False (the TCD paper's network, where s enters only by DDIM)."""
+  return config.method == "ctm" or (config.method == "tcd" and bool(config.tcd.s_input))
+
+
+def build_model(config, *, use_s: Optional[bool] = None) -> flow_map.FlowModel:
+  """The FlowModel (network + EDM preconditioning) that config describes."""
+  info = data.dataset_info(config.data.dataset)
+  label_dim = info.num_classes if config.data.class_conditional else 0
+  net = nets.build_net(config.model, use_s=uses_s(config) if use_s is None else use_s,
+                       label_dim=label_dim, data_shape=info.shape,
+                       compute_dtype=config.training.compute_dtype)
+  return flow_map.FlowModel(net, schedule_from_config(config), config.diffusion.c_noise)
+
+
+def example_input(config, batch: int = 1):
+  info = data.dataset_info(config.data.dataset)
+  return jnp.zeros((batch,) + tuple(info.shape), jnp.float32)
+
+
+def example_labels(config, batch: int = 1):
+  return jnp.zeros((batch,), jnp.int32) if config.data.class_conditional else None
+
+
+def abstract_params(config, model: Optional[flow_map.FlowModel] = None):
+  """ShapeDtypeStructs of the model's parameters (eval_shape: nothing is computed)."""
+  model = model or build_model(config)
+  return jax.eval_shape(lambda k: model.init(k, example_input(config), example_labels(config)),
+                        jax.random.PRNGKey(0))
+
+
+def checkpoint_steps(workdir: str) -> List[int]:
+  """The finished checkpoint steps of a run, ascending (unfinished temporaries are ignored)."""
+  d = checkpointing.checkpoint_dir(workdir)
+  if not os.path.isdir(d):
+    return []
+  # Orbax writes a step into a temporary directory and renames it to the bare step number
+  # when it is complete, so digit-only names are the finished checkpoints.
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def resolve_step(workdir: str, step: Optional[int]) -> int:
+  """`step` if that checkpoint exists, the newest one for None; errors list what exists."""
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise NotARunError(f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise config_lib.ConfigError(f"checkpoint step {step} is not in {workdir!r}; it has {steps}")
+  return step
+
+
+def ema_names(config) -> List[str]:
+  return train_state.ema_names(config.ema)
+
+
+def choose_ema(config, ema: Optional[str] = None, field: str = "config.eval.ema") -> str:
+  """The EMA to load: `ema`, else config.sampling.eval_ema, else the run's first EMA.
+  RAW_PARAMS names the trained parameters themselves."""
+  names = ema_names(config)
+  name = ema or config.sampling.get("eval_ema", "") or names[0]
+  if name != RAW_PARAMS and name not in names:
+    raise config_lib.ConfigError(f"{field} = {name!r} is not an EMA of this run: accepted "
+                                 f"{names + [RAW_PARAMS]}")
+  return name
+
+
+def load_params(config, workdir: str, step: Optional[int] = None, ema: Optional[str] = None, *,
+                mesh=None, field: str = "config.eval.ema") -> Tuple[Any, int, str]:
+  """(params, step, ema_name): one EMA's parameters (or RAW_PARAMS) of checkpoint `step`
+  (None = newest), restored alone from the saved TrainState.
+
+  With a mesh the arrays come back as jax.Arrays laid out by the training FSDP rule on it;
+  without one, as host numpy arrays.
+  """
+  name = choose_ema(config, ema, field)
+  step = resolve_step(workdir, step)
+  target = abstract_params(config)
+  if mesh is not None:
+    target = checkpointing.abstract_with_shardings(target, parallel.tree_shardings(mesh, target))
+  subtree = {RAW_PARAMS: target} if name == RAW_PARAMS else {"ema": {name: target}}
+  ckpt = checkpointing.Checkpointer(workdir, config.training, read_only=True)
+  try:
+    out = ckpt.restore_subtree(step, subtree)
+  finally:
+    ckpt.close()
+  params = out[RAW_PARAMS] if name == RAW_PARAMS else out["ema"][name]
+  return params, step, name

@@ -1,0 +1,84 @@
+r"""Evaluate a trained run: samples, FID / KID, NLL, FID reference statistics.
+
+  python -m launch.eval --workdir=DIR --mode=sample|fid|nll|fid_stats|all \
+      [--config.eval.FIELD=VALUE ...] [--run_config=configs/FILE.py]
+
+Settings are config.eval (configs/base.py eval_block): the defaults, then the run's own
+config.eval from DIR/config.json, then --config.eval.FIELD overrides.  The job works in shards
+under DIR/eval/ and resumes from them when re-run with the same command; results go to
+DIR/eval/results.jsonl (docs/eval_jobs.md).  A mistake in the settings ends in one line on
+stderr and exit status 2 (--verbose shows the traceback).
+"""
+import importlib.util
+import os
+import sys
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from configs import base
+from launch import common
+
+
+def check_flags(argv):
+  """A misspelled --config.eval.X: one line and exit 2, before the config flag reads it."""
+  from ctm_jax import config_lib
+  from ctm_jax.evaljob import settings
+  try:
+    settings.check_override_names([a for a in argv[1:] if a.startswith("--config.")],
+                                  base.eval_block())
+  except config_lib.ConfigError as e:
+    sys.stderr.write(f"launch.eval: error: {e}\n")
+    sys.exit(2)
+
+
+if __name__ == "__main__":   # before the config flag reads the command line
+  check_flags(sys.argv)
+
+_EVAL = config_flags.DEFINE_config_dict(
+    "config", ml_collections.ConfigDict({"eval": base.eval_block()}),
+    "Evaluation settings: --config.eval.FIELD=VALUE.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_MODE = flags.DEFINE_enum("mode", "sample", ["sample", "fid", "nll", "fid_stats", "all"],
+                          "What to compute.")
+_RUN_CONFIG = flags.DEFINE_string(
+    "run_config", "", "Use this config file for the run instead of DIR/config.json "
+    "(FILE.py or FILE.py:arg).")
+_FAKE_DEVICES = flags.DEFINE_integer(
+    "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def load_run_config(workdir: str, run_config: str):
+  from ctm_jax import config_lib, runs
+  if not run_config:
+    return runs.load_run_config(workdir)
+  path, _, arg = run_config.partition(":")
+  if not os.path.isfile(path):
+    raise config_lib.UserError(f"--run_config={run_config}: no such file {path!r}")
+  spec = importlib.util.spec_from_file_location("run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def main(argv):
+  if len(argv) > 1:
+    from absl import app
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: give every setting as --flag=value "
+                         f"or --config.eval.FIELD=value")
+  if _FAKE_DEVICES.value:
+    from ctm_jax import parallel
+    parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
+  from ctm_jax import parallel
+  from ctm_jax.evaljob import jobs, settings
+  config = load_run_config(_WORKDIR.value, _RUN_CONFIG.value)
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  ev = settings.merge_eval(base.eval_block(), config, overrides)
+  parallel.maybe_initialize_distributed(config.distributed)
+  jobs.run(_WORKDIR.value, _MODE.value, ev, config, argv=sys.argv)
+
+
+if __name__ == "__main__":
+  common.run(main, "launch.eval")

@@ -1,0 +1,627 @@
+"""The evaluation binary: run loading (partial restore, import layering), sharded resumable
+jobs (kill at a shard boundary, mid-shard, half-written shards), device-count invariance,
+result records, and every refusal of bad settings."""
+import ast
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base, toy_ctm
+from ctm_jax import config_lib, parallel, runs, train
+from ctm_jax import data as data_lib
+from ctm_jax.evaljob import jobs, report, settings, shards
+from launch_utils import ROOT, set_fields, subprocess_env
+from test_ctm_images import tiny_edm
+from test_train import tiny_config
+
+
+
+def tiny_toy(**overrides):
+  return tiny_config(**{"training.num_train_steps": 3, "training.checkpoint_every": 2,
+                        "ema.rates": (0.9, 0.99), **overrides})
+
+
+def tiny_digits(**overrides):
+  return tiny_edm(**{"model.model_channels": 8, "model.channel_mult": (1,),
+                     "model.attn_resolutions": (), "training.num_train_steps": 2,
+                     "training.checkpoint_every": 2, **overrides})
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("toy_run"))
+  train.train_and_evaluate(tiny_toy(), wd)
+  return wd
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("digits_run"))
+  train.train_and_evaluate(tiny_digits(), wd)
+  return wd
+
+
+def copy_run(src, dst):
+  """A copy of a run without its eval/ outputs."""
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval"))
+  return str(dst)
+
+
+def eval_settings(workdir, **fields):
+  config = runs.load_run_config(workdir)
+  return settings.merge_eval(base.eval_block(), config, {f"eval.{k}": v for k, v in fields.items()}), config
+
+
+def _leaves(t):
+  return [np.asarray(v) for v in jax.tree_util.tree_leaves(t)]
+
+
+# ----------------------------------------------------------------------------- run loading
+
+def test_partial_restore_equals_full_restore(toy_run):
+  config = runs.load_run_config(toy_run)
+  _, state, step = train.load_state(config, toy_run)
+  state = jax.device_get(state)
+  assert step == 3
+  mesh = parallel.make_mesh(config.mesh)
+  for name in ("rate_0p9", "rate_0p99", runs.RAW_PARAMS):
+    full = state.params if name == runs.RAW_PARAMS else state.ema[name]
+    for m in (None, mesh):
+      got, got_step, got_name = runs.load_params(config, toy_run, None, name, mesh=m)
+      assert (got_step, got_name) == (3, name)
+      assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(full)
+      assert all(np.array_equal(a, b) for a, b in zip(_leaves(got), _leaves(full)))
+  # The two EMAs differ (a restore of the wrong subtree would be caught).
+  assert not all(np.array_equal(a, b) for a, b in
+                 zip(_leaves(state.ema["rate_0p9"]), _leaves(state.ema["rate_0p99"])))
+  # An older checkpoint, and the default EMA (the first rate).
+  _, old, _ = train.load_state(config, toy_run, 2)
+  got, s, name = runs.load_params(config, toy_run, 2)
+  assert (s, name) == (2, "rate_0p9")
+  assert all(np.array_equal(a, b) for a, b in zip(_leaves(got), _leaves(jax.device_get(old.ema["rate_0p9"]))))
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.ema = 'rate_0p5'.*rate_0p9"):
+    runs.load_params(config, toy_run, None, "rate_0p5")
+  with pytest.raises(config_lib.ConfigError, match=r"step 7 .*\[2, 3\]"):
+    runs.load_params(config, toy_run, 7)
+
+
+LOW_MODULES = ["ctm_jax/teacher.py", "ctm_jax/evaluate.py", "ctm_jax/runs.py",
+               "ctm_jax/checkpointing.py", "ctm_jax/config_lib.py"]
+
+
+def _imports_train(path):
+  tree = ast.parse(open(os.path.join(ROOT, path)).read())
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import) and any(a.name == "ctm_jax.train" for a in node.names):
+      return True
+    if isinstance(node, ast.ImportFrom):
+      if node.module == "ctm_jax.train" or (node.module == "ctm_jax" and
+                                            any(a.name == "train" for a in node.names)):
+        return True
+  return False
+
+
+def test_nothing_below_train_imports_train(toy_run, tmp_path):
+  files = LOW_MODULES + sorted(os.path.relpath(p, ROOT) for p in
+                               glob.glob(os.path.join(ROOT, "ctm_jax/methods/*.py")) +
+                               glob.glob(os.path.join(ROOT, "ctm_jax/evaljob/*.py")))
+  assert not [f for f in files if _imports_train(f)]
+  assert _imports_train("launch/train.py")               # the scanner finds a known importer
+  assert _imports_train("tests/test_eval.py")
+  # At run time too: a CTM teacher loaded from a checkpoint and an evaluation job.
+  code = f"""
+import sys
+from configs import toy_ctm
+from ctm_jax import teacher, evaluate, runs
+from ctm_jax.methods import ctm
+from ctm_jax.evaljob import jobs
+c = toy_ctm.get_config(); c.unlock()
+c.teacher.source = "checkpoint"; c.teacher.workdir = {toy_run!r}
+c.teacher.config = runs.load_run_config({toy_run!r})
+t = teacher.Teacher(c); p = t.params()
+assert "ctm_jax.train" not in sys.modules, "ctm_jax.train was imported"
+print("OK", len(p))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- shards
+
+def test_shard_store_detects_incomplete_files(tmp_path):
+  store = shards.ShardStore(str(tmp_path / "s"), {"a": 1}, total=10, shard_size=4)
+  assert store.num_shards == 3 and [store.count(i) for i in range(3)] == [4, 4, 2]
+  x = np.arange(8, dtype=np.float32).reshape(4, 2)
+  store.save(0, {"x": x})
+  np.testing.assert_array_equal(store.load(0)["x"], x)
+  assert store.load(1) is None                                      # missing
+  with pytest.raises(ValueError, match="3 rows, expected 4"):
+    store.save(1, {"x": x[:3]})
+  raw = open(store.path(0), "rb").read()
+  open(store.path(0), "wb").write(raw[:len(raw) // 2])              # half-written
+  assert store.load(0) is None
+  # One payload byte changed: the zip's CRC catches it ...
+  i = raw.index(x.tobytes())
+  open(store.path(0), "wb").write(raw[:i] + bytes([raw[i] ^ 1]) + raw[i + 1:])
+  assert store.load(0) is None
+  # ... and a well-formed file whose rows are not the ones written, the shard's own checksum.
+  with np.load(io.BytesIO(raw)) as z:
+    fields = {k: z[k] for k in z.files}
+  fields["x"] = fields["x"] + 1
+  np.savez(store.path(0), **fields)
+  assert store.load(0) is None
+  # A shard made for a larger total serves a smaller one; a shorter one does not.
+  store.save(0, {"x": x})
+  small = shards.ShardStore(str(tmp_path / "s"), {"a": 1}, total=3, shard_size=4)
+  np.testing.assert_array_equal(small.load(0)["x"], x[:3])
+  store.save(2, {"x": x[:2]})
+  bigger = shards.ShardStore(str(tmp_path / "s"), {"a": 1}, total=12, shard_size=4)
+  assert bigger.load(2) is None
+  with pytest.raises(RuntimeError, match="other settings"):
+    shards.ShardStore(str(tmp_path / "s"), {"a": 2}, total=3, shard_size=4)
+
+
+def _sample_arrays(summary):
+  rec = [r for r in summary["records"] if r.get("samples")][0]
+  d = rec["samples"]
+  files = sorted(glob.glob(os.path.join(d, "shard_*.npz")))
+  return d, files, np.concatenate([np.load(f)["x"] for f in files])
+
+
+def test_sample_job_resumes_identically_after_lost_and_half_written_shards(toy_run, tmp_path):
+  wd = copy_run(toy_run, tmp_path / "run")
+  ev, config = eval_settings(wd, num_samples=640, batch_size=64, shard_size=128,
+                             reference_seeds=2)
+  first = jobs.run(wd, "sample", ev, config)
+  mmd = [r for r in first["records"] if r["metric"] == "mmd"][0]
+  d, files, x_first = _sample_arrays(first)
+  assert len(files) == 5 and x_first.shape == (640, 2)
+  # x_T of batch b of shard i is sigma_max * N(fold_in(fold_in(key(seed), i), b)): check one.
+  k = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 3), 1))[0]
+  model = runs.build_model(config)
+  params, _, _ = runs.load_params(config, wd)
+  from ctm_jax import samplers
+  x_T = 80.0 * jax.random.normal(k, (64, 2))
+  want = samplers.edm_heun_sampler(model.denoise_fn(params), x_T, 18, model.schedule)
+  np.testing.assert_allclose(x_first[3 * 128 + 64:3 * 128 + 128], want, rtol=1e-4, atol=1e-4)
+
+  # A kill at a shard boundary loses whole shards; a kill mid-write leaves a temporary file
+  # (never a half shard under the final name, but we also plant one to be sure it is caught).
+  os.remove(files[1])
+  raw = open(files[3], "rb").read()
+  open(files[3], "wb").write(raw[:len(raw) // 3])
+  stray = os.path.join(os.path.dirname(files[4]), ".tmp-999-shard_00004.npz")
+  open(stray, "wb").write(raw[:100])
+  result = [f for f in first["files"] if f.endswith(".json") and "toy-" in f][0]
+  os.remove(result)
+  second = jobs.run(wd, "sample", ev, config)
+  _, files2, x_second = _sample_arrays(second)
+  assert np.array_equal(x_first, x_second) and not os.path.exists(stray)
+  mmd2 = [r for r in second["records"] if r["metric"] == "mmd"][0]
+  assert mmd2["value"] == mmd["value"] and not mmd2.get("reused")
+  # A finished setting is not recomputed: its record is reused, results.jsonl not appended.
+  n_lines = len(report.read_records(wd))
+  third = jobs.run(wd, "sample", ev, config)
+  assert all(r.get("reused") for r in third["records"])
+  assert len(report.read_records(wd)) == n_lines
+  # Each invocation's summary lists its records and files, all present.
+  summ = json.load(open(third["summary_path"]))
+  assert all(os.path.exists(f) for f in summ["files"])
+
+
+def _run_eval_cmd(workdir, *args, devices=1):
+  return [sys.executable, "-m", "launch.eval", f"--workdir={workdir}",
+          f"--fake_cpu_devices={devices}", *args]
+
+
+def test_killed_subprocess_resumes_to_the_same_samples(toy_run, tmp_path):
+  args = ["--mode=sample", "--config.eval.samplers=heun:40", "--config.eval.num_samples=4096",
+          "--config.eval.batch_size=256", "--config.eval.shard_size=256",
+          "--config.eval.reference_seeds=1"]
+  killed = copy_run(toy_run, tmp_path / "killed")
+  proc = subprocess.Popen(_run_eval_cmd(killed, *args), cwd=ROOT, env=subprocess_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if glob.glob(os.path.join(killed, "eval", "step_*", "*", "*", "samples", "shard_00001.npz")):
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  done = subprocess.run(_run_eval_cmd(killed, *args), cwd=ROOT, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  # The same job uninterrupted, in this process on one device.
+  ref = copy_run(toy_run, tmp_path / "ref")
+  ev, config = eval_settings(ref, samplers="heun:40", num_samples=4096, batch_size=256,
+                             shard_size=256, reference_seeds=1)
+  summary = jobs.run(ref, "sample", ev, config, devices=jax.devices()[:1])
+  _, files, x_ref = _sample_arrays(summary)
+  d = glob.glob(os.path.join(killed, "eval", "step_*", "*", "*", "samples"))[0]
+  x_killed = np.concatenate([np.load(f)["x"] for f in sorted(glob.glob(os.path.join(d, "shard_*.npz")))])
+  assert np.array_equal(x_killed, x_ref)
+  rec = lambda wd: [r for r in report.read_records(wd) if r["metric"] == "mmd"][-1]["value"]
+  assert rec(killed) == rec(ref)
+
+
+# ----------------------------------------------------------------------------- FID path
+
+@pytest.fixture(scope="module")
+def fid_module():
+  from ctm_jax.metrics import fid
+  return fid
+
+
+def fake_feature_fn(seed: int = 0):
+  """uint8 NHWC images -> (B, 2048): tanh of a fixed random projection of the pixels, in place
+  of Inception (the jobs' bookkeeping does not depend on the network).  Row-wise."""
+  cache = {}
+
+  def fn(images):
+    x = np.asarray(images, np.float64).reshape(len(images), -1) / 255.0
+    if x.shape[1] not in cache:
+      w = np.random.default_rng(seed).normal(size=(x.shape[1], 2048))
+      cache[x.shape[1]] = w / np.sqrt(x.shape[1])
+    return np.tanh(x @ cache[x.shape[1]] * 3.0).astype(np.float32)
+  return fn
+
+
+def _weights_file(tmp_path):
+  p = tmp_path / "inception_standin.npz"
+  np.savez(p, w=np.zeros(3))
+  return str(p), shards.file_sha256(str(p))
+
+
+FID_COMMON = dict(batch_size=32, shard_size=64, kid_subsets=10, kid_subset_size=50,
+                  fid_split="test")
+
+
+@pytest.fixture(scope="module")
+def digits_stats(digits_run, tmp_path_factory, fid_module):
+  """Reference statistics of the digits test split with the stand-in features (one job)."""
+  tmp = tmp_path_factory.mktemp("digits_stats")
+  weights, sha = _weights_file(tmp)
+  stats = str(tmp / "stats" / "digits-test.npz")
+  wd = copy_run(digits_run, tmp / "run")
+  feat = fake_feature_fn()
+  ev, config = eval_settings(wd, inception_weights=weights, ref_stats=stats, **FID_COMMON)
+  summary = jobs.run(wd, "fid_stats", ev, config, feature_fn=feat, feature_id=sha)
+  return dict(stats=stats, weights=weights, sha=sha, feat=feat, summary=summary,
+              common=dict(inception_weights=weights, ref_stats=stats, **FID_COMMON))
+
+
+def _value(summary, metric):
+  return [r["value"] for r in summary["records"] if r["metric"] == metric][0]
+
+
+def test_fid_stats_and_fid_records(digits_run, digits_stats, tmp_path, fid_module):
+  feat, sha, stats = digits_stats["feat"], digits_stats["sha"], digits_stats["stats"]
+  st = fid_module.load_stats(stats)
+  data_u8 = np.rint((data_lib.load_split("digits", "test")["x"] + 1) * 127.5).astype(np.uint8)
+  data_feats = feat(data_u8).astype(np.float64)
+  np.testing.assert_allclose(st["mu"], data_feats.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(st["sigma"], np.cov(data_feats, rowvar=False), rtol=1e-4, atol=1e-6)
+  assert st["meta"]["dataset"] == "digits" and list(st["meta"]["resolution"]) == [8, 8, 1]
+  assert st["meta"]["count"] == 300 and st["features"].shape == (300, 2048)
+  halves = {r["metric"]: r for r in digits_stats["summary"]["records"]}
+  assert halves["fid_data_halves"]["num_samples"] == 150 and halves["kid_data_halves"]["stderr"] > 0
+
+  wd = copy_run(digits_run, tmp_path / "run")
+  ev, config = eval_settings(wd, samplers="heun:2,heun:3", num_samples=160, **digits_stats["common"])
+  summary = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=sha)
+  recs = {(r["metric"], r["sampler"]): r for r in summary["records"]}
+  for sampler in ("heun:2", "heun:3"):
+    r = recs[("fid", sampler)]
+    for f in ("value", "sampler", "nfe", "gamma", "num_samples", "ref_stats", "ref_count", "ema",
+              "step", "weights", "weights_sha256", "seconds", "network", "resize",
+              "ref_stats_sha256", "invocation", "samples", "grid"):
+      assert f in r, f
+    assert (r["num_samples"], r["ref_count"], r["step"], r["ema"]) == (160, 300, 2, "rate_0p999")
+    assert r["nfe"] == {"heun:2": 3, "heun:3": 5}[sampler] and r["weights_sha256"] == sha
+    assert r["ref_stats_sha256"] == shards.file_sha256(stats)
+    d = os.path.dirname(r["samples"])
+    fdir = glob.glob(os.path.join(d, "features-*"))[0]
+    f_s = np.concatenate([np.load(f)["features"] for f in sorted(glob.glob(os.path.join(fdir, "shard_*.npz")))])
+    x_s = np.concatenate([np.load(f)["x"] for f in sorted(glob.glob(os.path.join(r["samples"], "shard_*.npz")))])
+    assert x_s.dtype == np.uint8 and x_s.shape == (160, 8, 8, 1)
+    np.testing.assert_allclose(f_s, feat(x_s), rtol=1e-6)
+    # The FID of the cached features against the statistics of freshly computed data features
+    # (the Frechet formula itself is tested with the FID module).
+    f64 = f_s.astype(np.float64)
+    want = fid_module.frechet_distance(f64.mean(0), np.cov(f64, rowvar=False),
+                                       data_feats.mean(0), np.cov(data_feats, rowvar=False))
+    np.testing.assert_allclose(r["value"], want, rtol=1e-6)
+    k = recs[("kid", sampler)]
+    assert k["stderr"] > 0 and k["kid_subset_size"] == 50
+    np.testing.assert_allclose(k["value"], fid_module.kid(f_s, st["features"], num_subsets=10,
+                                                          subset_size=50, seed=0)[0], rtol=1e-9)
+    assert os.path.exists(r["grid"])
+  assert os.path.exists(os.path.join(wd, "eval", "plots", "fid_vs_nfe-step2-rate_0p999.png"))
+  assert glob.glob(os.path.join(wd, "eval", "events.out.tfevents.*"))
+  lines = report.read_records(wd)
+  assert {("fid", "heun:2"), ("fid", "heun:3")} <= {(l["metric"], l.get("sampler")) for l in lines}
+
+
+def test_two_devices_give_the_same_fid_as_one(digits_run, digits_stats, tmp_path, fid_module):
+  out = []
+  for n in (1, 2):
+    wd = copy_run(digits_run, tmp_path / f"run{n}")
+    ev, config = eval_settings(wd, num_samples=96, samplers="heun:3", **digits_stats["common"])
+    s = jobs.run(wd, "fid", ev, config, feature_fn=digits_stats["feat"],
+                 feature_id=digits_stats["sha"], devices=jax.devices()[:n])
+    out.append((s, _sample_arrays(s)[2]))
+  (s1, x1), (s2, x2) = out
+  assert np.array_equal(x1, x2)
+  assert _value(s1, "fid") == _value(s2, "fid") and _value(s1, "kid") == _value(s2, "kid")
+
+
+def test_fid_resumes_identically_after_an_interrupted_feature_shard(digits_run, digits_stats,
+                                                                    tmp_path, fid_module):
+  feat, sha = digits_stats["feat"], digits_stats["sha"]
+  wd = copy_run(digits_run, tmp_path / "run")
+  ev, config = eval_settings(wd, num_samples=160, samplers="heun:2", **digits_stats["common"])
+  calls = []
+
+  def dying(images):            # "killed" in the middle of the second feature shard
+    calls.append(1)
+    if len(calls) == 4:
+      raise KeyboardInterrupt("killed")
+    return feat(images)
+
+  with pytest.raises(KeyboardInterrupt):
+    jobs.run(wd, "fid", ev, config, feature_fn=dying, feature_id=sha)
+  assert all(r["metric"] != "fid" for r in report.read_records(wd))
+  resumed = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=sha)
+  fresh = jobs.run(copy_run(digits_run, tmp_path / "fresh"), "fid", ev, config,
+                   feature_fn=feat, feature_id=sha)
+  assert _value(resumed, "fid") == _value(fresh, "fid")
+  assert _value(resumed, "kid") == _value(fresh, "kid")
+
+
+# ----------------------------------------------------------------------------- NLL path
+
+def test_nll_job_with_a_closed_form_logp(toy_run, tmp_path):
+  """The job's bookkeeping around a likelihood function: per-example values, mean and standard
+  error against numpy, and an identical result after a lost shard."""
+  wd = copy_run(toy_run, tmp_path / "run")
+  ev, config = eval_settings(wd, nll_num_examples=200, nll_batch_size=16, shard_size=64,
+                             batch_size=16)
+
+  def logp_fn(params, x, key, labels):
+    del params, labels
+    gauss = -0.5 * jnp.sum(x ** 2, 1) / 4.0 - jnp.log(2 * jnp.pi * 4.0)
+    return {"logp": gauss + 1e-3 * jax.random.normal(key, x.shape[:1]), "nfe": jnp.int32(7)}
+
+  first = jobs.run(wd, "nll", ev, config, logp_fn=logp_fn)
+  r = first["records"][0]
+  x = data_lib.load_split("toy_gmm", "test", max_examples=200)["x"].astype(np.float64)
+  nll = 0.5 * np.sum(x ** 2, 1) / 4.0 + np.log(2 * np.pi * 4.0)
+  assert (r["metric"], r["unit"], r["num_examples"], r["split"]) == ("nll", "nats", 200, "test")
+  assert abs(r["value"] - nll.mean()) < 3e-4
+  assert abs(r["stderr"] - nll.std(ddof=1) / np.sqrt(200)) < 1e-4 and r["nfe_mean"] == 7
+  d = r["shards"]
+  os.remove(os.path.join(d, "shard_00001.npz"))
+  os.remove(os.path.join(d, "nll.json"))
+  second = jobs.run(wd, "nll", ev, config, logp_fn=logp_fn)
+  assert second["records"][0]["value"] == r["value"]
+
+
+# ----------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("fields,mode,pattern", [
+    (dict(samplers="gamma:0:0"), "sample", r"config\.eval\.samplers: sampler .gamma:0:0.: NFE 0 is outside \[1, 1000\]"),
+    (dict(samplers="heun:1"), "sample", r"config\.eval\.samplers: .*heun:<steps >= 2>"),
+    (dict(samplers="gamma:0:1001"), "sample", r"config\.eval\.samplers: .*NFE 1001 is outside \[1, 1000\]"),
+    (dict(samplers="gamma:1.5:2"), "sample", r"config\.eval\.samplers: .*gamma = 1\.5 is outside \[0, 1\]"),
+    (dict(samplers="warp:3"), "sample", r"config\.eval\.samplers: bad sampler 'warp:3': use onestep"),
+    (dict(samplers="onestep"), "sample", r"'onestep' jumps with CTM's G\(x, t, s\).*edm run.*heun"),
+    (dict(samplers="cm:2"), "sample", r"'cm:2' jumps with CTM's"),
+    (dict(samplers="teacher_heun:18"), "sample", r"samples a CTM run's teacher"),
+    (dict(batch_size=12), "sample", r"config\.eval\.batch_size = 12 must be divisible by the device count 8"),
+    (dict(batch_size=64, shard_size=100), "sample", r"config\.eval\.shard_size = 100 must be a multiple"),
+    (dict(ema="rate_0p5"), "sample", r"config\.eval\.ema = 'rate_0p5' is not an EMA.*rate_0p9"),
+    (dict(checkpoints="5"), "sample", r"config\.eval\.checkpoints: steps \[5\] .*\[2, 3\]"),
+    (dict(checkpoints="newest"), "sample", r"config\.eval\.checkpoints must be 'latest', 'all'"),
+    (dict(num_samples=0), "sample", r"config\.eval\.num_samples must be in \[1, inf\)"),
+    (dict(nll_divergence="exactly"), "nll", r"config\.eval\.nll_divergence must be one of"),
+    (dict(nll_probes=0), "nll", r"config\.eval\.nll_probes must be in \[1, inf\)"),
+    (dict(nll_rtol=0.0), "nll", r"config\.eval\.nll_rtol must be in \(0"),
+    (dict(nll_split="val"), "nll", r"config\.eval\.nll_split must be one of \('', 'train', 'test'\)"),
+    (dict(), "fid", r"--mode=fid needs an image data set"),
+])
+def test_bad_settings_are_refused_before_any_compute(toy_run, tmp_path, fields, mode, pattern):
+  wd = copy_run(toy_run, tmp_path / "run")
+  ev, config = eval_settings(wd, **fields)
+  with pytest.raises(config_lib.ConfigError, match=pattern):
+    jobs.run(wd, mode, ev, config)
+  assert not os.path.exists(os.path.join(wd, "eval"))
+
+
+def test_fid_inputs_are_checked(digits_run, tmp_path, fid_module):
+  wd = copy_run(digits_run, tmp_path / "run")
+  ev, config = eval_settings(wd, **FID_COMMON)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.inception_weights must name"):
+    jobs.run(wd, "fid", ev, config)
+  ev, _ = eval_settings(wd, **FID_COMMON, inception_weights=str(tmp_path / "nope.npz"))
+  with pytest.raises(config_lib.ConfigError, match=r"inception_weights = .*nope\.npz.*no such file"):
+    jobs.run(wd, "fid", ev, config)
+  weights, _ = _weights_file(tmp_path)
+  ev, _ = eval_settings(wd, **FID_COMMON, inception_weights=weights, ref_stats=str(tmp_path / "none.npz"))
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.ref_stats = .*none\.npz.*--mode=fid_stats"):
+    jobs.run(wd, "fid", ev, config)
+  cases = [(dict(mu=np.zeros(64), sigma=np.eye(64)), {}, r"holds 64-d statistics.*2048-d"),
+           (dict(mu=np.zeros(2048), sigma=np.eye(2048)), dict(dataset="digits", resolution=[32, 32, 3]),
+            r"is of \(32, 32, 3\) images; this run makes \(8, 8, 1\)"),
+           (dict(mu=np.zeros(2048), sigma=np.eye(2048)), dict(dataset="cifar10"),
+            r"computed on 'cifar10'.*'digits'")]
+  for i, (arrays, meta, pattern) in enumerate(cases):
+    path = str(tmp_path / f"stats{i}.npz")
+    fid_module.save_stats(path, arrays["mu"], arrays["sigma"], **meta)
+    ev, _ = eval_settings(wd, **FID_COMMON, inception_weights=weights, ref_stats=path)
+    with pytest.raises(config_lib.ConfigError, match=pattern):
+      jobs.run(wd, "fid", ev, config)
+  assert not os.path.exists(os.path.join(wd, "eval"))
+
+
+def test_nll_needs_a_score_head_and_a_run(toy_run, tmp_path, monkeypatch):
+  from ctm_jax.methods import edm
+  wd = copy_run(toy_run, tmp_path / "run")
+  ev, config = eval_settings(wd)
+  monkeypatch.setattr(edm.EDM, "has_score_head", False)
+  with pytest.raises(config_lib.ConfigError, match=r"--mode=nll: .*score head.*'edm' run has none"):
+    jobs.run(wd, "nll", ev, config)
+  with pytest.raises(runs.NotARunError, match="not a ctm-jax run directory"):
+    runs.load_run_config(str(tmp_path))
+  os.makedirs(tmp_path / "empty" / "checkpoints")
+  shutil.copy(os.path.join(wd, "config.json"), tmp_path / "empty")
+  with pytest.raises(runs.NotARunError, match="no finished checkpoint"):
+    jobs.run(str(tmp_path / "empty"), "sample", ev, config)
+
+
+def test_settings_precedence(toy_run):
+  config = runs.load_run_config(toy_run)
+  assert "eval" in config                                     # new runs store the block
+  config.eval.num_samples = 123
+  config.eval.seed = 5
+  ev = settings.merge_eval(base.eval_block(), config, {"eval.seed": 9})
+  # run block over defaults (toy_edm's shard size 4096, base 2048), command line over both
+  assert (ev.num_samples, ev.seed, ev.shard_size, ev.kid_subsets) == (123, 9, 4096, 100)
+  assert base.eval_block().shard_size == 2048
+  del config["eval"]                                          # a run saved before the block
+  ev = settings.merge_eval(base.eval_block(), config, {})
+  assert (ev.num_samples, ev.shard_size) == (10000, 2048)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.nmu_samples; did you mean config\.eval\.num_samples"):
+    settings.merge_eval(base.eval_block(), config, {"eval.nmu_samples": 3})
+
+
+def test_cli_mistakes_end_in_one_line_and_status_2(toy_run, tmp_path):
+  bad = subprocess.run(_run_eval_cmd(toy_run, "--config.eval.samplrs=heun:3"), cwd=ROOT,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      "launch.eval: error: unknown field config.eval.samplrs; did you mean config.eval.samplers?")
+  assert "Traceback" not in bad.stderr
+  notrun = subprocess.run([sys.executable, "-m", "launch.sample", f"--workdir={tmp_path}",
+                           "--samplers=heun:3"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+  assert notrun.returncode == 2 and "Traceback" not in notrun.stderr
+  assert "is not a ctm-jax run directory" in notrun.stderr.strip().splitlines()[-1]
+
+
+def test_launch_sample_maps_its_flags_onto_eval_fields():
+  from launch import sample
+  got = sample.translate(["p", "--workdir=w", "--samplers=onestep,heun:3", "--num_samples=5",
+                          "--step=-1", "--config=configs/toy_edm.py", "--ema=rate_0p9"])
+  assert got == ["p", "--mode=sample", "--workdir=w", "--config.eval.samplers=onestep,heun:3",
+                 "--config.eval.num_samples=5", "--config.eval.checkpoints=latest",
+                 "--run_config=configs/toy_edm.py", "--config.eval.ema=rate_0p9"]
+  assert sample.translate(["p", "--step=400"])[-1] == "--config.eval.checkpoints=400"
+
+
+# ----------------------------------------------------------------------------- CTM runs
+
+def test_ctm_samplers_teacher_and_ode_error(tmp_path):
+  c = toy_ctm.get_config()
+  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
+  set_fields(c, {"training.batch_size": 64, "training.num_train_steps": 2, "training.log_every": 1,
+                 "training.checkpoint_every": 2, "training.sample_every": 0, "ctm.num_points": 6,
+                 "ctm.max_k": 3})
+  wd = str(tmp_path / "ctm")
+  train.train_and_evaluate(c, wd)
+  ev, config = eval_settings(wd, samplers="onestep,gamma:0.5:3,teacher_heun:4", num_samples=128,
+                             batch_size=64, shard_size=128, reference_seeds=2,
+                             ode_error_samples=16)
+  summary = jobs.run(wd, "sample", ev, config)
+  recs = {(r["metric"], r.get("sampler")): r for r in summary["records"]}
+  assert {("mmd", "onestep"), ("mmd", "gamma:0.5:3"), ("mmd", "teacher_heun:4"),
+          ("ode_error", None)} <= set(recs)
+  assert recs[("mmd", "teacher_heun:4")]["ema"] == "teacher"
+  assert recs[("mmd", "gamma:0.5:3")]["nfe"] == 3 and recs[("mmd", "gamma:0.5:3")]["gamma"] == 0.5
+  ode = recs[("ode_error", None)]
+  assert ode["num_samples"] == 16 and np.isfinite(ode["value"]) and ode["value"] > 0
+  # The samples are the samplers applied to the documented x_T: recompute batch 1 of shard 0.
+  from ctm_jax import samplers
+  from ctm_jax.oracle import toy_mixture_2d
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 1)
+  k_x, k_s = jax.random.split(key)
+  x_T = 80.0 * jax.random.normal(k_x, (64, 2))
+  model = runs.build_model(config)
+  params, _, _ = runs.load_params(config, wd, None, "rate_0p999")
+  want = {"onestep": samplers.onestep(model.jump_fn(params), x_T, model.schedule),
+          "teacher_heun:4": samplers.edm_heun_sampler(toy_mixture_2d().denoise, x_T, 4,
+                                                      model.schedule)}
+  for name, w in want.items():
+    x = np.concatenate([np.load(f)["x"] for f in sorted(glob.glob(
+        os.path.join(recs[("mmd", name)]["samples"], "shard_*.npz")))])
+    np.testing.assert_allclose(x[64:128], w, rtol=1e-4, atol=1e-4)
+  assert os.path.exists(recs[("mmd", "onestep")]["picture"])
+
+
+def test_training_time_2d_metrics_come_with_references(tmp_path):
+  """write_samples on 2-D data: metrics at sampling.num_eval_samples points, beside the two
+  references (mean and spread over seeds; not floors), and a picture with the data beside."""
+  cfg = tiny_config(**{"training.num_train_steps": 2, "training.checkpoint_every": 2,
+                       "training.sample_every": 2, "sampling.num_eval_samples": 256})
+  summary = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  got = summary["samples"]
+  assert set(got) == {"heun18", "two_sample_ref", "exact_denoiser_ref"}
+  for ref in ("two_sample_ref", "exact_denoiser_ref"):
+    assert got[ref]["mmd_std"] > 0 and got[ref]["sliced_w1_std"] > 0
+  # Two independent exact sets of 256 points: MMD^2 is unbiased, so its mean over the seeds is
+  # near 0 (within 4 of its standard errors), and a sliced W1 of that size is about 0.1 or less.
+  two = got["two_sample_ref"]
+  assert abs(two["mmd"]) < 4 * two["mmd_std"] / np.sqrt(train.REFERENCE_SEEDS) + 1e-6
+  assert 0 < two["sliced_w1"] < 0.15
+  assert os.path.exists(tmp_path / "run" / "samples" / "heun18_step00000002.png")
+
+
+def test_paper_config_settings_validate_and_exact_trace_is_refused_in_high_dimension():
+  from configs import cifar10_ctm, cifar10_edm, imagenet64_edm
+  for mod in (cifar10_edm, cifar10_ctm, imagenet64_edm):
+    c = mod.get_config()
+    assert c.eval.num_samples == 50_000
+    for mode in ("sample", "nll"):
+      settings.validate(c.eval, c, mode=mode, num_devices=8, process_count=2)
+  c = cifar10_edm.get_config()
+  ev = settings.merge_eval(base.eval_block(), c, {"eval.nll_divergence": "exact"})
+  with pytest.raises(config_lib.ConfigError, match=r"nll_divergence = 'exact' .* 3072 x 3072 .*'hutchinson'"):
+    settings.validate(ev, c, mode="nll", num_devices=8, process_count=1)
+  assert settings.nll_split(ev, imagenet64_edm.get_config()) == "validation"
+
+
+def test_nll_of_images_through_the_score_head(digits_run, tmp_path):
+  """--mode=nll on digits with the real PF-ODE likelihood: the record equals bits/dim of the
+  likelihood module called directly on the same dequantized images, key and parameters."""
+  from ctm_jax.metrics import likelihood
+  wd = copy_run(digits_run, tmp_path / "run")
+  ev, config = eval_settings(wd, nll_num_examples=8, nll_batch_size=8, batch_size=8,
+                             shard_size=8, nll_divergence="exact", nll_rtol=1e-3, nll_atol=1e-3)
+  rec = jobs.run(wd, "nll", ev, config, devices=jax.devices()[:1])["records"][0]
+  assert (rec["unit"], rec["dequantization"], rec["num_examples"], rec["split"]) == (
+      "bits/dim", "uniform", 8, "test")
+  u8 = np.rint((data_lib.load_split("digits", "test", max_examples=8)["x"] + 1) * 127.5).astype(np.uint8)
+  k_deq, k_div = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
+  model = runs.build_model(config)
+  params, _, _ = runs.load_params(config, wd)
+  x = likelihood.dequantize(k_deq, jnp.asarray(u8))
+  out = jax.jit(lambda p, x, k: likelihood.pf_ode_log_likelihood(
+      model.denoise_fn(p), x, k, sigma_min=0.002, sigma_max=80.0, divergence="exact",
+      rtol=1e-3, atol=1e-3))(params, x, k_div)
+  bpd = np.asarray(likelihood.bits_per_dim(out["logp"], 64))
+  # Within the solver's tolerance (1e-3): the job compiles the solve inside its own jit, and
+  # round-off may move the adaptive steps (on 8 devices the two differed by 9e-4 relative).
+  np.testing.assert_allclose(rec["value"], bpd.mean(), rtol=2e-3)
+  np.testing.assert_allclose(rec["stderr"], bpd.std(ddof=1) / np.sqrt(8), rtol=5e-2)
+  assert 1 < rec["value"] < 20
