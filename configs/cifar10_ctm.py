@@ -43,10 +43,18 @@ def get_config(arg: str = ""):
   c.training.keep_every = 10_000
   c.training.sample_every = 2_000
   c.ctm.sample_nfes = (1, 2)
+  # Kim-Dongjun/ctm-cifar10 cm/image_datasets.py: load_data(random_flip=True) (line 23, flip at
+  # line 181); cm_train.py does not override it.
+  c.data.random_flip = True
+  # The reference's lambdas come from each GPU's --microbatch (train_util.py forward_backward):
+  # 16 in commands/cond_CTM+DSM_command.sh; no uncond CTM+DSM command is released, the same 16 is
+  # used (same network and hardware; the script default would be 64).  GAN commands: 11.
+  c.ctm.adaptive_group_size = 16
   if gan:
     c.gan.enabled = True
     c.gan.discriminator = "projected"
     c.gan.g_every = 2
     c.training.batch_size = 528          # --global_batch_size=528 (uncond GAN command)
+    c.ctm.adaptive_group_size = 11       # --microbatch=11 (both GAN commands)
   c.lock()
   return c

@@ -28,6 +28,9 @@ def get_config(arg: str = ""):
   c.edm = toy_edm.edm_block(augment_p=0.12)
   c.data.dataset = "cifar10"
   c.data.class_conditional = arg == "cond"
+  # NVlabs/edm train.py: --xflip defaults to False (line 60) and the CIFAR-10 runs do not set
+  # it; their x-flips come from the augment pipe (xflip=1e8, line 145), i.e. config.edm.augment.
+  c.data.random_flip = False
   c.diffusion.sigma_data = 0.5
   c.model = ddpmpp_cifar10()
   c.optim.name = "adam"

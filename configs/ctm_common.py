@@ -21,6 +21,8 @@ def ctm_block(num_points: int = 18) -> ml_collections.ConfigDict:
       dsm_weight=1.0,               # multiplier (adaptive) or the weight (fixed)
       adaptive_max=1e4,             # clamp of the adaptive weights
       adaptive_layer="",            # '' = the reference's choice for the architecture
+      adaptive_group_size=0,        # lambdas per group of this many examples of each microbatch
+                                    # (the reference's per-GPU --microbatch); 0 = one group
       dsm_p_mean=-1.2, dsm_p_std=1.2,
       dsm_curve_max=0.7,            # half the DSM batch on the Karras curve, u ~ U[0, 0.7]
       sample_nfes=(1, 2),           # gamma-sampler NFEs drawn at sample_every
@@ -36,6 +38,8 @@ def gan_block() -> ml_collections.ConfigDict:
       discriminator="conv",         # conv (from scratch) | projected (frozen VGG16 features)
       feature_weights="",           # .npz of VGG16 weights for the projected discriminator
       channels=64,                  # conv discriminator width
+      conditional=False,            # class projection heads in D (reference: MultiScaleD cond=0,
+                                    # unconditional D in the class-conditional runs too)
       lr=2e-3, b1=0.5, b2=0.9,      # RAdam for D (reference)
       weight_min=0.01, weight_max=10.0,   # clip of the adaptive lambda_GAN
       adaptive=True,
@@ -50,7 +54,8 @@ def teacher_block(teacher_config=None, source: str = "checkpoint") -> ml_collect
       source=source,                # oracle | checkpoint | torch_npz
       workdir="",                   # checkpoint: the teacher run's workdir
       step=-1,                      # checkpoint step (-1 = newest)
-      ema="",                       # which EMA of the teacher ('' = its first)
+      ema="",                       # which EMA of the teacher ('' = its sampling.eval_ema,
+                                    # or its first EMA when that is '' too)
       npz_path="",                  # torch_npz: official weights exported to .npz
   ))
   if teacher_config is not None:

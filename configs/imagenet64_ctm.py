@@ -41,11 +41,17 @@ def get_config(arg: str = ""):
   c.training.checkpoint_every = 1_000
   c.training.keep_every = 10_000
   c.training.sample_every = 1_000
+  # sony/ctm code/cm/image_datasets.py: load_data(random_flip=True) (line 23, flip at line 181).
+  c.data.random_flip = True
+  # Per-GPU --microbatch of commands/CTM+DSM_command.sh (18) and CTM+DSM+GAN_command.sh (11):
+  # the reference's lambdas come from each of these microbatches.
+  c.ctm.adaptive_group_size = 18
   if arg == "gan":
     c.gan.enabled = True
     c.gan.discriminator = "projected"
     c.ctm.max_k = 20                     # --num_heun_step 20 in the fine-tuning runs (10 -> 20)
     c.optim.lr = 8e-6
     c.training.batch_size = 2112
+    c.ctm.adaptive_group_size = 11
   c.lock()
   return c

@@ -25,6 +25,7 @@ def get_config():
   c.edm = toy_edm.edm_block()
   c.data.dataset = "imagenet64"
   c.data.class_conditional = True
+  c.data.random_flip = False             # NVlabs/edm: --xflip False (default) and --augment=0
   c.diffusion.c_noise = "log4"           # EDMPrecond feeds ln(sigma)/4 to every architecture
   c.model = adm_imagenet64()
   c.optim.lr = 1e-4

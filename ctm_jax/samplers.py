@@ -75,12 +75,19 @@ def _check_steps(gamma: float, num_steps: int):
 def gamma_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
                   schedule: diffusion.Schedule = diffusion.Schedule(),
                   times: Optional[Sequence[float]] = None, shift_sigma_min: bool = False):
-  """CTM gamma-sampling (Kim et al. 2024, Alg. 2); NFE = num_steps.
+  """CTM gamma-sampling (Kim et al. 2024, Alg. 2) on t_0 = sigma_max > ... > t_M = sigma_min;
+  NFE = num_steps = M.
 
-  For n = 0..M-1: s = sqrt(1 - gamma^2) t_{n+1} (or, with shift_sigma_min as in the reference
-  code, sqrt(1 - gamma^2) (t_{n+1} - sigma_min) + sigma_min); x <- G(x, t_n, s); unless it is the
-  last step, x <- x + sqrt(t_{n+1}^2 - s^2) z.  gamma = 0 is a deterministic chain of jumps,
-  gamma = 1 is CM multistep sampling.
+  For n = 0..M-1: x <- G(x, t_n, s_n), then, unless n = M-1, x <- x + sqrt(t_{n+1}^2 - s_n^2) z_n
+  (z_n from fold_in(key, n)), with s_{M-1} = t_M = sigma_min and, for n < M-1,
+    s_n = max(sqrt(1 - gamma^2) t_{n+1}, sigma_min)                 (default), or
+    s_n = sqrt(1 - gamma^2) (t_{n+1} - sigma_min) + sigma_min        (shift_sigma_min: the
+          reference's sample_gamma_multistep, Kim-Dongjun/ctm-cifar10 cm/sample_util.py:404).
+  The clamp to sigma_min is the consistency-model convention (never jump below sigma_min, where
+  c_noise = log s would be -inf at s = 0); for gamma < 1 it acts only where
+  sqrt(1 - gamma^2) t_{n+1} < sigma_min.  gamma = 0: the deterministic chain of jumps
+  t_n -> t_{n+1} (both forms).  gamma = 1: s_n = sigma_min in both forms, i.e. CM multistep
+  sampling (Song et al. 2023, Alg. 1) through t_1 .. t_{M-1} with noise sqrt(t^2 - sigma_min^2).
   """
   _check_steps(gamma, num_steps)
   grid = gamma_time_grid(num_steps, schedule, times)
@@ -94,7 +101,7 @@ def gamma_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
     elif shift_sigma_min:
       s_values.append(scale * (t_next - smin) + smin)
     else:
-      s_values.append(scale * t_next)
+      s_values.append(jnp.maximum(scale * t_next, smin))
   return _jump_chain(jump_fn, x_init, key, grid, s_values, gamma > 0)
 
 

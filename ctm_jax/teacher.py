@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import numpy as np
+from absl import logging
 
 SOURCES = ("oracle", "checkpoint", "torch_npz")
 
@@ -83,9 +84,12 @@ class Teacher:
       return {}
     if self.source == "checkpoint":
       from ctm_jax import runs
-      name = tc.ema or runs.ema_names(tc.config)[0]
-      params, _, _ = runs.load_params(tc.config, tc.workdir, None if tc.step < 0 else tc.step,
-                                      name, field="config.teacher.ema")
+      # The teacher run's evaluation EMA (e.g. EDM's half-life EMA) unless teacher.ema names one.
+      field = "config.teacher.ema" if tc.ema else "config.teacher.config.sampling.eval_ema"
+      params, step, name = runs.load_params(tc.config, tc.workdir,
+                                            None if tc.step < 0 else tc.step, tc.ema or None,
+                                            field=field)
+      logging.info("Teacher: source=checkpoint workdir=%s step=%d ema=%s", tc.workdir, step, name)
       return params
     from ctm_jax.nets import torch_port
     sd = torch_port.load_npz_state_dict(tc.npz_path)

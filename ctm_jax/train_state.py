@@ -64,13 +64,16 @@ def ema_names(ema_cfg):
 
 
 def ema_decays(ema_cfg, step, batch_size: int) -> Dict[str, jax.Array]:
-  """Decay per EMA at this update: fixed rates, and EDM's half-life EMA
-  beta = 0.5^(B / h), h = min(halflife_kimg * 1000, rampup_ratio * examples seen)."""
+  """Decay per EMA at the update of optimizer step `step` (0-based): fixed rates, and EDM's
+  half-life EMA beta = 0.5^(B / max(h, 1e-8)), h = min(halflife_kimg * 1000, rampup_ratio *
+  cur_nimg) with cur_nimg = step * B the examples seen BEFORE this step (NVlabs/edm
+  training_loop.py increments cur_nimg after the EMA update), so at step 0 beta = 0 and the
+  EMA takes the new parameters."""
   out = {ema_name(r): jnp.asarray(r, jnp.float32) for r in ema_cfg.rates}
   if ema_cfg.halflife_kimg > 0:
     h = jnp.asarray(ema_cfg.halflife_kimg * 1000.0, jnp.float32)
     if ema_cfg.rampup_ratio > 0:
-      seen = (step.astype(jnp.float32) + 1.0) * batch_size
+      seen = step.astype(jnp.float32) * batch_size
       h = jnp.minimum(h, seen * ema_cfg.rampup_ratio)
     out["halflife"] = 0.5 ** (batch_size / jnp.maximum(h, 1e-8))
   return out

@@ -1,7 +1,11 @@
-"""Helpers for tests that run `python -m launch.train` in subprocesses."""
+"""Test helpers: `python -m launch.train` in subprocesses, dotted config overrides, a teacher
+checkpoint restored once per module."""
+import contextlib
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,3 +58,25 @@ def set_fields(config, overrides):
       node = node[p]
     node[parts[-1]] = v
   return config
+
+
+@contextlib.contextmanager
+def teacher_restored_once():
+  """Within the block each teacher (source, run, step, EMA, npz) is restored from disk once;
+  every later Teacher (one per Experiment: training, load_state, init_from) gets the same host
+  arrays. Yields the list of real loads."""
+  from ctm_jax import teacher as teacher_lib
+  real = teacher_lib.Teacher._load
+  cache, loads = {}, []
+
+  def load(self):
+    tc = self.config.teacher
+    key = (tc.source, str(tc.workdir), tc.step, tc.ema, tc.npz_path)
+    if key not in cache:
+      loads.append(key)
+      cache[key] = real(self)
+    return cache[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(teacher_lib.Teacher, "_load", load)
+    yield loads

@@ -8,9 +8,12 @@ import pytest
 from configs import digits_ctm, digits_edm
 from ctm_jax import checkpointing, data, metric_io, parallel, train
 from ctm_jax.nets.torch_port import copy_matching_params
-from launch_utils import set_fields
+from launch_utils import set_fields, teacher_restored_once
 
-TINY_NET = dict(model_channels=16, num_blocks=1, channel_mult_emb=2)
+# One resolution, no attention: the checks are about initialisation and the phase logic, and
+# compile time on a CPU grows with every layer (as in test_gan_checks).
+TINY_NET = dict(model_channels=16, num_blocks=1, channel_mult_emb=2, channel_mult=(1,),
+                attn_resolutions=())
 
 
 def tiny_edm(**overrides):
@@ -40,10 +43,13 @@ def tiny_ctm(teacher_workdir, **overrides):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
+  """A 3-step EDM run; the CTM runs and states below restore its checkpoint once in all."""
   wd = tmp_path_factory.mktemp("digits_teacher")
   train.train_and_evaluate(tiny_edm(**{"training.num_train_steps": 3,
                                        "training.checkpoint_every": 3}), str(wd))
-  return wd
+  with teacher_restored_once() as loads:
+    yield wd
+  assert len(loads) <= 1, loads
 
 
 def test_student_starts_from_the_teacher(teacher_dir):
@@ -63,6 +69,31 @@ def test_student_starts_from_the_teacher(teacher_dir):
     assert np.array_equal(v, flat_t[jax.tree_util.keystr(p)])
   # The s path is initialised, not zero (as in the reference).
   assert max(np.abs(v).max() for v in jax.tree_util.tree_leaves(student["map_layer0_s"])) > 0
+
+
+def test_adaptive_groups_with_gan_match_a_loop_over_groups(teacher_dir):
+  """On the U-Net (W = the output convolution dec_8x8_aux_conv) with the GAN term: groups of 4
+  get their own lambda_DSM and lambda_GAN from their own W-gradients, as a Python loop over the
+  groups computes them with jax.grad (conv discriminator: no batch statistics couple them)."""
+  from test_ctm import assert_trees_close, loop_over_groups, per_example_losses
+  cfg = tiny_ctm(teacher_dir, **{"gan.enabled": True, "gan.channels": 8,
+                                 "ctm.adaptive_group_size": 4})
+  exp = train.Experiment(cfg)
+  state = jax.device_get(exp.init_state())
+  frozen = exp.method.frozen()
+  pipe = data.InputPipeline(cfg.data, 16, cfg.seed, 0, 1)
+  batch = {k: jnp.asarray(v) for k, v in pipe.batch_at(0).items()}
+  rng, k_times = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  grads, met, _ = jax.jit(lambda p: exp.method.generator_grads(
+      p, state.extra, frozen, batch, rng, k_times, True, state.extra["disc_state"]))(state.params)
+  fns = per_example_losses(exp, state.params, state.extra, frozen, batch, rng, k_times, True)
+  lams, lams_gan, ref = loop_over_groups(fns, state.params, 4, exp.method.adaptive_path)
+  assert exp.method.adaptive_path == "dec_8x8_aux_conv/kernel"
+  np.testing.assert_allclose([met["lambda_dsm"], met["lambda_dsm_min"], met["lambda_dsm_max"]],
+                             [lams.mean(), lams.min(), lams.max()], rtol=2e-4)
+  np.testing.assert_allclose(met["lambda_gan"], lams_gan.mean(), rtol=2e-4)
+  assert lams.max() > 1.2 * lams.min(), lams
+  assert_trees_close(grads, ref, rtol=2e-3, atol=1e-6)
 
 
 def _state_at(cfg, workdir, step):

@@ -71,11 +71,41 @@ def test_gamma_one_is_cm_multistep():
   x_T = samplers.initial_noise(jax.random.PRNGKey(7), (16, 2))
   key = jax.random.PRNGKey(8)
   grid = np.asarray(diffusion.karras_sigmas(5))
-  g = samplers.gamma_sampler(jump, x_T, key, 4, 1.0, shift_sigma_min=True)
   f_fn = lambda x, t: jump(x, t, jnp.full_like(t, 0.002))
   # CM multistep draws its n-th noise with fold_in(key, n) before the n-th refinement.
   cm = samplers.cm_multistep(f_fn, x_T, key, list(grid[1:-1]))
-  np.testing.assert_allclose(g, cm, rtol=1e-4, atol=1e-4)
+  for shift in (True, False):         # the clamp to sigma_min makes both forms CM sampling
+    g = samplers.gamma_sampler(jump, x_T, key, 4, 1.0, shift_sigma_min=shift)
+    np.testing.assert_allclose(g, cm, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9999999, 1.0])
+def test_gamma_sampler_times_and_noise(gamma):
+  """A recording jump (returns zeros, so the next input is the added noise alone): the (t_n, s_n)
+  pairs, s_n = max(sqrt(1 - gamma^2) t_{n+1}, sigma_min), noise of std sqrt(t_{n+1}^2 - s_n^2)
+  drawn with fold_in(key, n), and the last jump to sigma_min."""
+  calls = []
+
+  def jump(x, t, s):
+    calls.append((np.asarray(t), np.asarray(s), np.asarray(x)))
+    return jnp.zeros_like(x)
+
+  m, key = 5, jax.random.PRNGKey(14)
+  x_T = samplers.initial_noise(jax.random.PRNGKey(15), (64, 2))
+  samplers.gamma_sampler(jump, x_T, key, m, gamma)
+  grid = 80.0 ** (1 / 7) + np.arange(m + 1) / m * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))
+  grid = grid ** 7                                                    # EDM eq. 5, in float64
+  s_exp = [max(np.sqrt(1 - gamma ** 2) * grid[n + 1], 0.002) for n in range(m - 1)] + [0.002]
+  assert len(calls) == m
+  np.testing.assert_array_equal(calls[0][2], x_T)
+  for n, (t, s, x_in) in enumerate(calls):
+    np.testing.assert_allclose(t, grid[n], rtol=1e-6)
+    np.testing.assert_allclose(s, s_exp[n], rtol=1e-6)
+    if n:
+      z = jax.random.normal(jax.random.fold_in(key, n - 1), x_T.shape)
+      np.testing.assert_allclose(x_in, np.sqrt(grid[n] ** 2 - s_exp[n - 1] ** 2) * z, rtol=1e-5)
+  if gamma > 0.99:                                         # the clamp acts at the small times
+    assert s_exp[m - 2] == 0.002
 
 
 def test_more_deterministic_jumps_approach_the_ode_solution():

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ctm_jax.nets import adm, layers, torch_port, unet
 
 B = 8  # one sample per fake device
-FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'   # see tests/fixtures/README.md
 
 
 def _random_params(net, seed):
@@ -602,8 +602,6 @@ def _count(net):
 
 
 def test_torch_count_formulas_match_fixture_counts():
-  if not FIXTURES.is_dir():
-    pytest.skip(f'parity fixtures not found at {FIXTURES}')
   tiny = dict(res=16, mc=16, mult=(1, 2, 2), nb=1, attn=(8,))
   for name, kw in (('edm_ddpmpp_tiny', dict(aug=9)), ('ctm_ddpmpp_tiny', dict(s=True))):
     with np.load(FIXTURES / f'{name}.npz') as z:

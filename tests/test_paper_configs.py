@@ -13,15 +13,16 @@ from ctm_jax import config_lib, data, parallel, teacher as teacher_lib, train
 from ctm_jax.nets import lpips
 
 CONFIGS = [("cifar10_edm", ""), ("cifar10_edm", "cond"), ("cifar10_ctm", ""),
-           ("cifar10_ctm", "cond"), ("cifar10_ctm", "gan"), ("imagenet64_edm", ""),
-           ("imagenet64_ctm", ""), ("imagenet64_ctm", "gan"), ("cifar10_cd", ""),
-           ("cifar10_ict", "")]
+           ("cifar10_ctm", "cond"), ("cifar10_ctm", "gan"), ("cifar10_ctm", "cond_gan"),
+           ("imagenet64_edm", ""), ("imagenet64_ctm", ""), ("imagenet64_ctm", "gan"),
+           ("cifar10_cd", ""), ("cifar10_ict", "")]
 
 # Student / teacher parameter counts: layer-by-layer counts of the torch constructors
 # (tests/test_nets.py derives them independently; EDM reports 56M for DDPM++ and ~296M for ADM).
 PARAMS = {("cifar10_edm", ""): 55_733_891, ("cifar10_edm", "cond"): 55_735_299,
           ("cifar10_ctm", ""): 60_395_267 + 9 * 128, ("cifar10_ctm", "cond"): 60_396_675 + 9 * 128,
           ("cifar10_ctm", "gan"): 60_395_267 + 9 * 128,
+          ("cifar10_ctm", "cond_gan"): 60_396_675 + 9 * 128,
           ("imagenet64_edm", ""): 295_899_267, ("imagenet64_ctm", ""): 324_100_611,
           ("imagenet64_ctm", "gan"): 324_100_611,
           # CD: the teacher's DDPM++; iCT: NCSN++ without augment labels
@@ -54,22 +55,33 @@ def _fill_paths(cfg, lpips_path):
   return cfg
 
 
-@pytest.fixture
-def random_teacher(monkeypatch):
-  """Teacher weights of the right shapes (the torch loader itself is tested on the fixtures)."""
+def _fake_teacher(monkeypatch, fill):
+  """Teacher weights of the right shapes (the torch loader itself is tested on the fixtures),
+  valued by fill(shape, dtype)."""
   def fake_load(self):
     info = data.dataset_info(self.config.data.dataset)
     labels = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
     shapes = jax.eval_shape(lambda k: self.model.init(k, jnp.zeros((1,) + info.shape), labels),
                             jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    return jax.tree_util.tree_map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype),
-                                  shapes)
+    return jax.tree_util.tree_map(lambda s: fill(s.shape, s.dtype), shapes)
   monkeypatch.setattr(teacher_lib.Teacher, "_load", fake_load)
 
 
+@pytest.fixture
+def zeros_teacher(monkeypatch):
+  """For the shape checks, which read only shapes: zeros cost nothing to allocate."""
+  _fake_teacher(monkeypatch, np.zeros)
+
+
+@pytest.fixture
+def random_teacher(monkeypatch):
+  rng = np.random.default_rng(0)
+  _fake_teacher(monkeypatch, lambda shape, dtype: (0.02 * rng.standard_normal(shape, np.float32))
+                .astype(dtype))
+
+
 @pytest.mark.parametrize("name,arg", CONFIGS)
-def test_paper_config_validates_and_shape_checks(name, arg, weight_files, random_teacher):
+def test_paper_config_validates_and_shape_checks(name, arg, weight_files, zeros_teacher):
   cfg = _fill_paths(load(name, arg), weight_files)
   train.validate_config(cfg, num_devices=8, process_count=1)
   exp = train.Experiment(cfg)                   # eval_shape of the whole TrainState
@@ -118,6 +130,44 @@ def test_paper_settings_values():
   assert (i.model.dropout, i.model.fourier_scale, i.training.batch_size, i.optim.lr) == (
       0.3, 0.02, 1024, 1e-4)
   assert i.training.num_train_steps == 400_000 and "teacher" not in i
+  # Data flips: the CTM loaders flip (load_data(random_flip=True)); EDM's CIFAR-10 runs flip only
+  # inside the augment pipe (--xflip False, AugmentPipe xflip=1e8 at p = 0.12), ImageNet not at all.
+  # Adaptive weights per reference microbatch (--microbatch 16 / 11 / 18 / 11); D unconditional.
+  ctm_runs = {("cifar10_ctm", ""): 16, ("cifar10_ctm", "cond"): 16, ("cifar10_ctm", "gan"): 11,
+              ("cifar10_ctm", "cond_gan"): 11, ("imagenet64_ctm", ""): 18, ("imagenet64_ctm", "gan"): 11}
+  for (name, arg), group in ctm_runs.items():
+    r = load(name, arg)
+    assert r.data.random_flip is True and r.ctm.adaptive_group_size == group, (name, arg)
+    assert r.gan.conditional is False and r.teacher.config.data.random_flip is False
+  for arg in ("", "cond"):
+    e = load("cifar10_edm", arg)
+    assert e.data.random_flip is False and (e.edm.augment.p, e.edm.augment.xflip) == (0.12, 1e8)
+  e = load("imagenet64_edm", "")
+  assert e.data.random_flip is False and e.edm.augment.p == 0.0
+
+
+@pytest.mark.parametrize("name,arg", [("cifar10_ctm", "cond_gan"), ("imagenet64_ctm", "gan")])
+def test_discriminator_is_unconditional_unless_asked(name, arg, weight_files):
+  """The reference's D is MultiScaleD(cond=0) in the class-conditional runs too: no label heads
+  by default; gan.conditional=True adds them (and needs labelled data)."""
+  from ctm_jax.methods import ctm_gan
+  cfg = _fill_paths(load(name, arg), weight_files)
+  assert cfg.data.class_conditional and cfg.gan.enabled and cfg.gan.conditional is False
+  info = data.dataset_info(cfg.data.dataset)
+  for conditional in (False, True):
+    cfg.gan.conditional = conditional
+    gan = ctm_gan.GAN(cfg, info.shape, info.num_classes)
+    frozen = gan.frozen()
+    shapes = jax.eval_shape(lambda k: gan.init(k, frozen), jax.random.PRNGKey(0))
+    names = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes["disc"])[0]]
+    heads = [n for n in names if "embed" in n]
+    assert bool(heads) == conditional, heads
+    assert gan.num_classes == (info.num_classes if conditional else 0)
+  train.validate_config(cfg, num_devices=8, process_count=1)          # conditional on labels: ok
+  cfg.data.class_conditional = False
+  with pytest.raises(config_lib.ConfigError, match=r"gan\.conditional"):
+    train.validate_config(cfg, num_devices=8, process_count=1)
 
 
 def _one_device_steps(cfg, batch_size=2):
@@ -151,4 +201,5 @@ def test_paper_config_trains_a_step_at_tiny_batch(name, arg, weight_files, rando
   cfg = _fill_paths(load(name, arg), weight_files)
   if cfg.method == "ctm":
     cfg.ema.rates = cfg.ema.rates[:1]          # memory: one evaluation EMA is enough here
+    cfg.ctm.adaptive_group_size = 1            # per-example lambdas: the tiny batch in groups
   print(name, arg, _one_device_steps(cfg, batch_size=1 if name.startswith("imagenet") else 2))

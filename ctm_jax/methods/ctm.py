@@ -8,8 +8,10 @@ One generator step (METHODS.md section 3; the reference's ctm_losses):
   target = sg(G_{theta^-}(G_theta(x_u, u, s), s, sigma_min))
   L = d(est, target) + lambda_DSM L_DSM [+ lambda_GAN L_GAN]
 with lambda = |grad_W L_CTM| / (|grad_W L_other| + 1e-4) at one last-layer weight W, clamped to
-[0, 1e4] (and lambda_GAN clipped to [0.01, 10]).  theta^- is an EMA of theta, updated on
-generator steps only.  Discriminator steps alternate with generator steps once GAN is on.
+[0, 1e4] (and lambda_GAN clipped to [0.01, 10]), computed per group of ctm.adaptive_group_size
+examples of each microbatch from the group's own mean losses, as the reference does per GPU
+microbatch (adaptive_groups.py).  theta^- is an EMA of theta, updated on generator steps only.
+Discriminator steps alternate with generator steps once GAN is on.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import optax
 
 from ctm_jax import config_lib, diffusion, samplers, solvers, train_state
 from ctm_jax.diffusion import append_dims
-from ctm_jax.methods import consistency
+from ctm_jax.methods import adaptive_groups, consistency
 from ctm_jax.methods.base import Method
 from ctm_jax.nets.torch_port import copy_matching_params
 from ctm_jax.teacher import Teacher, validate_teacher_config
@@ -40,6 +42,12 @@ def validate_ctm_config(config):
   config_lib.check_choice(config, f"{c}.dsm_weight_mode", ("adaptive", "fixed", "off"))
   config_lib.check_number(config, f"{c}.dsm_weight", 0)
   config_lib.check_number(config, f"{c}.adaptive_max", 0, lo_open=True)
+  gs = config_lib.check_number(config, f"{c}.adaptive_group_size", 0, integer=True)
+  part = config.training.batch_size // config.training.microbatches
+  if gs and part % gs:
+    raise config_lib.ConfigError(
+        f"config.ctm.adaptive_group_size = {gs} must divide the microbatch "
+        f"config.training.batch_size / config.training.microbatches = {part} (0 = one group)")
   config_lib.check_number(config, f"{c}.dsm_curve_max", 0, 1)
   config_lib.check_number(config, f"{c}.dsm_p_std", 0, lo_open=True)
   config_lib.check_number(config, f"{c}.sample_gamma", 0, 1)
@@ -68,29 +76,6 @@ def default_adaptive_layer(model_cfg, data_shape) -> str:
   return f"dec_{r}x{r}_block{int(model_cfg.num_blocks)}/conv1/kernel"
 
 
-def find_param(params, path: str):
-  """Look up a '/'-separated parameter path, with an error listing what is there."""
-  node = params
-  for p in path.split("/"):
-    if not hasattr(node, "keys") or p not in node:
-      have = sorted(node.keys())[:12] if hasattr(node, "keys") else type(node).__name__
-      raise KeyError(f"parameter path {path!r}: {p!r} not found (have {have})")
-    node = node[p]
-  return node
-
-
-def adaptive_weight(g_main, g_other, path: str, max_value: float):
-  """|grad_W L_main| / (|grad_W L_other| + 1e-4), clamped to [0, max_value], no gradient."""
-  a = jnp.linalg.norm(find_param(g_main, path).ravel())
-  b = jnp.linalg.norm(find_param(g_other, path).ravel())
-  return jax.lax.stop_gradient(jnp.clip(a / (b + 1e-4), 0.0, max_value))
-
-
-def tree_axpy(a, x, y):
-  """y + a * x over pytrees."""
-  return jax.tree_util.tree_map(lambda xi, yi: yi + a * xi, x, y)
-
-
 class CTM(Method):
   name = "ctm"
 
@@ -109,6 +94,7 @@ class CTM(Method):
     self.distance = distance_fn(config, int(np.prod(self.data_shape)))
     self.adaptive_path = c.adaptive_layer or default_adaptive_layer(config.model,
                                                                       self.data_shape)
+    self.group_size = int(c.get("adaptive_group_size", 0))   # absent in runs saved before it
     self.gan = None
     if config.gan.enabled:
       from ctm_jax.methods import ctm_gan
@@ -145,8 +131,14 @@ class CTM(Method):
 
   def init_extra(self, key, params, frozen):
     try:
-      find_param(params, self.adaptive_path)
-    except KeyError as e:
+      w = adaptive_groups.find_param(params, self.adaptive_path)
+      if self.group_size:                          # W's layer must be one the tap handles
+        x = jnp.zeros((2,) + self.data_shape, jnp.float32)
+        t = jnp.ones((2,), jnp.float32)
+        labels = jnp.zeros((2,), jnp.int32) if self.config.data.class_conditional else None
+        jax.eval_shape(lambda p: self.student(lambda: self.model.jump(p, x, t, t, labels),
+                                              jnp.zeros((2,) + w.shape)), params)
+    except (KeyError, ValueError) as e:
       raise config_lib.ConfigError(f"config.ctm.adaptive_layer: {e}") from None
     extra = {"target": params}
     if self.gan is not None:
@@ -188,56 +180,111 @@ class CTM(Method):
                             rng=rngs[0])
     return jax.lax.stop_gradient(self.to_sigma_min(target_params, inner, s, labels, rngs[1]))
 
-  def dsm_loss(self, params, x0, labels, rng):
-    """L_DSM with CTM's time mixture on the denoiser head g(x, t, t), EDM weighting."""
+  def dsm_inputs(self, x0, rng):
+    """(x_t, sigma, dropout key) of L_DSM: CTM's time mixture, x_t = x_0 + sigma z."""
     c = self.config.ctm
     k_sig, k_z, k_drop = jax.random.split(rng, 3)
     sigma = diffusion.sample_ctm_dsm_sigma(k_sig, x0.shape[0], self.schedule, c.dsm_p_mean,
                                            c.dsm_p_std, c.dsm_curve_max)
     x_t = x0 + append_dims(sigma, x0.ndim) * jax.random.normal(k_z, x0.shape, x0.dtype)
-    d = self.model.denoiser(params, x_t, sigma, sigma, labels, train=True, rng=k_drop)
+    return x_t, sigma, k_drop
+
+  def dsm_per_example(self, denoised, x0, sigma):
+    """lambda(sigma) * mean |g(x_t, sigma, sigma) - x_0|^2 per example (EDM weighting)."""
     w = diffusion.edm_loss_weight(sigma, self.schedule.sigma_data)
-    return jnp.mean(w * jnp.mean((d - x0).reshape(x0.shape[0], -1) ** 2, axis=1))
+    return w * jnp.mean((denoised - x0).reshape(x0.shape[0], -1) ** 2, axis=1)
+
+  def dsm_loss(self, params, x0, labels, rng):
+    """L_DSM with CTM's time mixture on the denoiser head g(x, t, t), EDM weighting."""
+    x_t, sigma, k_drop = self.dsm_inputs(x0, rng)
+    d = self.model.denoiser(params, x_t, sigma, sigma, labels, train=True, rng=k_drop)
+    return jnp.mean(self.dsm_per_example(d, x0, sigma))
 
   # ------------------------------------------------------------------------- generator step
+  def student(self, fn, delta):
+    """fn(), with W's layer tapped for per-group gradients when delta is not None."""
+    return fn() if delta is None else adaptive_groups.tap_layer(fn, self.adaptive_path, delta)
+
   def generator_grads(self, params, extra, frozen, batch, rng, k_times, with_gan: bool,
                       disc_state=None):
-    """(grads, metrics, disc_state): gradients of L_CTM + lambda_DSM L_DSM (+ lambda_GAN L_G)
-    for one (micro)batch, and D's statistics after the GAN term's forward pass (with_gan)."""
+    """(grads, metrics, disc_state) for one (micro)batch of B examples in G groups of
+    ctm.adaptive_group_size (0: one group): the gradient of
+      (1/B) sum_i [l_CTM,i + lambda_DSM,k(i) l_DSM,i (+ lambda_GAN,k(i) l_GAN,i)]
+    with group k's lambdas from the gradients at W of its own mean losses (adaptive_groups),
+    and D's statistics after the GAN term's forward pass (with_gan).  k, the indices and all
+    noise are drawn for the whole (micro)batch, whatever G.  (Where the projected D's BatchNorm
+    couples the examples, the GAN term is the batch's GAN gradient split by the examples it
+    flows through, each part weighted by its group's lambda_GAN.)"""
     c = self.config.ctm
     x0, labels = batch["x"], self.labels(batch)
     b = x0.shape[0]
+    groups = adaptive_groups.num_groups(b, self.group_size)
+    per_group = b // groups
     keys = jax.random.split(rng, 8)
     k, i, j, t, u, s = self.sample_times(k_times, keys[7], b)
     x_t = x0 + append_dims(t, x0.ndim) * jax.random.normal(keys[0], x0.shape, x0.dtype)
     x_u = self.teacher_solve(frozen, x_t, i, k, labels)
     tgt = self.ctm_target(params, extra["target"], x_u, u, s, labels, (keys[1], keys[2]))
-    est, pull = jax.vjp(self.estimate_fn(extra["target"], x_t, t, s, labels, (keys[3], keys[4])),
-                        params)
-    l_ctm, d_est = jax.value_and_grad(lambda e: jnp.mean(self.distance(frozen, e, tgt)))(est)
-    (g_ctm,) = pull(d_est)
-    grads = g_ctm
-    metrics = {"loss_ctm": l_ctm, "k": k.astype(jnp.float32)}
-    total = l_ctm
+    w_shape = adaptive_groups.find_param(params, self.adaptive_path).shape
+    delta = jnp.zeros((groups,) + w_shape, jnp.float32) if groups > 1 else None
+    dsm_adaptive = c.dsm_weight_mode == "adaptive"
+    gan_adaptive = with_gan and self.config.gan.adaptive
+
+    # The estimate: inner jump G_theta(x_t, t, s), then the target's outer map to sigma_min.
+    inner, pull_inner = jax.vjp(
+        lambda p, d: self.student(lambda: self.model.jump(p, x_t, t, s, labels, train=True,
+                                                          rng=keys[3]), d), params, delta)
+    est, pull_outer = jax.vjp(
+        lambda y: self.to_sigma_min(extra["target"], y, s, labels, keys[4]), inner)
+
+    def w_grads(pull, ct):
+      """Per-group gradients at W of the group means whose per-example cotangent is ct."""
+      scaled = ct / per_group
+      if delta is None:
+        return adaptive_groups.find_param(pull(scaled)[0], self.adaptive_path)[None]
+      return pull(scaled)[1]
+
+    l_ctm, d_dist = jax.vjp(lambda e: self.distance(frozen, e, tgt), est)
+    (ct_ctm,) = pull_outer(d_dist(jnp.ones_like(l_ctm))[0])
+    wg_ctm = w_grads(pull_inner, ct_ctm) if (dsm_adaptive or gan_adaptive) else None
+    metrics = {"loss_ctm": jnp.mean(l_ctm), "k": k.astype(jnp.float32)}
+    per_ex = l_ctm
+    ct_inner = ct_ctm
+    grads_dsm = None
     if c.dsm_weight_mode != "off":
-      l_dsm, g_dsm = jax.value_and_grad(self.dsm_loss)(params, x0, labels, keys[5])
-      if c.dsm_weight_mode == "adaptive":
-        lam = c.dsm_weight * adaptive_weight(g_ctm, g_dsm, self.adaptive_path, c.adaptive_max)
+      x_dsm, sigma, k_drop = self.dsm_inputs(x0, keys[5])
+      den, pull_dsm = jax.vjp(
+          lambda p, d: self.student(lambda: self.model.denoiser(p, x_dsm, sigma, sigma, labels,
+                                                                train=True, rng=k_drop), d),
+          params, delta)
+      l_dsm, d_dsm = jax.vjp(lambda y: self.dsm_per_example(y, x0, sigma), den)
+      (ct_dsm,) = d_dsm(jnp.ones_like(l_dsm))
+      if dsm_adaptive:
+        lam = c.dsm_weight * adaptive_groups.group_weights(wg_ctm, w_grads(pull_dsm, ct_dsm),
+                                                           c.adaptive_max)
       else:
-        lam = jnp.float32(c.dsm_weight)
-      grads = tree_axpy(lam, g_dsm, grads)
-      metrics.update(loss_dsm=l_dsm, lambda_dsm=lam)
-      total = total + lam * l_dsm
+        lam = jnp.full((groups,), c.dsm_weight, jnp.float32)
+      lam_ex = adaptive_groups.per_example(lam, b)
+      grads_dsm = pull_dsm(append_dims(lam_ex / b, x0.ndim) * ct_dsm)[0]
+      per_ex = per_ex + lam_ex * l_dsm
+      metrics.update(loss_dsm=jnp.mean(l_dsm), lambda_dsm=jnp.mean(lam))
+      if groups > 1:
+        metrics.update(lambda_dsm_min=jnp.min(lam), lambda_dsm_max=jnp.max(lam))
     if with_gan:
-      (l_g, disc_state), d_est_g = jax.value_and_grad(
-          lambda e: self.gan.generator_loss(extra["disc"], disc_state, frozen, e, labels, keys[6]),
-          has_aux=True)(est)
-      (g_gan,) = pull(d_est_g)
-      lam_g = self.gan.weight(g_ctm, g_gan, self.adaptive_path)
-      grads = tree_axpy(lam_g, g_gan, grads)
-      metrics.update(loss_gan_g=l_g, lambda_gan=lam_g)
-      total = total + lam_g * l_g
-    metrics["loss"] = total
+      l_gan, d_gan, disc_state = jax.vjp(
+          lambda e: self.gan.generator_loss_per_example(extra["disc"], disc_state, frozen, e,
+                                                        labels, keys[6]), est, has_aux=True)
+      (ct_gan,) = pull_outer(d_gan(jnp.ones_like(l_gan))[0])
+      lam_g = self.gan.weight(wg_ctm, w_grads(pull_inner, ct_gan) if gan_adaptive else None,
+                              groups)
+      lam_g_ex = adaptive_groups.per_example(lam_g, b)
+      ct_inner = ct_inner + append_dims(lam_g_ex, x0.ndim) * ct_gan
+      per_ex = per_ex + lam_g_ex * l_gan
+      metrics.update(loss_gan_g=jnp.mean(l_gan), lambda_gan=jnp.mean(lam_g))
+    grads = pull_inner(ct_inner / b)[0]
+    if grads_dsm is not None:
+      grads = jax.tree_util.tree_map(jnp.add, grads, grads_dsm)
+    metrics["loss"] = jnp.mean(per_ex)
     return grads, metrics, disc_state
 
   def make_step(self, kind, tx):

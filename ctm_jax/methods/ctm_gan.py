@@ -33,6 +33,12 @@ def validate_gan_config(config):
     raise config_lib.ConfigError("config.gan.discriminator = 'projected' needs "
                                  "config.gan.feature_weights (a VGG16 .npz, see README)")
   config_lib.check_number(config, f"{g}.channels", 1, integer=True)
+  if not isinstance(config.gan.conditional, bool):
+    raise config_lib.ConfigError(f"config.gan.conditional must be True or False, got "
+                                 f"{config.gan.conditional!r}")
+  if config.gan.conditional and not config.data.class_conditional:
+    raise config_lib.ConfigError("config.gan.conditional = True needs labels: set "
+                                 "config.data.class_conditional = True (or gan.conditional False)")
   config_lib.check_number(config, f"{g}.lr", 0, lo_open=True)
   config_lib.check_number(config, f"{g}.b1", 0, 1, hi_open=True)
   config_lib.check_number(config, f"{g}.b2", 0, 1, hi_open=True)
@@ -51,12 +57,16 @@ def validate_gan_config(config):
 
 
 class GAN:
-  """The discriminator, its optimizer and the two GAN losses for a CTM run."""
+  """The discriminator, its optimizer and the two GAN losses for a CTM run.  D gets class
+  projection heads only with gan.conditional (the reference's D is unconditional, MultiScaleD
+  with cond=0, in its class-conditional runs too)."""
 
   def __init__(self, config, data_shape, num_classes: int):
     self.config = config
     g = config.gan
-    self.num_classes = num_classes if config.data.class_conditional else 0
+    # Runs saved before gan.conditional existed had label heads whenever the data had labels.
+    conditional = g.get("conditional", config.data.class_conditional)
+    self.num_classes = num_classes if (config.data.class_conditional and conditional) else 0
     if g.discriminator == "conv":
       self.disc = disc_lib.build_discriminator("conv", base_channels=g.channels,
                                                num_classes=self.num_classes)
@@ -94,19 +104,24 @@ class GAN:
         self.disc, params, state, self.augment(key, x), labels if self.num_classes else None,
         train=True, update_stats=update_stats, backbone_params=frozen.get("disc_backbone"))
 
-  def generator_loss(self, dparams, dstate, frozen, est, labels, key):
-    """(L_G, D's new statistics): L_G = mean over heads of -mean D(aug(est)).  As in the
-    reference, whose D stays in train mode, this forward pass also advances D's spectral-norm
-    vectors and BatchNorm running averages (D's parameters get no update on G steps)."""
+  def generator_loss_per_example(self, dparams, dstate, frozen, est, labels, key):
+    """((B,) l_G, D's new statistics): l_G,i = mean over heads h of -mean_j D_h(aug(est))_i,j,
+    whose batch mean is the reference's g_loss (get_GAN_loss).  As in the reference, whose D
+    stays in train mode, this forward pass also advances D's spectral-norm vectors and
+    BatchNorm running averages (D's parameters get no update on G steps); BatchNorm's batch
+    statistics are over the whole (micro)batch."""
     logits, dstate = self.logits(dparams, dstate, frozen, est, labels, key, True)
-    return disc_lib.generator_loss(logits), dstate
+    per_head = [-jnp.mean(l.astype(jnp.float32).reshape(l.shape[0], -1), axis=1) for l in logits]
+    return sum(per_head) / len(per_head), dstate
 
-  def weight(self, g_ctm, g_gan, path: str):
+  def weight(self, wg_ctm, wg_gan, groups: int):
+    """(G,) lambda_GAN per group: the adaptive weight from the per-group W-gradients, clipped
+    to [weight_min, weight_max] (reference: th.clip(d_weight, 0.01, 10.)), or fixed_weight."""
     g = self.config.gan
     if not g.adaptive:
-      return jnp.float32(g.fixed_weight)
-    from ctm_jax.methods.ctm import adaptive_weight
-    lam = adaptive_weight(g_ctm, g_gan, path, self.config.ctm.adaptive_max)
+      return jnp.full((groups,), g.fixed_weight, jnp.float32)
+    from ctm_jax.methods.adaptive_groups import group_weights
+    lam = group_weights(wg_ctm, wg_gan, self.config.ctm.adaptive_max)
     return jnp.clip(lam, g.weight_min, g.weight_max)
 
   # -- discriminator step
