@@ -10,7 +10,7 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.method = "edm"            # edm | ctm
+  c.method = "edm"            # edm | ctm | cd | ct | ict | direct_cd | tcd
   # A new run may start from another run's checkpoint (e.g. a CTM+DSM run, then a GAN phase):
   # every state entry with the same name and shape is taken from it, the rest is fresh.
   c.init_from = ""            # that run's workdir ('' = start from scratch)

@@ -65,6 +65,19 @@ def karras_sigmas(n: int, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO,
   return sig
 
 
+def karras_sigma_at(i, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
+  """t_i of the Karras grid of n points (EDM eq. 5), for integer i and n that may be traced.
+
+  The same values as karras_sigmas(n)[i] (end points exact), so a consistency-training
+  curriculum that changes n every step needs one compilation for every n.
+  """
+  i = jnp.asarray(i)
+  n = jnp.asarray(n)
+  u = i.astype(jnp.float32) / (n - 1).astype(jnp.float32)
+  sig = karras_curve(u, sigma_min, sigma_max, rho)
+  return jnp.where(i == 0, sigma_max, jnp.where(i == n - 1, sigma_min, sig)).astype(jnp.float32)
+
+
 def edm_scalings(t, sigma_data=SIGMA_DATA) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """EDM preconditioning (Karras et al. 2022, Table 1): (c_skip, c_out, c_in) at noise t.
 

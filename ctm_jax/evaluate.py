@@ -6,10 +6,12 @@ Sampler specs (strings, as in config.eval.samplers of python -m launch.eval):
   gamma:<gamma>:<nfe>:<t,...>  the same through explicit times (T first, sigma_min last)
   gamma_shift:<gamma>:<nfe>    the reference code's s = sqrt(1-g^2)(t' - sigma_min) + sigma_min
   cm:<nfe>                     CM multistep (gamma = 1, sigma_min shift)
+  sss:<gamma>:<nfe>            TCD's strategic stochastic sampling, s_n = (1 - gamma) t_{n+1}
   heun:<steps>                 EDM Heun on the denoiser head g(x, t, t)    NFE 2 steps - 1
-  teacher_heun:<steps>         CTM runs: EDM Heun on the run's teacher     NFE 2 steps - 1
-The CTM samplers (onestep, gamma, gamma_shift, cm) need a network with CTM's s input: asked of
-an EDM run they are refused (its "jump" would be a DDIM step of the denoiser, and one step
+  teacher_heun:<steps>         distilled runs: EDM Heun on the run's teacher     NFE 2 steps - 1
+The jump samplers (onestep, gamma, gamma_shift, cm, sss) need a trained one-step map: CTM's or
+TCD's G(x, t, s), or a consistency model's f(x, t) (which runs only onestep and cm:<nfe>).  Asked
+of an EDM run they are refused (its "jump" would be a DDIM step of the denoiser, and one step
 from sigma_max is the data mean, not a sample).
 
 2-D data: MMD / sliced W1 against fresh data, beside two references that carry the same
@@ -19,6 +21,7 @@ Heun sampler and sample size, and two independent sets of exact data of that siz
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Optional
 
 import jax
@@ -29,7 +32,8 @@ from ctm_jax import data, diffusion, flow_map, samplers
 
 MAX_NFE = 1000
 SAMPLER_FORMS = ("onestep, gamma:<g in [0,1]>:<nfe>[:<t0,..,tM>], gamma_shift:<g>:<nfe>, "
-                 f"cm:<nfe>, heun:<steps >= 2>, teacher_heun:<steps >= 2> (nfe <= {MAX_NFE})")
+                 "cm:<nfe>, sss:<g>:<nfe>, heun:<steps >= 2>, teacher_heun:<steps >= 2> "
+                 f"(nfe <= {MAX_NFE})")
 
 
 class SamplerSpecError(ValueError):
@@ -39,7 +43,7 @@ class SamplerSpecError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
   name: str
-  kind: str                 # gamma | heun | teacher_heun
+  kind: str                 # gamma | sss | heun | teacher_heun
   gamma: float = 0.0
   steps: int = 1
   times: Optional[tuple] = None
@@ -52,7 +56,7 @@ class SamplerSpec:
   @property
   def needs_s(self) -> bool:
     """Whether the sampler jumps with G(x, t, s) (a CTM network)."""
-    return self.kind == "gamma"
+    return self.kind in ("gamma", "sss")
 
   @property
   def safe_name(self) -> str:
@@ -77,6 +81,11 @@ def parse_sampler(spec: str) -> SamplerSpec:
         raise SamplerSpecError(f"sampler {spec!r}: the times must be nfe + 1 = {n + 1} "
                                f"strictly decreasing values, sigma_max first, sigma_min last")
       out = SamplerSpec(spec, "gamma", g, n, times, parts[0] == "gamma_shift")
+    elif parts[0] == "sss" and len(parts) == 3:
+      g, n = float(parts[1]), int(parts[2])
+      if not 0 <= g <= 1:
+        raise SamplerSpecError(f"sampler {spec!r}: gamma = {g} is outside [0, 1]")
+      out = SamplerSpec(spec, "sss", g, n)
     elif parts[0] == "cm" and len(parts) == 2:
       out = SamplerSpec(spec, "gamma", 1.0, int(parts[1]), None, True)
     elif parts[0] in ("heun", "teacher_heun") and len(parts) == 2 and int(parts[1]) >= 2:
@@ -93,16 +102,24 @@ def parse_sampler(spec: str) -> SamplerSpec:
 
 
 def check_sampler_for_run(spec: SamplerSpec, config) -> None:
-  """Refuse a sampler the run cannot do: CTM jumps of a network without the s input, a
+  """Refuse a sampler the run cannot do: jumps G(x, t, s) of a network that never trained
+  them (EDM), intermediate jumps or Heun of a consistency model (Method.check_sampler), a
   teacher of a run that has none, explicit times outside [sigma_min, sigma_max]."""
-  if spec.needs_s and config.method != "ctm":
+  from ctm_jax import methods
+  cls = methods.method_class(config.method)
+  try:
+    cls.check_sampler(spec)
+  except ValueError as e:
+    raise SamplerSpecError(str(e)) from None
+  if spec.needs_s and not (cls.trains_jump or cls.generator_kind == "cm_f"):
     raise SamplerSpecError(
         f"sampler {spec.name!r} jumps with CTM's G(x, t, s), but this {config.method} run's "
         f"network has no s input (one jump from sigma_max would give the data mean); use "
         f"heun:<steps> on its denoiser")
-  if spec.kind == "teacher_heun" and config.method != "ctm":
-    raise SamplerSpecError(f"sampler {spec.name!r} samples a CTM run's teacher; this run's "
-                           f"method is {config.method!r}")
+  if spec.kind == "teacher_heun" and not (config.method == "ctm" or getattr(cls, "needs_teacher",
+                                                                             False)):
+    raise SamplerSpecError(f"sampler {spec.name!r} samples a distilled run's teacher; this run's "
+                           f"method ({config.method!r}) has none")
   if spec.times is not None:
     lo, hi = config.diffusion.sigma_min, config.diffusion.sigma_max
     t = spec.times
@@ -111,16 +128,39 @@ def check_sampler_for_run(spec: SamplerSpec, config) -> None:
                              f"and end at sigma_min = {lo}")
 
 
-def sampler_fn(model: flow_map.FlowModel, spec: SamplerSpec):
-  """fn(params, x_init, key, labels) -> samples for a spec of the run's own model."""
+def generator_kind(config) -> str:
+  """'cm_f' for a consistency model f(x, t) (CD, CT, iCT, Direct CD), else 'jump'."""
+  from ctm_jax import methods
+  return methods.method_class(config.method).generator_kind
+
+
+def one_step_generator(config) -> bool:
+  """Whether the run trains a one-step map from sigma_max (CTM, TCD, the consistency models):
+  its onestep samples and the ODE error E mean something."""
+  from ctm_jax import methods
+  cls = methods.method_class(config.method)
+  return cls.trains_jump or cls.generator_kind == "cm_f"
+
+
+def run_jump_fn(model: flow_map.FlowModel, params, labels=None, kind: str = "jump"):
+  """The run's jump_fn(x, t, s): G of the network, or f(x, t) for kind 'cm_f'."""
+  return model.cm_jump_fn(params, labels) if kind == "cm_f" else model.jump_fn(params, labels)
+
+
+def sampler_fn(model: flow_map.FlowModel, spec: SamplerSpec, kind: str = "jump"):
+  """fn(params, x_init, key, labels) -> samples for a spec of the run's own model; `kind` is
+  the run's generator_kind (a consistency model's jump is f(x, t))."""
   sch = model.schedule
   if spec.kind == "heun":
     return lambda params, x, key, labels: samplers.edm_heun_sampler(
         model.denoise_fn(params, labels), x, spec.steps, sch)
   if spec.kind == "gamma":
     return lambda params, x, key, labels: samplers.gamma_sampler(
-        model.jump_fn(params, labels), x, key, spec.steps, spec.gamma, sch, spec.times,
-        spec.shift)
+        run_jump_fn(model, params, labels, kind), x, key, spec.steps, spec.gamma, sch,
+        spec.times, spec.shift)
+  if spec.kind == "sss":
+    return lambda params, x, key, labels: samplers.sss_sampler(
+        run_jump_fn(model, params, labels, kind), x, key, spec.steps, spec.gamma, sch)
   raise SamplerSpecError(f"sampler {spec.name!r} does not sample the run's own model")
 
 
@@ -216,20 +256,33 @@ def exact_ode_solution(denoise_fn, x_T, t0: float, t1: float, rtol: float = 1e-9
   return sol.y[:, -1].reshape(shape)
 
 
-def ode_error(model: flow_map.FlowModel, params, x_T, reference) -> float:
-  """E = mean over examples of |G(x_T, T, sigma_min) - x_ref|^2 / dim (Vouitsis et al. 2024)."""
-  x0 = samplers.onestep(model.jump_fn(params), jnp.asarray(x_T, jnp.float32), model.schedule)
+def ode_error(model: flow_map.FlowModel, params, x_T, reference, kind: str = "jump") -> float:
+  """E = mean over examples of |G(x_T, T, sigma_min) - x_ref|^2 / dim (Vouitsis et al. 2024);
+  for kind 'cm_f' the map is f(x_T, T)."""
+  x0 = samplers.onestep(run_jump_fn(model, params, None, kind), jnp.asarray(x_T, jnp.float32),
+                        model.schedule)
   diff = np.asarray(x0, np.float64) - np.asarray(reference, np.float64)
   return float(np.mean(diff.reshape(len(diff), -1) ** 2))
 
 
-def toy_ode_error(config, model: flow_map.FlowModel, params, num: int, seed: int) -> Dict[str, float]:
-  """toy_gmm CTM: the ODE error of the one-step map against scipy's exact PF-ODE solution of
-  the mixture, and the data variance per dimension for scale."""
+@functools.lru_cache(maxsize=8)
+def toy_exact_solution(num: int, seed: int, sigma_max: float, sigma_min: float):
+  """(x_T, x_exact) of the mixture's PF-ODE from x_T = initial_noise(PRNGKey(seed + 1)), by
+  scipy with the jitted exact denoiser; cached, as every method of a seed shares it."""
   from ctm_jax.oracle import toy_mixture_2d
   gm = toy_mixture_2d()
+  x_T = np.asarray(samplers.initial_noise(jax.random.PRNGKey(seed + 1), (num, 2), sigma_max))
+  ref = exact_ode_solution(jax.jit(gm.denoise), x_T, sigma_max, sigma_min)
+  x_T.setflags(write=False)
+  ref.setflags(write=False)
+  return x_T, ref
+
+
+def toy_ode_error(config, model: flow_map.FlowModel, params, num: int, seed: int) -> Dict[str, float]:
+  """toy_gmm, a one-step generator (CTM, TCD, a consistency model): the ODE error of the
+  one-step map against scipy's exact PF-ODE solution of the mixture, and the data variance
+  per dimension for scale."""
   sch = model.schedule
-  x_T = np.asarray(samplers.initial_noise(jax.random.PRNGKey(seed + 1), (num, 2), sch.sigma_max))
-  ref = exact_ode_solution(gm.denoise, x_T, sch.sigma_max, sch.sigma_min)
-  return {"ode_error": ode_error(model, params, x_T, ref),
+  x_T, ref = toy_exact_solution(int(num), int(seed), float(sch.sigma_max), float(sch.sigma_min))
+  return {"ode_error": ode_error(model, params, x_T, ref, generator_kind(config)),
           "data_variance_per_dim": float(np.var(ref))}

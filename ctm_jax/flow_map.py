@@ -91,6 +91,11 @@ class FlowModel:
     """A `jump_fn(x, t, s)` for the gamma sampler (eval mode)."""
     return lambda x, t, s: self.jump(params, x, t, s, labels)
 
+  def cm_jump_fn(self, params, labels=None):
+    """jump_fn(x, t, s) -> f(x, t) of a consistency model (eval mode): the jump to
+    s = sigma_min whatever s is asked (onestep and CM multistep only ask that)."""
+    return lambda x, t, s: self.cm_f(params, x, t, labels)
+
 
 def jump_from_denoised(x, denoised, t, s):
   """The DDIM / CTM jump (s/t) x + (1 - s/t) x0_hat, per-example t and s of shape (B,).

@@ -41,8 +41,9 @@ def schedule_from_config(config) -> diffusion.Schedule:
 
 
 def uses_s(config) -> bool:
-  """Whether the run's network takes CTM's second time input s."""
-  return config.method == "ctm"
+  """Whether the run's network takes the second time input s: CTM's, and TCD's unless
+  config.tcd.s_input is False (the TCD paper's network, where s enters only by DDIM)."""
+  return config.method == "ctm" or (config.method == "tcd" and bool(config.tcd.s_input))
 
 
 def build_model(config, *, use_s: Optional[bool] = None) -> flow_map.FlowModel:

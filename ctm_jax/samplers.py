@@ -51,6 +51,27 @@ def gamma_time_grid(num_steps: int, schedule: diffusion.Schedule = diffusion.Sch
   return jnp.asarray(times, jnp.float32)
 
 
+def _jump_chain(jump_fn: JumpFn, x, key, grid, s_values, stochastic: bool):
+  """x <- G(x, t_n, s_n) for n = 0..M-1; unless last (or deterministic), diffuse forward
+  from s_n to t_{n+1}: x <- x + sqrt(t_{n+1}^2 - s_n^2) z (VE)."""
+  b = x.shape[0]
+  num_steps = len(s_values)
+  for n, s in enumerate(s_values):
+    t, t_next = grid[n], grid[n + 1]
+    x = jump_fn(x, jnp.full((b,), t, x.dtype), jnp.full((b,), s, x.dtype))
+    if n < num_steps - 1 and stochastic:
+      z = jax.random.normal(jax.random.fold_in(key, n), x.shape, x.dtype)
+      x = x + jnp.sqrt(jnp.maximum(t_next ** 2 - s ** 2, 0.0)) * z
+  return x
+
+
+def _check_steps(gamma: float, num_steps: int):
+  if not 0.0 <= gamma <= 1.0:
+    raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+
+
 def gamma_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
                   schedule: diffusion.Schedule = diffusion.Schedule(),
                   times: Optional[Sequence[float]] = None, shift_sigma_min: bool = False):
@@ -68,28 +89,37 @@ def gamma_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
   t_n -> t_{n+1} (both forms).  gamma = 1: s_n = sigma_min in both forms, i.e. CM multistep
   sampling (Song et al. 2023, Alg. 1) through t_1 .. t_{M-1} with noise sqrt(t^2 - sigma_min^2).
   """
-  if not 0.0 <= gamma <= 1.0:
-    raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  _check_steps(gamma, num_steps)
   grid = gamma_time_grid(num_steps, schedule, times)
-  b = x_init.shape[0]
-  x = x_init
   scale = float(np.sqrt(1.0 - gamma ** 2))
   smin = schedule.sigma_min
+  s_values = []
   for n in range(num_steps):
-    t, t_next = grid[n], grid[n + 1]
+    t_next = grid[n + 1]
     if n == num_steps - 1:
-      s = t_next                                   # the last jump lands on sigma_min
+      s_values.append(t_next)                        # the last jump lands on sigma_min
     elif shift_sigma_min:
-      s = scale * (t_next - smin) + smin
+      s_values.append(scale * (t_next - smin) + smin)
     else:
-      s = jnp.maximum(scale * t_next, smin)
-    x = jump_fn(x, jnp.full((b,), t, x.dtype), jnp.full((b,), s, x.dtype))
-    if n < num_steps - 1 and gamma > 0:
-      z = jax.random.normal(jax.random.fold_in(key, n), x.shape, x.dtype)
-      x = x + jnp.sqrt(jnp.maximum(t_next ** 2 - s ** 2, 0.0)) * z
-  return x
+      s_values.append(jnp.maximum(scale * t_next, smin))
+  return _jump_chain(jump_fn, x_init, key, grid, s_values, gamma > 0)
+
+
+def sss_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
+                schedule: diffusion.Schedule = diffusion.Schedule(),
+                times: Optional[Sequence[float]] = None):
+  """TCD's strategic stochastic sampling (Zheng et al. 2024, Alg. 4) in VE form; NFE = num_steps.
+
+  For n = 0..M-1: s_n = max((1 - gamma) t_{n+1}, sigma_min) (the last s is sigma_min);
+  x_hat = G(x, t_n, s_n); unless last, x <- x_hat + sqrt(t_{n+1}^2 - s_n^2) z.  gamma = 0 is
+  the deterministic chain of jumps, gamma = 1 is CM multistep sampling (s clamped at sigma_min).
+  The VP form with discrete timesteps is ctm_jax.methods.tcd.sss_step_vp.
+  """
+  _check_steps(gamma, num_steps)
+  grid = gamma_time_grid(num_steps, schedule, times)
+  smin = schedule.sigma_min
+  s_values = [jnp.maximum((1.0 - gamma) * grid[n + 1], smin) for n in range(num_steps - 1)]
+  return _jump_chain(jump_fn, x_init, key, grid, s_values + [grid[num_steps]], gamma > 0)
 
 
 def onestep(jump_fn: JumpFn, x_init, schedule: diffusion.Schedule = diffusion.Schedule()):

@@ -71,6 +71,33 @@ def heun_step(denoise_fn: DenoiseFn, x, t, u, second_order=True):
   return jax.lax.cond(jnp.any(use), corrector, lambda _: x_euler, None)
 
 
+def step(denoise_fn: DenoiseFn, x, t, u, method: str = "heun", second_order=True):
+  """One step t -> u of `method` (euler | heun | ddim); `second_order` as in heun_step."""
+  if method == "heun":
+    return heun_step(denoise_fn, x, t, u, second_order)
+  if method == "euler":
+    return euler_step(denoise_fn, x, t, u)
+  if method == "ddim":
+    return ddim_step(denoise_fn, x, t, u)
+  raise ValueError(f"solver method must be one of {METHODS}, got {method!r}")
+
+
+def _check(method: str, last_step: str):
+  if method not in METHODS:
+    raise ValueError(f"solver method must be one of {METHODS}, got {method!r}")
+  if last_step not in LAST_STEP:
+    raise ValueError(f"last_step must be one of {LAST_STEP}, got {last_step!r}")
+
+
+def _grid_step(denoise_fn, x, sigmas, idx, method, last_step):
+  """The step from sigmas[idx] to sigmas[idx + 1] (idx scalar or per example), with the
+  last-step rule for a step into the grid's final point."""
+  n = sigmas.shape[0]
+  t, u = sigmas[idx], sigmas[jnp.minimum(idx + 1, n - 1)]
+  second = True if last_step == "heun" else (idx + 1 < n - 1)
+  return step(denoise_fn, x, t, u, method, second)
+
+
 def solve(denoise_fn: DenoiseFn, x, sigmas, start, num_steps, method: str = "heun",
           last_step: str = "heun"):
   """Integrate from sigmas[start] for num_steps grid steps, to sigmas[start + num_steps].
@@ -81,25 +108,34 @@ def solve(denoise_fn: DenoiseFn, x, sigmas, start, num_steps, method: str = "heu
   CTM reference, a full second-order step to sigma_min) or 'euler' (EDM, which ends at 0;
   a step to 0 is always Euler).
   """
-  if method not in METHODS:
-    raise ValueError(f"solver method must be one of {METHODS}, got {method!r}")
-  if last_step not in LAST_STEP:
-    raise ValueError(f"last_step must be one of {LAST_STEP}, got {last_step!r}")
+  _check(method, last_step)
+  sigmas = jnp.asarray(sigmas, x.dtype)
+  start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), x.shape[:1])
+  body = lambda j, x: _grid_step(denoise_fn, x, sigmas, start + j, method, last_step)
+  return jax.lax.fori_loop(0, num_steps, body, x)
+
+
+def solve_to_end(denoise_fn: DenoiseFn, x, sigmas, start, method: str = "heun",
+                 last_step: str = "heun"):
+  """Integrate example b from sigmas[start_b] all the way to sigmas[-1] (Direct CD's target).
+
+  One loop over the grid from the batch's largest start time: at loop index idx every
+  example with start_b <= idx takes the step sigmas[idx] -> sigmas[idx + 1], the others
+  wait (masked), as layer6ai-labs/direct-cms does.  The loop runs n - 1 - min_b start_b
+  steps (a while loop with a traced count: one compilation for every batch of starts).
+  """
+  _check(method, last_step)
   sigmas = jnp.asarray(sigmas, x.dtype)
   n = sigmas.shape[0]
   start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), x.shape[:1])
+  first = jnp.min(start)
 
   def body(j, x):
-    idx = start + j
-    t, u = sigmas[idx], sigmas[jnp.minimum(idx + 1, n - 1)]
-    if method == "heun":
-      second = True if last_step == "heun" else (idx + 1 < n - 1)
-      return heun_step(denoise_fn, x, t, u, second)
-    if method == "euler":
-      return euler_step(denoise_fn, x, t, u)
-    return ddim_step(denoise_fn, x, t, u)
+    idx = first + j
+    x_next = _grid_step(denoise_fn, x, sigmas, idx, method, last_step)
+    return jnp.where(append_dims(start <= idx, x.ndim), x_next, x)
 
-  return jax.lax.fori_loop(0, num_steps, body, x)
+  return jax.lax.fori_loop(0, n - 1 - first, body, x)
 
 
 def solve_grid(denoise_fn: DenoiseFn, x, sigmas, method: str = "heun", last_step: str = "heun"):

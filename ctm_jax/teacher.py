@@ -17,6 +17,38 @@ SOURCES = ("oracle", "checkpoint", "torch_npz", "random")
 # timing and memory measurements (launch.bench) and shape tests, where no weights are at hand.
 
 
+def validate_teacher_config(config):
+  """config.teacher: a known source with what it needs, and a teacher of the same data and
+  noise range.  A trained teacher must be a denoiser (an `edm` run), so that
+  (x - D(x, t)) / t is its probability-flow ODE drift."""
+  from ctm_jax import config_lib
+  config_lib.check_choice(config, "teacher.source", SOURCES)
+  config_lib.check_number(config, "teacher.step", -1, integer=True)
+  if config.teacher.source == "oracle" and config.data.dataset != "toy_gmm":
+    raise config_lib.ConfigError("config.teacher.source = 'oracle' is the exact denoiser of the "
+                                 "toy_gmm mixture; config.data.dataset must be 'toy_gmm'")
+  if config.teacher.source == "checkpoint" and not config.teacher.workdir:
+    raise config_lib.ConfigError("config.teacher.workdir must name the teacher run's workdir "
+                                 "when config.teacher.source = 'checkpoint'")
+  if config.teacher.source == "torch_npz" and not config.teacher.npz_path:
+    raise config_lib.ConfigError("config.teacher.npz_path must be set when "
+                                 "config.teacher.source = 'torch_npz'")
+  if config.teacher.source != "oracle":
+    tcfg = config.teacher.config
+    if tcfg.method != "edm":
+      raise config_lib.ConfigError(
+          f"config.teacher.config.method = {tcfg.method!r}: the teacher must be a denoiser "
+          f"trained by 'edm' (its D(x, t) defines the probability-flow ODE)")
+    if tcfg.data.dataset != config.data.dataset:
+      raise config_lib.ConfigError(
+          f"config.teacher.config.data.dataset ({tcfg.data.dataset!r}) must equal "
+          f"config.data.dataset ({config.data.dataset!r})")
+    for f in ("sigma_min", "sigma_max"):
+      if tcfg.diffusion[f] != config.diffusion[f]:
+        raise config_lib.ConfigError(f"config.teacher.config.diffusion.{f} must equal "
+                                     f"config.diffusion.{f}")
+
+
 class Teacher:
   """denoise(params, x, t, labels) -> D(x, t), and the params it needs."""
 

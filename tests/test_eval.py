@@ -428,7 +428,7 @@ def test_nll_job_with_a_closed_form_logp(toy_run, tmp_path):
     (dict(samplers="warp:3"), "sample", r"config\.eval\.samplers: bad sampler 'warp:3': use onestep"),
     (dict(samplers="onestep"), "sample", r"'onestep' jumps with CTM's G\(x, t, s\).*edm run.*heun"),
     (dict(samplers="cm:2"), "sample", r"'cm:2' jumps with CTM's"),
-    (dict(samplers="teacher_heun:18"), "sample", r"samples a CTM run's teacher"),
+    (dict(samplers="teacher_heun:18"), "sample", r"samples a distilled run's teacher.*'edm'"),
     (dict(batch_size=12), "sample", r"config\.eval\.batch_size = 12 must be divisible by the device count 8"),
     (dict(batch_size=64, shard_size=100), "sample", r"config\.eval\.shard_size = 100 must be a multiple"),
     (dict(ema="rate_0p5"), "sample", r"config\.eval\.ema = 'rate_0p5' is not an EMA.*rate_0p9"),
@@ -482,6 +482,7 @@ def test_nll_needs_a_score_head_and_a_run(toy_run, tmp_path, monkeypatch):
   monkeypatch.setattr(edm.EDM, "has_score_head", False)
   with pytest.raises(config_lib.ConfigError, match=r"--mode=nll: .*score head.*'edm' run has none"):
     jobs.run(wd, "nll", ev, config)
+  monkeypatch.undo()          # (without a score head the default heun sampler is refused too)
   with pytest.raises(runs.NotARunError, match="not a ctm-jax run directory"):
     runs.load_run_config(str(tmp_path))
   os.makedirs(tmp_path / "empty" / "checkpoints")

@@ -162,7 +162,7 @@ def test_config_lib_imports_no_method():
 
 def test_methods_validate_their_own_sections():
   from ctm_jax import methods
-  assert methods.method_names() == ("edm", "ctm")
+  assert methods.method_names() == ("edm", "ctm", "cd", "ct", "ict", "direct_cd", "tcd")
   cfg = toy_edm.get_config()
   cfg.edm.p_std = -1.0
   config_lib.validate_common(cfg, num_devices=1, process_count=1)    # not a common field
@@ -170,7 +170,7 @@ def test_methods_validate_their_own_sections():
     train.validate_config(cfg, num_devices=1, process_count=1)
   cfg = toy_edm.get_config()
   cfg.method = "dance"
-  with pytest.raises(config_lib.ConfigError, match=r"config\.method must be one of \('edm', 'ctm'\)"):
+  with pytest.raises(config_lib.ConfigError, match=r"config\.method must be one of \('edm', 'ctm', 'cd'"):
     train.validate_config(cfg, num_devices=1, process_count=1)
 
 

@@ -14,8 +14,8 @@ from ctm_jax.nets import lpips
 
 CONFIGS = [("cifar10_edm", ""), ("cifar10_edm", "cond"), ("cifar10_ctm", ""),
            ("cifar10_ctm", "cond"), ("cifar10_ctm", "gan"), ("cifar10_ctm", "cond_gan"),
-           ("imagenet64_edm", ""),
-           ("imagenet64_ctm", ""), ("imagenet64_ctm", "gan")]
+           ("imagenet64_edm", ""), ("imagenet64_ctm", ""), ("imagenet64_ctm", "gan"),
+           ("cifar10_cd", ""), ("cifar10_ict", "")]
 
 # Student / teacher parameter counts: layer-by-layer counts of the torch constructors
 # (tests/test_nets.py derives them independently; EDM reports 56M for DDPM++ and ~296M for ADM).
@@ -24,7 +24,10 @@ PARAMS = {("cifar10_edm", ""): 55_733_891, ("cifar10_edm", "cond"): 55_735_299,
           ("cifar10_ctm", "gan"): 60_395_267 + 9 * 128,
           ("cifar10_ctm", "cond_gan"): 60_396_675 + 9 * 128,
           ("imagenet64_edm", ""): 295_899_267, ("imagenet64_ctm", ""): 324_100_611,
-          ("imagenet64_ctm", "gan"): 324_100_611}
+          ("imagenet64_ctm", "gan"): 324_100_611,
+          # CD: the teacher's DDPM++; iCT: NCSN++ without augment labels
+          # (tests/test_nets.py _torch_count_song(cmn=2, enc='residual')).
+          ("cifar10_cd", ""): 55_733_891, ("cifar10_ict", ""): 56_395_651}
 
 
 def load(name, arg):
@@ -45,6 +48,9 @@ def _fill_paths(cfg, lpips_path):
   if cfg.method == "ctm":
     cfg.ctm.lpips_weights = lpips_path
     cfg.gan.feature_weights = lpips_path
+    cfg.teacher.npz_path = "teacher.npz"
+  if cfg.method == "cd":
+    cfg.cd.lpips_weights = lpips_path
     cfg.teacher.npz_path = "teacher.npz"
   return cfg
 
@@ -77,6 +83,8 @@ def test_paper_config_validates_and_shape_checks(name, arg, weight_files, zeros_
   if cfg.method == "ctm":
     assert jax.tree_util.tree_structure(st.extra["target"]) == jax.tree_util.tree_structure(st.params)
     assert ("disc" in st.extra) == bool(cfg.gan.enabled)
+  if cfg.method in ("cd", "ict"):
+    assert st.extra == {}                       # mu = 0 (CD, official) / no EMA target (iCT)
   info = data.dataset_info(cfg.data.dataset)
   x = jax.ShapeDtypeStruct((2,) + info.shape, jnp.float32)
   out = jax.eval_shape(lambda p, x: exp.model.denoiser(p, x, jnp.ones((2,)), None,
@@ -99,6 +107,18 @@ def test_paper_settings_values():
   assert i.diffusion.c_noise == "250log" and i.data.class_conditional and i.training.batch_size == 1440
   e = load("cifar10_edm", "")
   assert (e.training.batch_size, e.optim.lr, e.ema.halflife_kimg, e.model.dropout) == (512, 1e-3, 500.0, 0.13)
+  d = load("cifar10_cd", "")       # openai/consistency_models_cifar10 configs/cifar10_ve_cd.py
+  assert (d.cd.num_points, d.cd.distance, d.cd.teacher_solver, d.cd.weighting, d.cd.target_ema) == (
+      18, "lpips", "heun", "uniform", 0.0)
+  assert (d.optim.name, d.optim.lr, d.optim.warmup_steps, d.training.batch_size) == (
+      "radam", 4e-4, 19_531, 512)
+  assert d.training.num_train_steps == 800_000 and d.ema.rates == (0.9999,) and d.model.dropout == 0
+  i = load("cifar10_ict", "")      # Song & Dhariwal 2023
+  assert (i.ict.s0, i.ict.s1, i.ict.p_mean, i.ict.p_std, i.ict.distance, i.ict.weighting) == (
+      10, 1280, -1.1, 2.0, "pseudo_huber", "ict")
+  assert (i.model.dropout, i.model.fourier_scale, i.training.batch_size, i.optim.lr) == (
+      0.3, 0.02, 1024, 1e-4)
+  assert i.training.num_train_steps == 400_000 and "teacher" not in i
   # Data flips: the CTM loaders flip (load_data(random_flip=True)); EDM's CIFAR-10 runs flip only
   # inside the augment pipe (--xflip False, AugmentPipe xflip=1e8 at p = 0.12), ImageNet not at all.
   # Adaptive weights per reference microbatch (--microbatch 16 / 11 / 18 / 11); D unconditional.
@@ -164,7 +184,8 @@ def _one_device_steps(cfg, batch_size=2):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,arg", [("cifar10_edm", ""), ("cifar10_ctm", ""), ("cifar10_ctm", "gan"),
-                                      ("imagenet64_edm", ""), ("imagenet64_ctm", "")])
+                                      ("imagenet64_edm", ""), ("imagenet64_ctm", ""),
+                                      ("cifar10_cd", ""), ("cifar10_ict", "")])
 def test_paper_config_trains_a_step_at_tiny_batch(name, arg, weight_files, random_teacher):
   cfg = _fill_paths(load(name, arg), weight_files)
   if cfg.method == "ctm":

@@ -140,7 +140,7 @@ def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
     teacher, params = job_teacher(job)
     fn = evaluate.teacher_sampler_fn(teacher, spec, job.model.schedule)
   else:
-    fn = evaluate.sampler_fn(job.model, spec)
+    fn = evaluate.sampler_fn(job.model, spec, evaluate.generator_kind(job.config))
   run = make_batch_sampler(job, fn)
   ev = job.ev
   bs = ev.batch_size
@@ -164,7 +164,7 @@ def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
 
 
 def job_teacher(job: Job):
-  """(Teacher, its params on the mesh) of a CTM run, built once."""
+  """(Teacher, its params on the mesh) of a distilled run, built once."""
   if job._teacher is None:
     from ctm_jax import teacher as teacher_lib
     t = teacher_lib.Teacher(job.config)
@@ -538,8 +538,8 @@ def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] 
       if settings.needs_nll(mode):
         params = params if params is not None else _load(job, step, ema)
         nll_setting(job, params, step, ema, time.time())
-      if (mode == "sample" and config.data.dataset == "toy_gmm" and config.method == "ctm"
-          and own):
+      if (mode == "sample" and config.data.dataset == "toy_gmm"
+          and evaluate.one_step_generator(config) and own):
         _toy_ode_error(job, params, step, ema)
   for spec in teacher_specs:
     t0 = time.time()

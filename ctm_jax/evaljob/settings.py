@@ -61,6 +61,10 @@ def _list(value: str) -> List[str]:
 def default_samplers(config) -> str:
   if config.method == "ctm":
     return "onestep,gamma:0:2"
+  if config.method == "tcd":
+    return f"onestep,sss:{config.tcd.sample_gamma:g}:2"
+  if evaluate.generator_kind(config) == "cm_f":
+    return "onestep,cm:2"
   return f"heun:{config.sampling.heun_steps}"
 
 

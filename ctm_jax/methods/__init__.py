@@ -6,7 +6,7 @@ import dataclasses
 from typing import Callable, Dict, Type
 
 from ctm_jax import config_lib
-from ctm_jax.methods import ctm, edm
+from ctm_jax.methods import cm, ctm, direct_cd, edm, tcd
 from ctm_jax.methods.base import Method
 
 
@@ -19,6 +19,11 @@ class Registered:
 METHODS: Dict[str, Registered] = {
     "edm": Registered(edm.EDM, edm.validate_edm_config),
     "ctm": Registered(ctm.CTM, ctm.validate_ctm_config),
+    "cd": Registered(cm.CD, cm.validate_cd_config),
+    "ct": Registered(cm.CT, cm.validate_ct_config),
+    "ict": Registered(cm.ICT, cm.validate_ict_config),
+    "direct_cd": Registered(direct_cd.DirectCD, direct_cd.validate_direct_cd_config),
+    "tcd": Registered(tcd.TCD, tcd.validate_tcd_config),
 }
 
 

@@ -25,9 +25,16 @@ class Method:
   # Step kinds whose step(state, batch, frozen, k) also takes a forced number of teacher steps
   # (an int32 scalar; launch.bench), with k drawn as in training when it is None.
   k_step_kinds: Tuple[str, ...] = ()
+  # What the trained network is, for samplers and the evaluation binary:
+  #   'jump': G(x, t, s) (CTM, TCD; EDM's "jump" is a DDIM step of its denoiser);
+  #   'cm_f': a consistency function f(x, t), the jump to sigma_min only (CD, CT, iCT, Direct CD).
+  generator_kind = "jump"
+  # Whether G(x, t, s) itself was trained (CTM, TCD): the gamma / SSS samplers apply.  EDM's
+  # jump from sigma_max is the data mean, not a sample.
+  trains_jump = False
   # Whether the trained network's g(x, t, t) is a denoiser (a score model): the NLL by the
-  # PF-ODE and the Heun samplers need it.  EDM and CTM (trained with DSM) have one; a
-  # consistency model without a DSM term would set it False.
+  # PF-ODE and the Heun samplers need it.  EDM and CTM (trained with DSM) have one; the
+  # consistency family (no DSM term) does not.
   has_score_head: bool = True
 
   def __init__(self, config, model: flow_map.FlowModel):
@@ -67,6 +74,26 @@ class Method:
     return new_state, {**metrics, **upd, "lr": jnp.asarray(lr, jnp.float32)}
 
   # -- sampling
+  def jump_fn(self, params, labels=None):
+    """jump_fn(x, t, s) for the samplers (eval mode).  For generator_kind 'cm_f' it is valid
+    only for s = sigma_min (onestep, cm:<nfe>); check_sampler refuses the rest."""
+    return self.model.jump_fn(params, labels)
+
+  @classmethod
+  def check_sampler(cls, spec):
+    """Raise ValueError if this method's model cannot run the sampler `spec` (an
+    evaluate.SamplerSpec: kind 'gamma' | 'sss' | 'heun' | 'teacher_heun', steps, gamma, shift)."""
+    name = getattr(spec, "name", spec.kind)
+    if spec.kind == "heun" and not cls.has_score_head:
+      raise ValueError(f"sampler {name!r} integrates the score head g(x, t, t), but method "
+                       f"{cls.name!r} trains no denoiser; use onestep or cm:<nfe>"
+                       + ("" if cls.generator_kind == "cm_f" else " or gamma:<g>:<nfe> / sss:<g>:<nfe>"))
+    if (spec.kind in ("gamma", "sss") and cls.generator_kind == "cm_f" and spec.steps > 1
+        and not (spec.kind == "gamma" and spec.gamma == 1.0 and spec.shift)):
+      raise ValueError(f"sampler {name!r} jumps to intermediate times s > sigma_min, but method "
+                       f"{cls.name!r} learns only the map f(x, t) to sigma_min; use onestep or "
+                       f"cm:<nfe> (gamma 1 with the sigma_min shift)")
+
   def sample_fns(self) -> Dict[str, Callable]:
     """name -> fn(params, x_init, key, labels) -> samples.  Default: EDM Heun on g(x, t, t)."""
     steps = self.config.sampling.heun_steps

@@ -15,7 +15,6 @@ Discriminator steps alternate with generator steps once GAN is on.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional
 
 import jax
@@ -25,22 +24,19 @@ import optax
 
 from ctm_jax import config_lib, diffusion, samplers, solvers, train_state
 from ctm_jax.diffusion import append_dims
-from ctm_jax.methods import adaptive_groups
+from ctm_jax.methods import adaptive_groups, consistency
 from ctm_jax.methods.base import Method
 from ctm_jax.nets.torch_port import copy_matching_params
-from ctm_jax.teacher import SOURCES, Teacher
+from ctm_jax.teacher import Teacher, validate_teacher_config
 
-DISTANCES = ("l2", "pseudo_huber", "lpips")
+DISTANCES = consistency.DISTANCES
 
 
 def validate_ctm_config(config):
   c = "ctm"
   n = config_lib.check_number(config, f"{c}.num_points", 2, integer=True)
   config_lib.check_number(config, f"{c}.max_k", 1, n - 1, integer=True)
-  config_lib.check_choice(config, f"{c}.distance", DISTANCES)
-  config_lib.check_number(config, f"{c}.huber_c", 0)
-  config_lib.check_choice(config, f"{c}.lpips_pooling", ("avg", "max", "l2"))
-  config_lib.check_number(config, "teacher.step", -1, integer=True)
+  consistency.validate_distance(config, c)
   config_lib.check_choice(config, f"{c}.teacher_last_step", solvers.LAST_STEP)
   config_lib.check_number(config, f"{c}.target_ema", 0, 1, hi_open=True)
   config_lib.check_choice(config, f"{c}.dsm_weight_mode", ("adaptive", "fixed", "off"))
@@ -55,53 +51,17 @@ def validate_ctm_config(config):
   config_lib.check_number(config, f"{c}.dsm_curve_max", 0, 1)
   config_lib.check_number(config, f"{c}.dsm_p_std", 0, lo_open=True)
   config_lib.check_number(config, f"{c}.sample_gamma", 0, 1)
-  nfes = config.ctm.sample_nfes
-  if not isinstance(nfes, (tuple, list)) or not nfes or any(
-      not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in nfes):
-    raise config_lib.ConfigError(f"config.ctm.sample_nfes must be a non-empty tuple of integers "
-                                 f">= 1, got {nfes!r}")
-  if config.ctm.distance == "lpips" and not config.ctm.lpips_weights:
-    raise config_lib.ConfigError(
-        "config.ctm.distance = 'lpips' needs config.ctm.lpips_weights: a local .npz of VGG16 + "
-        "LPIPS heads (see README: launch/export_lpips_weights.py); or use 'pseudo_huber' / 'l2'")
-  config_lib.check_choice(config, "teacher.source", SOURCES)
-  if config.teacher.source == "oracle" and config.data.dataset != "toy_gmm":
-    raise config_lib.ConfigError("config.teacher.source = 'oracle' is the exact denoiser of the "
-                                 "toy_gmm mixture; config.data.dataset must be 'toy_gmm'")
-  if config.teacher.source == "checkpoint" and not config.teacher.workdir:
-    raise config_lib.ConfigError("config.teacher.workdir must name the teacher run's workdir "
-                                 "when config.teacher.source = 'checkpoint'")
-  if config.teacher.source == "torch_npz" and not config.teacher.npz_path:
-    raise config_lib.ConfigError("config.teacher.npz_path must be set when "
-                                 "config.teacher.source = 'torch_npz'")
-  if config.teacher.source != "oracle":
-    tcfg = config.teacher.config
-    if tcfg.data.dataset != config.data.dataset:
-      raise config_lib.ConfigError(
-          f"config.teacher.config.data.dataset ({tcfg.data.dataset!r}) must equal "
-          f"config.data.dataset ({config.data.dataset!r})")
-    for f in ("sigma_min", "sigma_max"):
-      if tcfg.diffusion[f] != config.diffusion[f]:
-        raise config_lib.ConfigError(f"config.teacher.config.diffusion.{f} must equal "
-                                     f"config.diffusion.{f}")
+  consistency.validate_nfes(config, c)
+  validate_teacher_config(config)
   if config.gan.enabled:
     from ctm_jax.methods import ctm_gan
     ctm_gan.validate_gan_config(config)
 
 
 def distance_fn(config, dim: int):
-  """Per-example distance d(a, b) -> (B,): l2 (mean square), pseudo-Huber
-  sqrt(|a-b|^2 + c^2) - c with c = huber_c or 0.00054 sqrt(dim) (iCT), or LPIPS."""
-  kind = config.ctm.distance
-  if kind == "l2":
-    return lambda frozen, a, b: jnp.mean(((a - b) ** 2).reshape(a.shape[0], -1), axis=1)
-  if kind == "pseudo_huber":
-    c = config.ctm.huber_c or 0.00054 * math.sqrt(dim)
-    return lambda frozen, a, b: jnp.sqrt(
-        jnp.sum(((a - b) ** 2).reshape(a.shape[0], -1), axis=1) + c ** 2) - c
-  from ctm_jax.nets import lpips
-  return lambda frozen, a, b: lpips.lpips_distance(frozen["lpips"], a, b,
-                                                    pooling=config.ctm.lpips_pooling)
+  """Per-example distance d(a, b) -> (B,) of config.ctm (consistency.distance_fn)."""
+  c = config.ctm
+  return consistency.distance_fn(c.distance, dim, c.huber_c, c.lpips_pooling)
 
 
 def default_adaptive_layer(model_cfg, data_shape) -> str:
@@ -118,6 +78,8 @@ def default_adaptive_layer(model_cfg, data_shape) -> str:
 
 class CTM(Method):
   name = "ctm"
+
+  trains_jump = True
 
   def __init__(self, config, model):
     super().__init__(config, model)

@@ -107,6 +107,7 @@ class SongUNet(nn.Module):
   dropout: float = 0.10
   label_dropout: float = 0.0
   embedding_type: str = 'positional'
+  fourier_scale: float = 16.0       # std of the Fourier frequencies (NCSN++: 16; iCT: 0.02)
   channel_mult_noise: int = 1
   encoder_type: str = 'standard'
   decoder_type: str = 'standard'
@@ -151,7 +152,8 @@ class SongUNet(nn.Module):
     if self.embedding_type == 'positional':
       embed = lambda n: positional_embedding(n, noise_ch, endpoint=True, order='sin_cos')
     else:
-      embed = FourierEmbedding(noise_ch, order='sin_cos', name='map_noise')
+      embed = FourierEmbedding(noise_ch, scale=self.fourier_scale, order='sin_cos',
+                               name='map_noise')
     emb = embed(noise_labels)
     map_label = None
     if self.label_dim:

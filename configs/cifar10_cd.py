@@ -1,0 +1,42 @@
+"""Consistency distillation on CIFAR-10 (Song et al. 2023; openai/consistency_models_cifar10
+configs/cifar10_ve_cd.py), distilling the EDM DDPM++ teacher.
+
+  python -m launch.train --config=configs/cifar10_cd.py --workdir=$WORKDIR \
+      --config.teacher.npz_path=edm-cifar10-32x32-uncond-vp.npz \
+      --config.cd.lpips_weights=lpips_vgg.npz
+
+The official settings: N = 18, one Heun step of the teacher per pair (a full Heun step into
+sigma_min), LPIPS on 224-pixel bilinear upsamples, uniform lambda, no target network (the
+'consistency' loss of the official code evaluates theta^- = sg(theta), i.e. mu = 0), student
+initialised from the teacher, RAdam lr 4e-4 with a linear warm-up over 10M images, no gradient
+clipping, batch 512, 800k iterations, evaluation EMA 0.9999, dropout 0, random x-flips.
+Deviation: the official teacher and student are their own NCSN++ (VE) network; here both are
+EDM's DDPM++ (the project's CIFAR-10 teacher, configs/cifar10_edm.py), so the student can start
+from it.  The teacher may instead be a cifar10_edm run:
+  --config.teacher.source=checkpoint --config.teacher.workdir=$EDM_WORKDIR
+"""
+from configs import cifar10_edm, cm_common, ctm_common
+
+
+def get_config():
+  teacher = cifar10_edm.get_config()
+  c = cm_common.family_config(cifar10_edm.get_config(), "cd", cm_common.cd_block(num_points=18),
+                              ctm_common.teacher_block(teacher, source="torch_npz"))
+  c.cd.distance = "lpips"
+  c.cd.target_ema = 0.0
+  c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.0)   # the teacher's network (augment_dim 9 kept)
+  c.data.random_flip = True
+  c.optim.lr = 4e-4
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+  c.optim.warmup_steps = 19_531          # int(1e7 / 512)
+  c.optim.grad_clip = 0.0
+  c.ema.rates = (0.9999,)
+  c.ema.halflife_kimg = 0.0
+  c.sampling.eval_ema = "rate_0p9999"
+  c.training.batch_size = 512
+  c.training.num_train_steps = 800_000
+  c.training.checkpoint_every = 5_000
+  c.training.keep_every = 50_000
+  c.training.sample_every = 10_000
+  c.lock()
+  return c

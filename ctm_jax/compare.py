@@ -1,0 +1,404 @@
+"""The few-step family side by side (issue 10): CTM, CD, CT, iCT, Direct CD and TCD trained
+from ONE teacher in the same loop, evaluated by the evaluation jobs (ctm_jax.evaljob), and one
+table (markdown + JSON) and plots.
+
+Per method and seed: the ODE error E = mean |one-step map(x_T) - x_exact|^2 / dim against the
+teacher's PF-ODE solution from the same x_T (Vouitsis et al. 2024: the exact mixture ODE on
+toy_gmm; the teacher network's ODE solved by scipy's DOP853 on images), sample quality at each
+NFE (2-D: MMD / sliced W1 and the cross-entropy gap E_model[-log p] - E_data[-log p] under the
+exact mixture density; images: FID / KID), and the training cost per step.
+
+Layout under config.workdir:
+  runs/<method>-s<seed>/          a normal ctm-jax run; its eval/ holds the evaluation jobs'
+                                  shards and result files
+  ode_error/<seed>-<hash>.npz     images: the teacher's exact solutions (shared by the methods)
+  table.md, table.json, plots/*.png
+A re-run skips finished trainings (a checkpoint at num_train_steps) and finished evaluations
+(the jobs' result files; the cached ODE references).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from typing import Any, Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ctm_jax import config_lib, evaluate, runs, samplers
+
+FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd")
+MODES = ("sample", "fid")
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def run_config(cmp, method: str, seed: int) -> ml_collections.ConfigDict:
+  """configs/<prefix>_<method>.py with the comparison's overrides, steps, seed and teacher."""
+  try:
+    module = importlib.import_module(f"configs.{cmp.config_prefix}_{method}")
+  except ModuleNotFoundError:
+    raise config_lib.ConfigError(f"config.config_prefix = {cmp.config_prefix!r}: there is no "
+                                 f"configs/{cmp.config_prefix}_{method}.py") from None
+  c = module.get_config()
+  c.unlock()
+  fields = flatten(cmp.overrides)
+  fields.update(flatten(cmp.method_overrides.get(method, {})))
+  fields.update({"seed": int(seed), "training.num_train_steps": int(cmp.num_train_steps)})
+  if "teacher" in c and cmp.teacher_workdir:
+    fields["teacher.workdir"] = cmp.teacher_workdir
+  for name, value in fields.items():
+    _set_dotted(c, name, value, method)
+  c.lock()
+  return c
+
+
+def flatten(tree, prefix: str = "") -> Dict[str, Any]:
+  """Nested dicts / ConfigDicts -> {'a.b.c': leaf}."""
+  out = {}
+  for k, v in (tree or {}).items():
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _set_dotted(c, name: str, value, method: str):
+  node, parts = c, name.split(".")
+  for p in parts[:-1]:
+    if p not in node:
+      raise config_lib.ConfigError(f"config override {name!r} (for {method}): the run config "
+                                   f"has no field {p!r}")
+    node = node[p]
+  if parts[-1] not in node:
+    raise config_lib.ConfigError(f"config override {name!r} (for {method}): the run config has "
+                                 f"no field {parts[-1]!r}; it has {sorted(node.keys())}")
+  node[parts[-1]] = value
+
+
+def samplers_of(cmp, method: str) -> List[Tuple[str, int, str]]:
+  """(label, nfe, sampler spec) for each NFE and each template of config.samplers[method]
+  ('{n}' is the NFE; at NFE 1 every template is the one-step map 'onestep')."""
+  out, seen = [], set()
+  for template in str(cmp.samplers[method]).split(","):
+    template = template.strip()
+    label = template.replace(":{n}", "").replace("{n}", "").replace(":", "")
+    for n in cmp.nfes:
+      spec = "onestep" if n == 1 else template.replace("{n}", str(n))
+      if spec not in seen:
+        seen.add(spec)
+        out.append((label, int(n), spec))
+  return out
+
+
+def sampler_labels(cmp, method: str) -> List[str]:
+  """The method's sampler families (one table row each), in config order."""
+  return list(dict.fromkeys(label for label, _, _ in samplers_of(cmp, method)))
+
+
+def eval_settings(cmp, config):
+  """The merged config.eval of one run for the comparison (base < run < config.eval); the
+  evaluation seed is the run's seed."""
+  from configs import base
+  from ctm_jax.evaljob import settings
+  over = dict(cmp.eval)
+  over["seed"] = int(config.seed)
+  over["samplers"] = ",".join(s for _, _, s in samplers_of(cmp, config.method))
+  return settings.merge_eval(base.eval_block(), config, over)
+
+
+def run_dir(cmp, method: str, seed: int) -> str:
+  return os.path.join(cmp.workdir, "runs", f"{method}-s{seed}")
+
+
+def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
+  """Every check before any training: the comparison's fields, each run's config (the
+  training checks) and its evaluation settings (samplers against the method).  Returns the
+  plan [(method, seed, run config, eval settings)]."""
+  from ctm_jax import train
+  from ctm_jax.evaljob import settings
+  for f in ("workdir", "config_prefix"):
+    if not cmp.get(f):
+      raise config_lib.ConfigError(f"config.{f} must be set")
+  methods = list(cmp.methods)
+  bad = [m for m in methods if m not in FAMILY]
+  if bad or not methods or len(set(methods)) != len(methods):
+    raise config_lib.ConfigError(f"config.methods = {tuple(methods)}: each once, from {FAMILY}")
+  missing = [m for m in methods if m not in cmp.samplers]
+  if missing:
+    raise config_lib.ConfigError(f"config.samplers has no entry for {missing} (a comma list of "
+                                 f"sampler templates with '{{n}}' for the NFE)")
+  config_lib.check_choice(cmp, "mode", MODES)
+  config_lib.check_number(cmp, "num_train_steps", 1, integer=True)
+  if not cmp.seeds or any(int(s) != s or s < 0 for s in cmp.seeds):
+    raise config_lib.ConfigError(f"config.seeds = {tuple(cmp.seeds)} must be integers >= 0")
+  if not cmp.nfes or any(int(n) != n or n < 1 for n in cmp.nfes):
+    raise config_lib.ConfigError(f"config.nfes = {tuple(cmp.nfes)} must be integers >= 1")
+  plan = []
+  for method in methods:
+    for seed in cmp.seeds:
+      c = run_config(cmp, method, seed)
+      train.validate_config(c, num_devices=jax.device_count(), process_count=jax.process_count())
+      if c.data.dataset != _dataset(cmp, methods):
+        raise config_lib.ConfigError(f"configs/{cmp.config_prefix}_{method}.py trains on "
+                                     f"{c.data.dataset}, the others on {_dataset(cmp, methods)}")
+      ev = eval_settings(cmp, c)
+      try:
+        settings.validate(ev, c, mode=cmp.mode, num_devices=jax.device_count(),
+                          process_count=jax.process_count())
+        settings.sampler_specs(ev, c)
+      except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"{method}: {e}") from None
+      plan.append((method, int(seed), c, ev))
+  return plan
+
+
+def _dataset(cmp, methods):
+  return run_config(cmp, methods[0], 0).data.dataset
+
+
+# ----------------------------------------------------------------------------- training
+
+def finished(workdir: str, steps: int) -> bool:
+  return bool(runs.checkpoint_steps(workdir)) and runs.checkpoint_steps(workdir)[-1] >= steps
+
+
+def train_cost(workdir: str) -> Dict[str, float]:
+  """Seconds per training step: 1 / the median of the logged steps_per_sec after the first
+  log interval (which holds the compilation)."""
+  rates = []
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if "steps_per_sec" in r:
+          rates.append(float(r["steps_per_sec"]))
+  rates = rates[1:] if len(rates) > 1 else rates
+  if not rates:
+    return {"sec_per_step": float("nan"), "intervals": 0}
+  return {"sec_per_step": float(1.0 / np.median(rates)), "intervals": len(rates)}
+
+
+def train_run(method: str, seed: int, config, workdir: str) -> Dict[str, Any]:
+  from ctm_jax import train
+  t0 = time.time()
+  steps = config.training.num_train_steps
+  if finished(workdir, steps):
+    logging.info("compare: %s seed %d is trained (step %d), skipping", method, seed, steps)
+    return {"trained_now": False, **train_cost(workdir)}
+  logging.info("compare: training %s seed %d for %d steps in %s", method, seed, steps, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  summary = train.train_and_evaluate(config, workdir)
+  if summary.get("stop_reason") is not None:      # Ctrl-C / SIGTERM: the run is not trained
+    raise KeyboardInterrupt(f"{method} seed {seed} stopped at step {summary['step']}")
+  return {"trained_now": True, "train_seconds": time.time() - t0, **train_cost(workdir)}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _samples(rec) -> np.ndarray:
+  d = rec["samples"]
+  files = sorted(f for f in os.listdir(d) if f.startswith("shard_") and f.endswith(".npz"))
+  return np.concatenate([np.load(os.path.join(d, f))["x"] for f in files])
+
+
+def cross_entropy_gap(x: np.ndarray, reference: np.ndarray) -> float:
+  """E_model[-log p(x)] - E_data[-log p(x)] under the exact toy mixture density p: 0 for
+  exact samples (up to sampling noise); > 0 for mass where p is small."""
+  from ctm_jax.oracle import toy_mixture_2d
+  gm = toy_mixture_2d()
+  lp = lambda z: np.asarray(gm.log_prob(jnp.asarray(z, jnp.float32)), np.float64)
+  return float(np.mean(-lp(x)) - np.mean(-lp(reference)))
+
+
+def teacher_ode_reference(cmp, config, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(x_T, x_exact): the teacher network's PF-ODE solution sigma_max -> sigma_min from x_T
+  (scipy DOP853, rtol = atol = config.ode_rtol), cached under workdir/ode_error/."""
+  from ctm_jax import teacher as teacher_lib
+  from ctm_jax.evaljob.shards import settings_hash
+  n = int(cmp.ode_error_samples)
+  sch = runs.schedule_from_config(config)
+  key = settings_hash({"teacher": os.path.abspath(config.teacher.workdir), "n": n, "seed": seed,
+                       "rtol": cmp.ode_rtol, "sigma": [sch.sigma_min, sch.sigma_max]})
+  path = os.path.join(cmp.workdir, "ode_error", f"s{seed}-{key}.npz")
+  if os.path.exists(path):
+    got = np.load(path)
+    return got["x_T"], got["x_exact"]
+  info_shape = runs.example_input(config).shape[1:]
+  x_T = np.asarray(samplers.initial_noise(jax.random.PRNGKey(seed + 1), (n,) + info_shape,
+                                          sch.sigma_max))
+  teacher = teacher_lib.Teacher(config)
+  params = teacher.params()
+  denoise = jax.jit(lambda x, t: teacher.denoise(params, x, t, None))
+  ref = evaluate.exact_ode_solution(denoise, x_T, sch.sigma_max, sch.sigma_min, cmp.ode_rtol)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, x_T=x_T, x_exact=ref)
+  os.replace(tmp, path)
+  return x_T, ref
+
+
+def evaluate_run(cmp, method: str, seed: int, config, ev, workdir: str) -> List[Dict[str, Any]]:
+  """Rows {method, seed, metric, value, nfe, sampler, label, num_samples} of one trained run."""
+  from ctm_jax.evaljob import jobs
+  summary = jobs.run(workdir, cmp.mode, ev, config, argv=["ctm_jax.compare"])
+  labels = {spec: (label, nfe) for label, nfe, spec in samplers_of(cmp, method)}
+  rows = []
+  for r in summary["records"]:
+    base = {"method": method, "seed": seed, "metric": r["metric"], "value": r["value"],
+            "stderr": r.get("stderr"), "num_samples": r.get("num_samples")}
+    if r["metric"] == "ode_error":
+      rows.append(dict(base, nfe=1, sampler="onestep", label="", reference=r.get("reference")))
+      continue
+    if r.get("sampler") not in labels:
+      continue
+    label, nfe = labels[r["sampler"]]
+    row = dict(base, nfe=nfe, sampler=r["sampler"], label=label)
+    rows.append(row)
+    if r["metric"] == "mmd" and config.data.dataset == "toy_gmm":
+      x = _samples(r)
+      ref = evaluate.reference_points(config, len(x), seed=4242)
+      rows.append(dict(row, metric="xent_gap", value=cross_entropy_gap(x, ref), stderr=None))
+  if config.data.dataset != "toy_gmm":
+    x_T, ref = teacher_ode_reference(cmp, config, seed)
+    params, _, _ = runs.load_params(config, workdir, None, ev.ema or None)
+    model = runs.build_model(config)
+    e = evaluate.ode_error(model, params, x_T, ref, evaluate.generator_kind(config))
+    rows.append({"method": method, "seed": seed, "metric": "ode_error", "value": e,
+                 "stderr": None, "num_samples": len(x_T), "nfe": 1, "sampler": "onestep",
+                 "label": "", "reference": f"teacher PF-ODE, scipy DOP853 rtol={cmp.ode_rtol}"})
+  return rows
+
+
+# ----------------------------------------------------------------------------- table
+
+QUALITY = {"sample": ("mmd", "sliced_w1", "xent_gap"), "fid": ("fid", "kid")}
+
+
+def aggregate(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """Mean and standard deviation over seeds of each (method, label, nfe, metric)."""
+  groups: Dict[tuple, List[float]] = {}
+  for r in rows:
+    groups.setdefault((r["method"], r["label"], r["nfe"], r["metric"]), []).append(r["value"])
+  out = []
+  for (m, label, nfe, metric), v in groups.items():
+    v = np.asarray(v, np.float64)
+    out.append({"method": m, "label": label, "nfe": nfe, "metric": metric,
+                "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+                "seeds": len(v)})
+  return out
+
+
+def _cell(agg, method, label, nfe, metric):
+  for a in agg:
+    if (a["method"], a["nfe"], a["metric"]) == (method, nfe, metric) and (
+        nfe == 1 or a["label"] == label):
+      s = f"{a['mean']:.4g}"
+      return s + (f" ± {a['std']:.2g}" if a["std"] is not None else "")
+  return "—"
+
+
+def markdown_table(cmp, agg, costs) -> str:
+  """One row per (method, sampler family); columns: E, each metric at each NFE, s/step."""
+  metrics = QUALITY[cmp.mode]
+  head = ["method", "sampler", "E (NFE 1)"]
+  for n in cmp.nfes:
+    head.append(f"NFE {n}: " + " / ".join(metrics))
+  head.append("s/step")
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for method in cmp.methods:
+    for label in sampler_labels(cmp, method):
+      cells = [method, label, _cell(agg, method, "", 1, "ode_error")]
+      for n in cmp.nfes:
+        cells.append(" / ".join(_cell(agg, method, label, n, m) for m in metrics))
+      c = [v["sec_per_step"] for (m, _), v in costs.items() if m == method]
+      cells.append(f"{np.mean(c):.3g}" if c else "—")
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plots(cmp, agg, out_dir: str) -> List[str]:
+  """Sample quality against NFE (one panel per metric), and E against one-step quality."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(out_dir, exist_ok=True)
+  metrics = QUALITY[cmp.mode][:2]
+  paths = []
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2))
+  for ax, metric in zip(np.atleast_1d(axes), metrics):
+    for method in cmp.methods:
+      for label in sampler_labels(cmp, method):
+        pts = sorted((a["nfe"], a["mean"], a["std"] or 0.0) for a in agg
+                     if a["method"] == method and a["metric"] == metric
+                     and (a["nfe"] == 1 or a["label"] == label))
+        if pts:
+          n, m, s = map(np.asarray, zip(*pts))
+          ax.errorbar(n, m, yerr=s, marker="o", ms=3, capsize=2, label=f"{method} {label}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(metric)
+  np.atleast_1d(axes)[0].legend(fontsize=6)
+  fig.tight_layout()
+  p = os.path.join(out_dir, f"{cmp.name}_quality_vs_nfe.png")
+  fig.savefig(p, dpi=80)
+  plt.close(fig)
+  paths.append(p)
+  fig, ax = plt.subplots(figsize=(4.2, 3.2))
+  for method in cmp.methods:
+    e = [a["mean"] for a in agg if a["method"] == method and a["metric"] == "ode_error"]
+    q = [a["mean"] for a in agg if a["method"] == method and a["metric"] == metrics[0]
+         and a["nfe"] == 1]
+    if e and q:
+      ax.scatter(e[:1], q[:1])
+      ax.annotate(method, (e[0], q[0]), fontsize=7)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("ODE error E")
+  ax.set_ylabel(f"{metrics[0]} at NFE 1")
+  fig.tight_layout()
+  p = os.path.join(out_dir, f"{cmp.name}_ode_error_vs_quality.png")
+  fig.savefig(p, dpi=80)
+  plt.close(fig)
+  paths.append(p)
+  return paths
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run(cmp) -> Dict[str, Any]:
+  """Validate everything, train what is not trained, evaluate, write the table and plots."""
+  t_start = time.time()
+  plan = validate(cmp)
+  os.makedirs(cmp.workdir, exist_ok=True)
+  rows, costs, timing = [], {}, {}
+  for method, seed, config, _ in plan:
+    wd = run_dir(cmp, method, seed)
+    got = train_run(method, seed, config, wd)
+    costs[(method, seed)] = got
+  for method, seed, config, ev in plan:
+    t0 = time.time()
+    rows.extend(evaluate_run(cmp, method, seed, config, ev, run_dir(cmp, method, seed)))
+    timing[f"eval {method}-s{seed}"] = time.time() - t0
+  agg = aggregate(rows)
+  table = markdown_table(cmp, agg, costs)
+  pics = plots(cmp, agg, os.path.join(cmp.workdir, "plots"))
+  result = {"name": cmp.name, "config": cmp.to_dict(), "rows": rows, "aggregate": agg,
+            "train_cost": [{"method": m, "seed": s, **v} for (m, s), v in costs.items()],
+            "eval_seconds": timing, "seconds": time.time() - t_start, "plots": pics}
+  with open(os.path.join(cmp.workdir, "table.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(cmp.workdir, "table.json"), "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  logging.info("compare: finished in %.0f s; %s", time.time() - t_start,
+               os.path.join(cmp.workdir, "table.md"))
+  print(table)
+  return result

@@ -1,0 +1,33 @@
+r"""Train the few-step family from one teacher and compare them: one table and plots.
+
+  python -m launch.compare --config=configs/compare_toy.py [--config.FIELD=VALUE ...]
+
+Trains CTM, CD, CT, iCT, Direct CD and TCD (config.methods) for config.seeds, evaluates each
+with the evaluation jobs, and writes <config.workdir>/table.md, table.json and plots/
+(ctm_jax/compare.py).  A re-run skips finished trainings and evaluations.  A bad setting ends
+in one line on stderr and exit status 2, before anything is trained.
+"""
+from absl import flags
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Comparison config (configs/compare_*.py).")
+_FAKE_DEVICES = flags.DEFINE_integer(
+    "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    from absl import app
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: give settings as --config.FIELD=value")
+  if _FAKE_DEVICES.value:
+    from ctm_jax import parallel
+    parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
+  from ctm_jax import compare
+  compare.run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  common.run(main, "launch.compare")

@@ -1,0 +1,169 @@
+"""The comparison (ctm_jax/compare.py, python -m launch.compare): a reduced toy comparison
+whose table is checked for structure and whose numbers are recomputed independently (the
+ODE error against a numpy RK4 solve of a hand-written mixture denoiser, the cross-entropy gap
+with scipy's Gaussian densities), resumption, and the refusals."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from ctm_jax import compare, config_lib, evaluate, runs, samplers
+from tests import launch_utils
+
+METHODS = ("ctm", "cd", "tcd")     # the three kinds of generator: G (gamma), f (cm), G (SSS)
+
+
+def small(workdir, methods=METHODS):
+  from configs import compare_toy
+  c = compare_toy.get_config()
+  c.workdir = str(workdir)
+  c.methods = methods
+  c.seeds = (0,)
+  c.num_train_steps = 2
+  c.nfes = (1, 2)
+  c.overrides = {"training": {"sample_every": 0, "checkpoint_every": 2, "log_every": 1,
+                              "batch_size": 64},
+                 "model": {"hidden": 32, "num_blocks": 2}}
+  c.samplers = {"ctm": "gamma:0:{n},cm:{n}", "cd": "cm:{n}", "tcd": "sss:0.3:{n}"}
+  c.eval = {"num_samples": 64, "batch_size": 64, "shard_size": 64, "reference_seeds": 2,
+            "ode_error_samples": 32}
+  return c
+
+
+# The toy mixture written out from its definition (oracle.toy_mixture_2d's docstring): 8
+# components on the unit ring, weights 2, 1, 2, 1, ..., stds 0.12 along the ring, 0.04 across.
+def mixture():
+  ang = 2 * np.pi * np.arange(8) / 8
+  means = np.stack([np.cos(ang), np.sin(ang)], 1)
+  w = np.where(np.arange(8) % 2 == 0, 2.0, 1.0)
+  covs = np.stack([0.0144 * np.outer([-np.sin(a), np.cos(a)], [-np.sin(a), np.cos(a)])
+                   + 0.0016 * np.outer([np.cos(a), np.sin(a)], [np.cos(a), np.sin(a)])
+                   for a in ang])
+  return w / w.sum(), means, covs
+
+
+def np_denoise(x, t):
+  """E[x0 | x_t = x] of the mixture under x_t = x0 + t z."""
+  w, means, covs = mixture()
+  logr, post = [], []
+  for k in range(8):
+    c = covs[k] + t * t * np.eye(2)
+    logr.append(np.log(w[k]) + stats.multivariate_normal(means[k], c).logpdf(x))
+    post.append(means[k] + (x - means[k]) @ np.linalg.solve(c, covs[k]).T)
+  logr = np.stack(logr, 1)
+  r = np.exp(logr - logr.max(1, keepdims=True))
+  r /= r.sum(1, keepdims=True)
+  return np.einsum("bk,kbd->bd", r, np.stack(post))
+
+
+def rk4_solve(x, t0, t1, steps=400):
+  """dx/du = x - D(x, e^u) with u = ln t (the PF-ODE dx/dt = (x - D)/t), classical RK4."""
+  f = lambda y, u: y - np_denoise(y, np.exp(u))
+  us = np.linspace(np.log(t0), np.log(t1), steps + 1)
+  for a, b in zip(us[:-1], us[1:]):
+    h = b - a
+    k1 = f(x, a)
+    k2 = f(x + h / 2 * k1, a + h / 2)
+    k3 = f(x + h / 2 * k2, a + h / 2)
+    k4 = f(x + h * k3, b)
+    x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+  return x
+
+
+def log_density(x):
+  w, means, covs = mixture()
+  return np.log(sum(w[k] * stats.multivariate_normal(means[k], covs[k]).pdf(x)
+                    for k in range(8)))
+
+
+def test_reduced_comparison_table_numbers_and_resume(tmp_path):
+  cmp = small(tmp_path / "cmp")
+  out = compare.run(cmp)
+  # structure: one row per (method, sampler family), E, every NFE, the cost
+  table = open(os.path.join(cmp.workdir, "table.md")).read().strip().splitlines()
+  assert table[0] == ("| method | sampler | E (NFE 1) | NFE 1: mmd / sliced_w1 / xent_gap | "
+                      "NFE 2: mmd / sliced_w1 / xent_gap | s/step |")
+  assert [ln.split("|")[1:3] for ln in table[2:]] == [
+      [" ctm ", " gamma0 "], [" ctm ", " cm "], [" cd ", " cm "], [" tcd ", " sss0.3 "]]
+  assert all("—" not in ln for ln in table[2:])
+  saved = json.load(open(os.path.join(cmp.workdir, "table.json")))
+  for m in METHODS:
+    got = {(r["metric"], r["nfe"], r["sampler"]) for r in saved["rows"] if r["method"] == m}
+    assert ("ode_error", 1, "onestep") in got and ("mmd", 1, "onestep") in got
+    assert ("xent_gap", 2, {"ctm": "cm:2", "cd": "cm:2", "tcd": "sss:0.3:2"}[m]) in got
+  assert {c["method"] for c in saved["train_cost"]} == set(METHODS)
+  assert all(c["sec_per_step"] > 0 for c in saved["train_cost"])
+  for p in saved["plots"]:
+    assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+  # E of CD: f(x_T, T) of the saved EMA called directly, against an RK4 solve of the mixture
+  # denoiser written above, from the x_T the evaluation draws (PRNGKey(seed + 1))
+  config = compare.run_config(cmp, "cd", 0)
+  params, _, _ = runs.load_params(config, compare.run_dir(cmp, "cd", 0))
+  model = runs.build_model(config)
+  n, smax, smin = 32, config.diffusion.sigma_max, config.diffusion.sigma_min
+  x_T = np.asarray(samplers.initial_noise(jax.random.PRNGKey(1), (n, 2), smax))
+  f = np.asarray(model.cm_f(params, jnp.asarray(x_T), jnp.full((n,), smax)), np.float64)
+  want = np.mean((f - rk4_solve(x_T.astype(np.float64), smax, smin)) ** 2)
+  got = [r["value"] for r in saved["rows"] if (r["method"], r["metric"]) == ("cd", "ode_error")]
+  np.testing.assert_allclose(got, [want], rtol=1e-3)
+
+  # the cross-entropy gap of TCD's SSS samples, with scipy's densities
+  gap = next(r["value"] for r in saved["rows"] if (r["method"], r["metric"], r["sampler"]) ==
+             ("tcd", "xent_gap", "sss:0.3:2"))
+  sample_dir = _sample_dir(compare.run_dir(cmp, "tcd", 0), "sss_0.3_2")
+  x = np.concatenate([np.load(os.path.join(sample_dir, f))["x"]
+                      for f in sorted(os.listdir(sample_dir)) if f.endswith(".npz")])
+  assert x.shape == (64, 2)
+  ref = evaluate.reference_points(compare.run_config(cmp, "tcd", 0), len(x), seed=4242)
+  np.testing.assert_allclose(gap, np.mean(-log_density(x)) - np.mean(-log_density(ref)),
+                             rtol=1e-4, atol=1e-6)
+
+  # a re-run trains nothing and reuses every evaluation: the same numbers
+  again = compare.run(cmp)
+  assert not any(c["trained_now"] for c in again["train_cost"])
+  key = lambda r: (r["method"], r["metric"], r["sampler"])
+  assert sorted((key(r), r["value"]) for r in again["rows"]) == sorted(
+      (key(r), r["value"]) for r in out["rows"])
+
+
+def _sample_dir(workdir, safe_name):
+  for root, dirs, _ in os.walk(os.path.join(workdir, "eval")):
+    for d in dirs:
+      if d.startswith(safe_name + "-"):
+        return os.path.join(root, d, "samples")
+  raise AssertionError(f"no samples of {safe_name} under {workdir}")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("methods", ("cd", "dm"), "each once, from"),
+    ("samplers", {"ctm": "gamma:0:{n}", "cd": "gamma:0:{n}", "tcd": "sss:0.3:{n}"},
+     "only the map f"),
+    ("overrides", {"training": {"batch_sise": 64}}, "no field 'batch_sise'"),
+    ("nfes", (0, 2), "config.nfes"),
+    ("mode", "nll", "config.mode"),
+])
+def test_bad_comparison_settings_are_refused_before_training(tmp_path, field, value, message):
+  cmp = small(tmp_path / "cmp")
+  cmp[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    compare.validate(cmp)
+  assert not os.path.exists(cmp.workdir)
+
+
+def test_launch_compare_bad_setting_is_one_line_exit_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.compare", "--config=configs/compare_toy.py",
+       f"--config.workdir={tmp_path / 'cmp'}", "--config.mode=nll", "--fake_cpu_devices=1"],
+      cwd=launch_utils.ROOT, env=launch_utils.subprocess_env(), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("launch.compare: error: config.mode"), lines
+  assert not os.path.exists(tmp_path / "cmp")
