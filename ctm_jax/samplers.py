@@ -57,9 +57,10 @@ def gamma_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
   """CTM gamma-sampling (Kim et al. 2024, Alg. 2); NFE = num_steps.
 
   For n = 0..M-1: s = sqrt(1 - gamma^2) t_{n+1} (or, with shift_sigma_min as in the reference
-  code, sqrt(1 - gamma^2) (t_{n+1} - sigma_min) + sigma_min); x <- G(x, t_n, s); unless it is the
-  last step, x <- x + sqrt(t_{n+1}^2 - s^2) z.  gamma = 0 is a deterministic chain of jumps,
-  gamma = 1 is CM multistep sampling.
+  code, sqrt(1 - gamma^2) (t_{n+1} - sigma_min) + sigma_min), at least sigma_min (the paper's
+  time 0 is the network's sigma_min: s = 0 would put ln 0 into its s-embedding and give NaN);
+  x <- G(x, t_n, s); unless it is the last step, x <- x + sqrt(t_{n+1}^2 - s^2) z.  gamma = 0
+  is a deterministic chain of jumps, gamma = 1 is CM multistep sampling.
   """
   if not 0.0 <= gamma <= 1.0:
     raise ValueError(f"gamma must be in [0, 1], got {gamma}")
@@ -77,7 +78,7 @@ def gamma_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
     elif shift_sigma_min:
       s = scale * (t_next - smin) + smin
     else:
-      s = scale * t_next
+      s = max(scale * t_next, smin)                # gamma = 1 would give s = 0: ln 0 in c_noise(s)
     x = jump_fn(x, jnp.full((b,), t, x.dtype), jnp.full((b,), s, x.dtype))
     if n < num_steps - 1 and gamma > 0:
       z = jax.random.normal(jax.random.fold_in(key, n), x.shape, x.dtype)
