@@ -78,7 +78,7 @@ def gamma_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
     elif shift_sigma_min:
       s = scale * (t_next - smin) + smin
     else:
-      s = max(scale * t_next, smin)                # gamma = 1 would give s = 0: ln 0 in c_noise(s)
+      s = jnp.maximum(scale * t_next, smin)        # gamma = 1 would give s = 0: ln 0 in c_noise(s)
     x = jump_fn(x, jnp.full((b,), t, x.dtype), jnp.full((b,), s, x.dtype))
     if n < num_steps - 1 and gamma > 0:
       z = jax.random.normal(jax.random.fold_in(key, n), x.shape, x.dtype)
