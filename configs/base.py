@@ -104,9 +104,10 @@ def eval_block() -> ml_collections.ConfigDict:
       class_label=-1,           # class-conditional runs: -1 cycles the classes
       inception_weights="",     # the FID Inception-v3 .npz (docs/eval_jobs.md: how to make it)
       ref_stats="",             # FID reference .npz; '' = <data_dir>/ctm_jax_fid_stats/<set>-<split>.npz
-      fid_split="train",        # split whose statistics are the FID reference (--mode=fid_stats)
+      fid_split="train",        # split of the FID reference (--mode=fid_stats): train, the
+                                # eval split, or both ('train+test' / 'train+validation')
       kid_subsets=100,          # KID: number of subsets ...
-      kid_subset_size=1000,     # ... and their size (clamped to the sample counts)
+      kid_subset_size=1000,     # ... and their size (at most half of each set: disjoint blocks)
       nll_split="",             # split of --mode=nll; '' = the data set's test/validation split
       nll_num_examples=0,       # examples of that split (0 = all)
       nll_batch_size=256,       # global batch of the NLL solves
@@ -116,7 +117,10 @@ def eval_block() -> ml_collections.ConfigDict:
       nll_rtol=1e-5,
       nll_atol=1e-5,
       nll_max_steps=4096,
-      nll_dequantize=True,      # images: uniform dequantization of the 256 levels
+      nll_metrics="",           # comma list ('' = all): images bpd_ode_uniform_dequant,
+                                # bpd_ode_pixel_centres, bpd_elbo; 2-D points nll_ode
+      nll_elbo_samples=16,      # bpd_elbo: Monte Carlo draws (t, noise, probe) per example
+      nll_elbo_form="implicit",  # bpd_elbo: implicit (CTM's eval_bpd.py) | dsm
       reference_seeds=5,        # 2-D data: seeds of the exact-denoiser / two-sample references
       ode_error_samples=512,    # toy_gmm CTM: x_T's for the ODE error against scipy
       data_dir="",              # TFDS data dir for fid_stats / nll ('' = config.data.data_dir)

@@ -61,3 +61,22 @@ def teacher_block(teacher_config=None, source: str = "checkpoint") -> ml_collect
   if teacher_config is not None:
     t.config = teacher_config
   return t
+
+
+def student_of(teacher_module, *, num_points: int, distance: str,
+               teacher_source: str = "checkpoint", teacher_workdir: str = ""):
+  """An unlocked CTM config on an EDM config's data, network and schedule: its `edm` block
+  dropped, config.ctm (N = num_points, the given distance), config.gan (off), config.teacher
+  (the EDM config nested), and the reference's RAdam without warm-up (lr left to the caller)."""
+  c = teacher_module.get_config()
+  c.unlock()
+  c.method = "ctm"
+  del c["edm"]
+  c.ctm = ctm_block(num_points=num_points)
+  c.ctm.distance = distance
+  c.gan = gan_block()
+  c.teacher = teacher_block(teacher_module.get_config(), source=teacher_source)
+  c.teacher.workdir = teacher_workdir
+  c.optim.name = "radam"
+  c.optim.warmup_steps = 0
+  return c

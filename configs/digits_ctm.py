@@ -12,21 +12,12 @@ from configs import ctm_common, digits_edm
 
 
 def get_config():
-  c = digits_edm.get_config()
-  c.unlock()
-  c.method = "ctm"
-  del c["edm"]
   # A CPU-sized grid: the teacher's k Heun steps dominate the cost (E[k] = (2K + 1) / 3 under
   # P(k) ~ k), so N = 10 here; the paper configs keep N = 18 / 40.
-  c.ctm = ctm_common.ctm_block(num_points=10)
-  c.ctm.distance = "pseudo_huber"
+  c = ctm_common.student_of(digits_edm, num_points=10, distance="pseudo_huber",
+                            teacher_workdir="workdirs/digits_edm")
   c.ctm.sample_nfes = (1, 2)
-  c.gan = ctm_common.gan_block()
-  c.teacher = ctm_common.teacher_block(digits_edm.get_config(), source="checkpoint")
-  c.teacher.workdir = "workdirs/digits_edm"
-  c.optim.name = "radam"
   c.optim.lr = 4e-4
-  c.optim.warmup_steps = 0
   c.ema.rates = (0.99, 0.999)           # a short run: sample the faster EMA
   c.sampling.eval_ema = "rate_0p99"
   c.training.batch_size = 32

@@ -6,18 +6,9 @@ from configs import ctm_common, toy_edm
 
 
 def get_config():
-  c = toy_edm.get_config()
-  c.unlock()
-  c.method = "ctm"
-  del c["edm"]
-  c.ctm = ctm_common.ctm_block(num_points=18)
-  c.ctm.distance = "l2"
+  c = ctm_common.student_of(toy_edm, num_points=18, distance="l2", teacher_source="oracle")
   c.ctm.sample_nfes = (1, 2, 4, 8)
-  c.gan = ctm_common.gan_block()
-  c.teacher = ctm_common.teacher_block(toy_edm.get_config(), source="oracle")
-  c.optim.name = "radam"         # the reference's optimizer; a larger lr than its 4e-4 suits the MLP
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 0
+  c.optim.lr = 1e-3              # RAdam as the reference; a larger lr than its 4e-4 suits the MLP
   c.ema.rates = (0.999, 0.9999)
   c.training.batch_size = 256
   # ODE error of the one-step map (EMA 0.999) against the exact PF-ODE, summed over the 2 dims,

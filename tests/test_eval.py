@@ -226,6 +226,7 @@ def _run_eval_cmd(workdir, *args, devices=1):
           f"--fake_cpu_devices={devices}", *args]
 
 
+@pytest.mark.slow
 def test_killed_subprocess_resumes_to_the_same_samples(toy_run, tmp_path):
   args = ["--mode=sample", "--config.eval.samplers=heun:40", "--config.eval.num_samples=4096",
           "--config.eval.batch_size=256", "--config.eval.shard_size=256",
@@ -284,7 +285,7 @@ def _weights_file(tmp_path):
   return str(p), shards.file_sha256(str(p))
 
 
-FID_COMMON = dict(batch_size=32, shard_size=64, kid_subsets=10, kid_subset_size=50,
+FID_COMMON = dict(batch_size=32, shard_size=64, kid_subsets=10, kid_subset_size=1000,
                   fid_split="test")
 
 
@@ -306,7 +307,22 @@ def _value(summary, metric):
   return [r["value"] for r in summary["records"] if r["metric"] == metric][0]
 
 
-def test_fid_stats_and_fid_records(digits_run, digits_stats, tmp_path, fid_module):
+FID_RUN = dict(num_samples=160, samplers="heun:2")
+
+
+@pytest.fixture(scope="module")
+def fid_runs(digits_run, digits_stats, tmp_path_factory):
+  """The same FID job, uninterrupted, on 1 and on 2 devices (copies of the digits run)."""
+  out = {}
+  for n in (1, 2):
+    wd = copy_run(digits_run, tmp_path_factory.mktemp(f"fid_{n}dev") / "run")
+    ev, config = eval_settings(wd, **FID_RUN, **digits_stats["common"])
+    out[n] = jobs.run(wd, "fid", ev, config, feature_fn=digits_stats["feat"],
+                      feature_id=digits_stats["sha"], devices=jax.devices()[:n])
+  return out
+
+
+def test_fid_stats_and_fid_records(digits_stats, fid_runs, fid_module):
   feat, sha, stats = digits_stats["feat"], digits_stats["sha"], digits_stats["stats"]
   st = fid_module.load_stats(stats)
   data_u8 = np.rint((data_lib.load_split("digits", "test")["x"] + 1) * 127.5).astype(np.uint8)
@@ -316,62 +332,58 @@ def test_fid_stats_and_fid_records(digits_run, digits_stats, tmp_path, fid_modul
   assert st["meta"]["dataset"] == "digits" and list(st["meta"]["resolution"]) == [8, 8, 1]
   assert st["meta"]["count"] == 300 and st["features"].shape == (300, 2048)
   halves = {r["metric"]: r for r in digits_stats["summary"]["records"]}
-  assert halves["fid_data_halves"]["num_samples"] == 150 and halves["kid_data_halves"]["stderr"] > 0
+  assert halves["fid_data_halves"]["num_samples"] == 150
+  # KID of 150 against 150 rows: subsets of 75 (half of each), 2 disjoint blocks per draw.
+  kh = halves["kid_data_halves"]
+  assert (kh["kid_subset_size"], kh["kid_blocks"], kh["kid_subsets"]) == (75, 2, 10)
+  assert kh["stderr"] > 0
 
-  wd = copy_run(digits_run, tmp_path / "run")
-  ev, config = eval_settings(wd, samplers="heun:2,heun:3", num_samples=160, **digits_stats["common"])
-  summary = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=sha)
-  recs = {(r["metric"], r["sampler"]): r for r in summary["records"]}
-  for sampler in ("heun:2", "heun:3"):
-    r = recs[("fid", sampler)]
-    for f in ("value", "sampler", "nfe", "gamma", "num_samples", "ref_stats", "ref_count", "ema",
-              "step", "weights", "weights_sha256", "seconds", "network", "resize",
-              "ref_stats_sha256", "invocation", "samples", "grid"):
-      assert f in r, f
-    assert (r["num_samples"], r["ref_count"], r["step"], r["ema"]) == (160, 300, 2, "rate_0p999")
-    assert r["nfe"] == {"heun:2": 3, "heun:3": 5}[sampler] and r["weights_sha256"] == sha
-    assert r["ref_stats_sha256"] == shards.file_sha256(stats)
-    d = os.path.dirname(r["samples"])
-    fdir = glob.glob(os.path.join(d, "features-*"))[0]
-    f_s = np.concatenate([np.load(f)["features"] for f in sorted(glob.glob(os.path.join(fdir, "shard_*.npz")))])
-    x_s = np.concatenate([np.load(f)["x"] for f in sorted(glob.glob(os.path.join(r["samples"], "shard_*.npz")))])
-    assert x_s.dtype == np.uint8 and x_s.shape == (160, 8, 8, 1)
-    np.testing.assert_allclose(f_s, feat(x_s), rtol=1e-6)
-    # The FID of the cached features against the statistics of freshly computed data features
-    # (the Frechet formula itself is tested with the FID module).
-    f64 = f_s.astype(np.float64)
-    want = fid_module.frechet_distance(f64.mean(0), np.cov(f64, rowvar=False),
-                                       data_feats.mean(0), np.cov(data_feats, rowvar=False))
-    np.testing.assert_allclose(r["value"], want, rtol=1e-6)
-    k = recs[("kid", sampler)]
-    assert k["stderr"] > 0 and k["kid_subset_size"] == 50
-    np.testing.assert_allclose(k["value"], fid_module.kid(f_s, st["features"], num_subsets=10,
-                                                          subset_size=50, seed=0)[0], rtol=1e-9)
-    assert os.path.exists(r["grid"])
-  assert os.path.exists(os.path.join(wd, "eval", "plots", "fid_vs_nfe-step2-rate_0p999.png"))
+  summary = fid_runs[1]
+  wd = summary["workdir"]
+  recs = {r["metric"]: r for r in summary["records"]}
+  r = recs["fid"]
+  for f in ("value", "sampler", "nfe", "gamma", "num_samples", "ref_stats", "ref_count", "ema",
+            "step", "weights", "weights_sha256", "seconds", "network", "resize",
+            "ref_stats_sha256", "invocation", "samples", "grid"):
+    assert f in r, f
+  assert (r["num_samples"], r["ref_count"], r["step"], r["ema"]) == (160, 300, 2, "rate_0p999")
+  assert (r["sampler"], r["nfe"], r["weights_sha256"]) == ("heun:2", 3, sha)
+  assert r["ref_stats_sha256"] == shards.file_sha256(stats)
+  d = os.path.dirname(r["samples"])
+  fdir = glob.glob(os.path.join(d, "features-*"))[0]
+  f_s = np.concatenate([np.load(f)["features"] for f in sorted(glob.glob(os.path.join(fdir, "shard_*.npz")))])
+  x_s = np.concatenate([np.load(f)["x"] for f in sorted(glob.glob(os.path.join(r["samples"], "shard_*.npz")))])
+  assert x_s.dtype == np.uint8 and x_s.shape == (160, 8, 8, 1)
+  np.testing.assert_allclose(f_s, feat(x_s), rtol=1e-6)
+  # The FID of the cached features against the statistics of freshly computed data features,
+  # by the d x d route (the job takes the n x n one; both are tested in test_fid.py).
+  f64 = f_s.astype(np.float64)
+  want = fid_module.frechet_distance(f64.mean(0), np.cov(f64, rowvar=False),
+                                     data_feats.mean(0), np.cov(data_feats, rowvar=False))
+  np.testing.assert_allclose(r["value"], want, rtol=1e-6)
+  k = recs["kid"]
+  assert k["stderr"] > 0 and k["kid_subset_size"] == 80         # half of the 160 samples
+  np.testing.assert_allclose(k["value"], fid_module.kid(f_s, st["features"], num_subsets=10,
+                                                        subset_size=1000, seed=0)["value"], rtol=1e-9)
+  assert os.path.exists(r["grid"])
+  for metric in ("fid", "kid"):
+    assert os.path.exists(os.path.join(wd, "eval", "plots", f"{metric}_vs_nfe-step2-rate_0p999.png"))
   assert glob.glob(os.path.join(wd, "eval", "events.out.tfevents.*"))
   lines = report.read_records(wd)
-  assert {("fid", "heun:2"), ("fid", "heun:3")} <= {(l["metric"], l.get("sampler")) for l in lines}
+  assert {("fid", "heun:2"), ("kid", "heun:2")} <= {(l["metric"], l.get("sampler")) for l in lines}
 
 
-def test_two_devices_give_the_same_fid_as_one(digits_run, digits_stats, tmp_path, fid_module):
-  out = []
-  for n in (1, 2):
-    wd = copy_run(digits_run, tmp_path / f"run{n}")
-    ev, config = eval_settings(wd, num_samples=96, samplers="heun:3", **digits_stats["common"])
-    s = jobs.run(wd, "fid", ev, config, feature_fn=digits_stats["feat"],
-                 feature_id=digits_stats["sha"], devices=jax.devices()[:n])
-    out.append((s, _sample_arrays(s)[2]))
-  (s1, x1), (s2, x2) = out
+def test_two_devices_give_the_same_fid_as_one(fid_runs):
+  (s1, x1), (s2, x2) = [(fid_runs[n], _sample_arrays(fid_runs[n])[2]) for n in (1, 2)]
   assert np.array_equal(x1, x2)
   assert _value(s1, "fid") == _value(s2, "fid") and _value(s1, "kid") == _value(s2, "kid")
 
 
 def test_fid_resumes_identically_after_an_interrupted_feature_shard(digits_run, digits_stats,
-                                                                    tmp_path, fid_module):
+                                                                    fid_runs, tmp_path):
   feat, sha = digits_stats["feat"], digits_stats["sha"]
   wd = copy_run(digits_run, tmp_path / "run")
-  ev, config = eval_settings(wd, num_samples=160, samplers="heun:2", **digits_stats["common"])
+  ev, config = eval_settings(wd, **FID_RUN, **digits_stats["common"])
   calls = []
 
   def dying(images):            # "killed" in the middle of the second feature shard
@@ -381,20 +393,50 @@ def test_fid_resumes_identically_after_an_interrupted_feature_shard(digits_run, 
     return feat(images)
 
   with pytest.raises(KeyboardInterrupt):
-    jobs.run(wd, "fid", ev, config, feature_fn=dying, feature_id=sha)
+    jobs.run(wd, "fid", ev, config, feature_fn=dying, feature_id=sha, devices=jax.devices()[:1])
   assert all(r["metric"] != "fid" for r in report.read_records(wd))
-  resumed = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=sha)
-  fresh = jobs.run(copy_run(digits_run, tmp_path / "fresh"), "fid", ev, config,
-                   feature_fn=feat, feature_id=sha)
-  assert _value(resumed, "fid") == _value(fresh, "fid")
-  assert _value(resumed, "kid") == _value(fresh, "kid")
+  resumed = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=sha,
+                     devices=jax.devices()[:1])
+  assert _value(resumed, "fid") == _value(fid_runs[1], "fid")       # the uninterrupted job
+  assert _value(resumed, "kid") == _value(fid_runs[1], "kid")
+
+
+def test_nfe_lines_one_per_gamma_starting_at_the_one_step_point():
+  g = lambda sampler, gamma, nfe, value, metric="fid", se=None: dict(
+      metric=metric, sampler=sampler, kind="gamma", gamma=gamma, nfe=nfe, value=value, stderr=se)
+  recs = [g("onestep", 0.0, 1, 9.0), g("gamma:0:2", 0.0, 2, 7.0), g("gamma:1:2", 1.0, 2, 8.0),
+          g("gamma:1:4", 1.0, 4, 6.0), g("gamma:0:2", 0.0, 2, 6.5),     # a newer gamma:0:2
+          dict(metric="fid", sampler="heun:18", kind="heun", gamma=None, nfe=35, value=5.0),
+          g("onestep", 0.0, 1, 0.01, "kid", 0.002)]
+  assert report.nfe_lines(recs) == {
+      "gamma = 0": [(1, 9.0, None), (2, 6.5, None)],
+      "gamma = 1": [(1, 9.0, None), (2, 8.0, None), (4, 6.0, None)],
+      "EDM Heun (score head)": [(35, 5.0, None)]}
+  assert report.nfe_lines(recs, "kid") == {"gamma = 0": [(1, 0.01, 0.002)]}
 
 
 # ----------------------------------------------------------------------------- NLL path
 
+def _toy_mixture_logpdf(x, sigma):
+  """log density of the documented toy mixture (8 components on the unit circle, weights 2 and
+  1 in turn, stds 0.12 along the ring and 0.04 across) convolved with N(0, sigma^2 I), by scipy
+  (not through ctm_jax.oracle)."""
+  from scipy import stats
+  from scipy.special import logsumexp
+  w = np.where(np.arange(8) % 2 == 0, 2.0, 1.0)
+  w = w / w.sum()
+  comps = []
+  for k, a in enumerate(2 * np.pi * np.arange(8) / 8):
+    t, r = np.array([-np.sin(a), np.cos(a)]), np.array([np.cos(a), np.sin(a)])
+    cov = 0.12 ** 2 * np.outer(t, t) + 0.04 ** 2 * np.outer(r, r) + sigma ** 2 * np.eye(2)
+    comps.append(np.log(w[k]) + stats.multivariate_normal(r, cov).logpdf(x))
+  return logsumexp(np.stack(comps, 1), axis=1)
+
+
 def test_nll_job_with_a_closed_form_logp(toy_run, tmp_path):
   """The job's bookkeeping around a likelihood function: per-example values, mean and standard
-  error against numpy, and an identical result after a lost shard."""
+  error against numpy, the exact mixture's NLL and the gap to it against scipy, and an
+  identical result after a lost shard."""
   wd = copy_run(toy_run, tmp_path / "run")
   ev, config = eval_settings(wd, nll_num_examples=200, nll_batch_size=16, shard_size=64,
                              batch_size=16)
@@ -405,17 +447,26 @@ def test_nll_job_with_a_closed_form_logp(toy_run, tmp_path):
     return {"logp": gauss + 1e-3 * jax.random.normal(key, x.shape[:1]), "nfe": jnp.int32(7)}
 
   first = jobs.run(wd, "nll", ev, config, logp_fn=logp_fn)
-  r = first["records"][0]
+  recs = {r["metric"]: r for r in first["records"]}
+  assert set(recs) == {"nll_ode", "nll_exact_mixture", "nll_gap_to_exact"}
   x = data_lib.load_split("toy_gmm", "test", max_examples=200)["x"].astype(np.float64)
   nll = 0.5 * np.sum(x ** 2, 1) / 4.0 + np.log(2 * np.pi * 4.0)
-  assert (r["metric"], r["unit"], r["num_examples"], r["split"]) == ("nll", "nats", 200, "test")
+  exact = -_toy_mixture_logpdf(x, 0.002)
+  r = recs["nll_ode"]
+  assert (r["unit"], r["num_examples"], r["split"]) == ("nats", 200, "test")
   assert abs(r["value"] - nll.mean()) < 3e-4
   assert abs(r["stderr"] - nll.std(ddof=1) / np.sqrt(200)) < 1e-4 and r["nfe_mean"] == 7
+  e, g = recs["nll_exact_mixture"], recs["nll_gap_to_exact"]
+  np.testing.assert_allclose(e["value"], exact.mean(), atol=1e-4)
+  np.testing.assert_allclose(e["stderr"], exact.std(ddof=1) / np.sqrt(200), rtol=1e-3)
+  np.testing.assert_allclose(g["value"], (nll - exact).mean(), atol=3e-4)
+  np.testing.assert_allclose(g["stderr"], (nll - exact).std(ddof=1) / np.sqrt(200), rtol=1e-2)
+  assert all(q["label"] for q in recs.values())
   d = r["shards"]
   os.remove(os.path.join(d, "shard_00001.npz"))
   os.remove(os.path.join(d, "nll.json"))
   second = jobs.run(wd, "nll", ev, config, logp_fn=logp_fn)
-  assert second["records"][0]["value"] == r["value"]
+  assert [q["value"] for q in second["records"]] == [q["value"] for q in first["records"]]
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -439,6 +490,9 @@ def test_nll_job_with_a_closed_form_logp(toy_run, tmp_path):
     (dict(nll_probes=0), "nll", r"config\.eval\.nll_probes must be in \[1, inf\)"),
     (dict(nll_rtol=0.0), "nll", r"config\.eval\.nll_rtol must be in \(0"),
     (dict(nll_split="val"), "nll", r"config\.eval\.nll_split must be one of \('', 'train', 'test'\)"),
+    (dict(nll_metrics="nll_ode,bpd_elbo"), "nll", r"config\.eval\.nll_metrics = 'nll_ode,bpd_elbo': points data accepts .*'nll_ode'"),
+    (dict(nll_elbo_samples=0), "nll", r"config\.eval\.nll_elbo_samples must be in \[1, inf\)"),
+    (dict(fid_split="all"), "sample", r"config\.eval\.fid_split must be one of \('train', 'test', 'train\+test'\)"),
     (dict(), "fid", r"--mode=fid needs an image data set"),
 ])
 def test_bad_settings_are_refused_before_any_compute(toy_run, tmp_path, fields, mode, pattern):
@@ -533,6 +587,7 @@ def test_launch_sample_maps_its_flags_onto_eval_fields():
 
 # ----------------------------------------------------------------------------- CTM runs
 
+@pytest.mark.slow
 def test_ctm_samplers_teacher_and_ode_error(tmp_path):
   c = toy_ctm.get_config()
   c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
@@ -570,6 +625,7 @@ def test_ctm_samplers_teacher_and_ode_error(tmp_path):
   assert os.path.exists(recs[("mmd", "onestep")]["picture"])
 
 
+@pytest.mark.slow
 def test_training_time_2d_metrics_come_with_references(tmp_path):
   """write_samples on 2-D data: metrics at sampling.num_eval_samples points, beside the two
   references (mean and spread over seeds; not floors), and a picture with the data beside."""
@@ -602,27 +658,92 @@ def test_paper_config_settings_validate_and_exact_trace_is_refused_in_high_dimen
   assert settings.nll_split(ev, imagenet64_edm.get_config()) == "validation"
 
 
-def test_nll_of_images_through_the_score_head(digits_run, tmp_path):
-  """--mode=nll on digits with the real PF-ODE likelihood: the record equals bits/dim of the
-  likelihood module called directly on the same dequantized images, key and parameters."""
+@pytest.mark.slow
+def test_nll_of_images_gives_the_three_labelled_quantities(digits_run, tmp_path):
+  """--mode=nll on digits through the score head: the PF-ODE bits/dim with uniform
+  dequantization and at the pixel centres, and CTM's ELBO, each against the likelihood
+  module's estimators applied to inputs and keys built here from the documented formulas
+  (y = (x + u)/128 - 1, u ~ U[0,1) from the first half of the batch key; centres (x + 0.5)/128
+  - 1; bits/dim = -log p / (64 ln 2) + 7)."""
+  from ctm_jax.evaljob import nll
   from ctm_jax.metrics import likelihood
   wd = copy_run(digits_run, tmp_path / "run")
-  ev, config = eval_settings(wd, nll_num_examples=8, nll_batch_size=8, batch_size=8,
-                             shard_size=8, nll_divergence="exact", nll_rtol=1e-3, nll_atol=1e-3)
-  rec = jobs.run(wd, "nll", ev, config, devices=jax.devices()[:1])["records"][0]
-  assert (rec["unit"], rec["dequantization"], rec["num_examples"], rec["split"]) == (
-      "bits/dim", "uniform", 8, "test")
-  u8 = np.rint((data_lib.load_split("digits", "test", max_examples=8)["x"] + 1) * 127.5).astype(np.uint8)
-  k_deq, k_div = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
+  ev, config = eval_settings(wd, nll_num_examples=4, nll_batch_size=4, batch_size=4,
+                             shard_size=4, nll_elbo_samples=3, nll_rtol=1e-3, nll_atol=1e-3)
+  recs = {r["metric"]: r for r in jobs.run(wd, "nll", ev, config, devices=jax.devices()[:1])["records"]}
+  assert set(recs) == set(nll.IMAGE_METRICS)
+  u8 = np.rint((data_lib.load_split("digits", "test", max_examples=4)["x"] + 1) * 127.5)
+  k_deq, k_est = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
+  deq = (u8 + np.asarray(jax.random.uniform(k_deq, u8.shape))) / 128.0 - 1.0
+  centres = (u8 + 0.5) / 128.0 - 1.0
   model = runs.build_model(config)
   params, _, _ = runs.load_params(config, wd)
-  x = likelihood.dequantize(k_deq, jnp.asarray(u8))
-  out = jax.jit(lambda p, x, k: likelihood.pf_ode_log_likelihood(
-      model.denoise_fn(p), x, k, sigma_min=0.002, sigma_max=80.0, divergence="exact",
-      rtol=1e-3, atol=1e-3))(params, x, k_div)
-  bpd = np.asarray(likelihood.bits_per_dim(out["logp"], 64))
-  # Within the solver's tolerance (1e-3): the job compiles the solve inside its own jit, and
-  # round-off may move the adaptive steps (on 8 devices the two differed by 9e-4 relative).
-  np.testing.assert_allclose(rec["value"], bpd.mean(), rtol=2e-3)
-  np.testing.assert_allclose(rec["stderr"], bpd.std(ddof=1) / np.sqrt(8), rtol=5e-2)
-  assert 1 < rec["value"] < 20
+  ode = jax.jit(lambda p, y: likelihood.pf_ode_log_likelihood(
+      model.denoise_fn(p), y, k_est, sigma_min=0.002, sigma_max=80.0, rtol=1e-3,
+      atol=1e-3)["logp"])
+  elbo = likelihood.sde_elbo(model.denoise_fn(params), jnp.asarray(deq, jnp.float32), k_est,
+                             sigma_lo=likelihood.ctm_elbo_sigma_lo(), sigma_max=80.0,
+                             num_samples=3)["elbo"]
+  want = {"bpd_ode_uniform_dequant": ode(params, jnp.asarray(deq, jnp.float32)),
+          "bpd_ode_pixel_centres": ode(params, jnp.asarray(centres, jnp.float32)),
+          "bpd_elbo": elbo}
+  for metric, logp in want.items():
+    r = recs[metric]
+    bpd = -np.asarray(logp, np.float64) / (64 * np.log(2.0)) + 7.0
+    assert (r["unit"], r["num_examples"], r["split"], r["label"]) == (
+        "bits/dim", 4, "test", nll.LABELS[metric])
+    assert r["dequantization"] == ("none" if metric == "bpd_ode_pixel_centres" else "uniform")
+    # ODE: within the solver's tolerance (the job compiles the solve inside its own jit, and
+    # round-off may move the adaptive steps); the ELBO has no adaptive steps.
+    rtol = 1e-5 if metric == "bpd_elbo" else 2e-3
+    np.testing.assert_allclose(r["value"], bpd.mean(), rtol=rtol)
+    np.testing.assert_allclose(r["stderr"], bpd.std(ddof=1) / 2, rtol=50 * rtol)
+    assert 1 < r["value"] < 20
+  assert recs["bpd_elbo"]["elbo_samples"] == 3
+  assert recs["bpd_elbo"]["sigma_lo"] == pytest.approx(likelihood.ctm_elbo_sigma_lo())
+
+
+def test_nll_of_images_labels_inputs_and_bits_per_dim_with_a_closed_form_logp(digits_run, tmp_path):
+  """The CI form of the test above: the PF-ODE replaced by the closed-form log-density of
+  N(0, 0.05^2 I) on its input y (so the two ODE records pin down the inputs: y = (x + u)/128 - 1 with
+  u ~ U[0,1) from the first half of the batch key, and the centres (x + 0.5)/128 - 1), bits/dim
+  = -log p / (64 ln 2) + 7, mean and standard error over examples; the ELBO through the real
+  score head with one draw, against the likelihood module called directly."""
+  from ctm_jax.evaljob import nll
+  from ctm_jax.metrics import likelihood
+  wd = copy_run(digits_run, tmp_path / "run")
+  ev, config = eval_settings(wd, nll_num_examples=6, nll_batch_size=8, batch_size=8,
+                             shard_size=8, nll_elbo_samples=1)
+
+  # N(0, 0.05^2 I): narrow, so that the sub-bin offsets (u - 1/2)/128 between the dequantized
+  # and the centred inputs move log p by nats (N(0, I) moves it by 0.01: a swap of the two
+  # inputs passed unnoticed at rtol 1e-5).
+  def logp_fn(params, y, key, labels):
+    y = y.reshape(y.shape[0], -1)
+    return {"logp": -0.5 * jnp.sum((y / 0.05) ** 2, 1) - 32.0 * jnp.log(2 * jnp.pi * 0.0025),
+            "nfe": jnp.int32(3)}
+
+  recs = {r["metric"]: r for r in jobs.run(wd, "nll", ev, config, logp_fn=logp_fn,
+                                           devices=jax.devices()[:1])["records"]}
+  assert set(recs) == set(nll.IMAGE_METRICS)
+  u8 = np.rint((data_lib.load_split("digits", "test", max_examples=6)["x"] + 1) * 127.5)
+  u8 = np.concatenate([u8, u8[-1:].repeat(2, 0)])          # the job pads its batch of 8
+  k_deq, k_est = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
+  deq = (u8 + np.asarray(jax.random.uniform(k_deq, u8.shape))) / 128.0 - 1.0
+  centres = (u8 + 0.5) / 128.0 - 1.0
+  gauss = lambda y: -0.5 * np.sum((y.reshape(len(y), -1) / 0.05) ** 2, 1) - 32 * np.log(2 * np.pi * 0.0025)
+  model = runs.build_model(config)
+  params, _, _ = runs.load_params(config, wd)
+  elbo = likelihood.sde_elbo(model.denoise_fn(params), jnp.asarray(deq, jnp.float32), k_est,
+                             sigma_lo=likelihood.ctm_elbo_sigma_lo(), sigma_max=80.0,
+                             num_samples=1)["elbo"]
+  want = {"bpd_ode_uniform_dequant": gauss(deq), "bpd_ode_pixel_centres": gauss(centres),
+          "bpd_elbo": np.asarray(elbo)}
+  for metric, logp in want.items():
+    r = recs[metric]
+    bpd = (-np.asarray(logp, np.float64) / (64 * np.log(2.0)) + 7.0)[:6]
+    assert (r["unit"], r["num_examples"], r["label"]) == ("bits/dim", 6, nll.LABELS[metric])
+    assert r["dequantization"] == ("none" if metric == "bpd_ode_pixel_centres" else "uniform")
+    np.testing.assert_allclose(r["value"], bpd.mean(), rtol=1e-5)
+    np.testing.assert_allclose(r["stderr"], bpd.std(ddof=1) / np.sqrt(6), rtol=1e-4)
+  assert recs["bpd_ode_pixel_centres"]["nfe_mean"] == 3

@@ -108,6 +108,22 @@ def test_gamma_sampler_times_and_noise(gamma):
     assert s_exp[m - 2] == 0.002
 
 
+def test_gamma_one_never_jumps_below_sigma_min():
+  """gamma = 1 without the shift: every jump lands at sigma_min or above (a network's
+  c_noise(s) = ln(s)/4 is -inf at s = 0; the trained digits CTM gave all-NaN samples), and the
+  result is CM multistep sampling, the shifted sampler's gamma = 1."""
+  gm = oracle.toy_mixture_2d()
+  exact = flow_map.oracle_jump_fn(gm.denoise)
+  jump = lambda x, t, s: exact(x, t, s) + jnp.where(s < 0.002 * (1 - 1e-6), jnp.nan, 0.0)[:, None]
+  x_T = samplers.initial_noise(jax.random.PRNGKey(7), (16, 2))
+  key = jax.random.PRNGKey(8)
+  for m in (2, 4):
+    g = jax.jit(lambda x: samplers.gamma_sampler(jump, x, key, m, 1.0))(x_T)   # as the jobs
+    assert np.all(np.isfinite(g))
+    shifted = samplers.gamma_sampler(exact, x_T, key, m, 1.0, shift_sigma_min=True)
+    np.testing.assert_allclose(g, shifted, rtol=1e-5, atol=1e-5)
+
+
 def test_more_deterministic_jumps_approach_the_ode_solution():
   """With the exact denoiser, gamma = 0 sampling converges to the PF-ODE solution as NFE grows."""
   with jax.enable_x64(True):

@@ -192,3 +192,29 @@ def test_paper_config_trains_a_step_at_tiny_batch(name, arg, weight_files, rando
     cfg.ema.rates = cfg.ema.rates[:1]          # memory: one evaluation EMA is enough here
     cfg.ctm.adaptive_group_size = 1            # per-example lambdas: the tiny batch in groups
   print(name, arg, _one_device_steps(cfg, batch_size=1 if name.startswith("imagenet") else 2))
+
+
+@pytest.mark.parametrize("name", ["mnist_edm", "mnist_ctm"])
+def test_mnist_configs_validate_and_build_without_the_data(name, random_teacher):
+  """The MNIST pair validates and builds its state under eval_shape from the static data set
+  description alone (no MNIST files are read), with the parameter count derived layer by layer
+  from the torch SongUNet constructor (tests/test_nets.py), and its eval block validates for
+  on 8 devices."""
+  from test_nets import _torch_count_song
+  from configs import base
+  from ctm_jax.evaljob import settings
+  cfg = load(name, "")
+  train.validate_config(cfg, num_devices=8, process_count=1)
+  exp = train.Experiment(cfg)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(exp.abstract_state.params))
+  assert n == _torch_count_song(res=28, mc=32, mult=(1, 2, 2), nb=2, attn=(7,), cin=1,
+                                s=cfg.method == "ctm")
+  assert data.dataset_info(cfg.data.dataset).shape == (28, 28, 1)
+  x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+  out = jax.eval_shape(lambda p, x: exp.model.denoiser(p, x, jnp.ones((2,)), None, None),
+                       exp.abstract_state.params, x)
+  assert out.shape == x.shape
+  ev = settings.merge_eval(base.eval_block(), cfg, {})
+  assert ev.num_samples >= 10000          # the issue's minimum for the MNIST FID
+  for mode in ("sample", "nll"):        # fid / fid_stats also need the Inception weights file
+    settings.validate(ev, cfg, mode=mode, num_devices=8, process_count=1)

@@ -7,7 +7,8 @@ files of different settings never mix):
   eval/step_<N>/<ema>/<sampler>-<hash>/samples/shard_00000.npz   uint8 images / float points
   eval/step_<N>/<ema>/<sampler>-<hash>/features-<weights sha>/shard_*.npz   2048-d float32
   eval/step_<N>/<ema>/<sampler>-<hash>/{grid.png, fid-*.json, samples-*.json, toy-*.json}
-  eval/step_<N>/<ema>/nll_<split>-<hash>/shard_*.npz, nll-*.json    per-example log p, bits/dim
+  eval/step_<N>/<ema>/<nll metric>_<split>-<hash>/shard_*.npz, nll.json  per-example log p
+                                                                  (ctm_jax/evaljob/nll.py)
   eval/teacher/<sampler>-<hash>/...                               CTM runs: the teacher's samples
   eval/results.jsonl, eval/plots/*.png, eval/invocations/<time>.json, TensorBoard under eval/
 Keys: x_T and sampler noise of batch b of shard i come from fold_in(fold_in(key(seed), i), b);
@@ -57,6 +58,7 @@ class Job:
   logp_fn: Optional[LogpFn] = None
   _teacher: Any = None
   _refs: Dict = dataclasses.field(default_factory=dict)    # 2-D references, per sampler kind
+  cache: Dict = dataclasses.field(default_factory=dict)    # jitted functions built once per job
 
   def reference(self, name: str, fn, *args):
     """A 2-D reference computed once per invocation."""
@@ -307,117 +309,26 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   samples = draw_samples(job, spec, params, step, ema)
   grid = save_grid(job, samples["x"], os.path.join(d, "grid.png"))
   feats = feature_shards(job, samples, d)
-  mu, sigma = fid.feature_statistics(feats)
-  value = float(fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
+  value = fid.frechet_distance_from_features(feats, ref["mu"], ref["sigma"])
   rec = dict(base_record(job, spec, step, ema), num_samples=len(feats),
              ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
              weights=os.path.abspath(ev.inception_weights), weights_sha256=job.feature_id,
              network=NETWORK, resize=RESIZE, samples=os.path.join(d, "samples"), grid=grid)
   recs = [dict(rec, metric="fid", value=value, stderr=None, seconds=time.time() - t0)]
   if ref.get("features") is not None:
-    size = min(ev.kid_subset_size, len(feats), len(ref["features"]))
-    k_mean, k_se = fid.kid(feats, ref["features"], num_subsets=ev.kid_subsets,
-                           subset_size=size, seed=ev.seed)
-    recs.append(dict(rec, metric="kid", value=float(k_mean), stderr=float(k_se),
-                     kid_subsets=ev.kid_subsets, kid_subset_size=size,
-                     seconds=time.time() - t0))
+    recs.append(kid_record(dict(rec, metric="kid"), feats, ref["features"], ev, t0))
   return finish(job, result, recs, [grid])
 
 
-def nll_data(job: Job):
-  """The NLL split's examples: uint8 images (or float points) and labels."""
-  ev = job.ev
-  got = data.load_split(job.config.data.dataset, settings.nll_split(ev, job.config),
-                        ev.data_dir or job.config.data.data_dir or None,
-                        max_examples=ev.nll_num_examples or None)
-  x = got["x"]
-  if job.info.kind == "image":
-    x = np.rint((x + 1.0) * 127.5).astype(np.uint8)
-  return x, got.get("label")
-
-
-def default_logp_fn(job: Job) -> LogpFn:
-  """log p(x) by the PF-ODE of the score head g(x, t, t), sigma_min -> sigma_max (eval mode)."""
-  from ctm_jax.metrics import likelihood
-  ev, sch = job.ev, job.model.schedule
-
-  def fn(params, x, key, labels):
-    return likelihood.pf_ode_log_likelihood(
-        job.model.denoise_fn(params, labels), x, key, sigma_min=sch.sigma_min,
-        sigma_max=sch.sigma_max, divergence=ev.nll_divergence, num_probes=ev.nll_probes,
-        solver=ev.nll_solver, rtol=ev.nll_rtol, atol=ev.nll_atol, max_steps=ev.nll_max_steps)
-  return fn
-
-
-def nll_setting(job: Job, params, step, ema, t0: float) -> List[dict]:
-  """--mode=nll: per-example NLL of the split (bits/dim for images, nats for points), in
-  shards; the record holds the mean and its standard error."""
-  ev = job.ev
-  image = job.info.kind == "image"
-  dequantize = image and ev.nll_dequantize
-  x_all, y_all = nll_data(job)
-  split = settings.nll_split(ev, job.config)
-  s = {"kind": "nll", "split": split, "num_examples": len(x_all), "step": step,
-       "ema": ema, "seed": ev.seed, "batch_size": ev.nll_batch_size,
-       "shard_size": ev.shard_size, "dequantize": dequantize,
-       **{k: ev[k] for k in ("nll_divergence", "nll_probes", "nll_solver", "nll_rtol",
-                             "nll_atol", "nll_max_steps")}}
-  d = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
-                   f"nll_{split}-{settings_hash(s)}")
-  result = os.path.join(d, "nll.json")
-  got = reuse(job, result)
-  if got is not None:
-    return got
-  logp_fn = job.logp_fn or default_logp_fn(job)
-  dim = int(np.prod(job.info.shape))
-  nb = ev.nll_batch_size
-  cond = job.num_classes > 0
-
-  def batch_logp(params, xb, key, labels):
-    k_deq, k_div = jax.random.split(key)
-    if dequantize:
-      from ctm_jax.metrics import likelihood
-      xb = likelihood.dequantize(k_deq, xb)
-    elif image:
-      xb = xb.astype(jnp.float32) / 127.5 - 1.0
-    out = logp_fn(params, xb, k_div, labels)
-    return {k: jnp.asarray(v) for k, v in out.items() if jnp.ndim(v) <= 1}
-
-  batch_logp = jax.jit(batch_logp)
-  store = ShardStore(d, s, len(x_all), ev.shard_size)
-
-  def compute(i, start, count):
-    rows = {}
-    for b in range(-(-count // nb)):
-      lo = start + b * nb
-      idx = np.arange(lo, lo + nb)
-      idx = np.minimum(idx, start + count - 1)          # pad the last batch, cut below
-      labels = _global(job.mesh, y_all[idx].astype(np.int32)) if cond else None
-      out = parallel.to_host(batch_logp(params, _global(job.mesh, x_all[idx]),
-                                 _batch_keys(ev.seed, i, b), labels))
-      n = min(nb, start + count - lo)
-      for k, v in out.items():
-        v = np.asarray(v)
-        rows.setdefault(k, []).append(v[:n] if v.ndim == 1 and len(v) == nb else
-                                      np.full((n,), v, v.dtype))
-    rows = {k: np.concatenate(v) for k, v in rows.items()}
-    if image:
-      from ctm_jax.metrics import likelihood
-      rows["bits_per_dim"] = np.asarray(likelihood.bits_per_dim(rows["logp"], dim), np.float64)
-    return rows
-
-  out = store.run(compute, f"nll {split} (step {step}, {ema})", ev.recompute)
-  per = out["bits_per_dim"] if image else -out["logp"].astype(np.float64)
-  rec = dict(base_record(job, None, step, ema), metric="nll", value=float(np.mean(per)),
-             stderr=float(np.std(per, ddof=1) / np.sqrt(len(per))) if len(per) > 1 else None,
-             unit="bits/dim" if image else "nats", split=split,
-             num_examples=int(len(per)),
-             dequantization="uniform" if dequantize else "none",
-             offset_bits=7.0 if image else None, divergence=ev.nll_divergence,
-             probes=ev.nll_probes, solver=ev.nll_solver, rtol=ev.nll_rtol, atol=ev.nll_atol,
-             nfe_mean=float(np.mean(out["nfe"])) if "nfe" in out else None,
-             shards=d, seconds=time.time() - t0)
-  return finish(job, result, [rec], [])
+def kid_record(rec: dict, feats_a: np.ndarray, feats_b: np.ndarray, ev, t0: float) -> dict:
+  """rec with KID (fid.kid: disjoint blocks of at most half of each set) as value +- stderr,
+  and the subset size, subset count, blocks per partition and partitions it used."""
+  from ctm_jax.metrics import fid
+  got = fid.kid(feats_a, feats_b, num_subsets=ev.kid_subsets, subset_size=ev.kid_subset_size,
+                seed=ev.seed)
+  return dict(rec, value=got["value"], stderr=got["stderr"], kid_subset_size=got["subset_size"],
+              kid_subsets=got["num_subsets"], kid_blocks=got["blocks"],
+              kid_partitions=got["partitions"], seconds=time.time() - t0)
 
 
 def fid_stats(job: Job) -> List[dict]:
@@ -431,9 +342,10 @@ def fid_stats(job: Job) -> List[dict]:
     logging.info("reference statistics exist (config.eval.recompute=True redoes them): %s", path)
     job.files.append(path)
     return []
-  got = data.load_split(job.config.data.dataset, ev.fid_split,
-                        ev.data_dir or job.config.data.data_dir or None)
-  images = np.rint((got["x"] + 1.0) * 127.5).astype(np.uint8)
+  data_dir = ev.data_dir or job.config.data.data_dir or None
+  images = np.concatenate([   # 'train+test': the splits one after the other
+      np.rint((data.load_split(job.config.data.dataset, part, data_dir)["x"] + 1.0) * 127.5)
+      .astype(np.uint8) for part in ev.fid_split.split("+")])
   store = ShardStore(f"{path}.shards-{job.feature_id[:12]}",
                      {"kind": "data_features", "dataset": job.config.data.dataset,
                       "split": ev.fid_split, "count": len(images),
@@ -453,16 +365,12 @@ def fid_stats(job: Job) -> List[dict]:
   rng = np.random.default_rng(ev.seed)
   perm = rng.permutation(len(feats))
   a, b = feats[perm[:len(feats) // 2]], feats[perm[len(feats) // 2:2 * (len(feats) // 2)]]
-  (mu_a, s_a), (mu_b, s_b) = fid.feature_statistics(a), fid.feature_statistics(b)
   rec = dict(base_record(job), metric="fid_data_halves", split=ev.fid_split,
-             value=float(fid.frechet_distance(mu_a, s_a, mu_b, s_b)), stderr=None,
+             value=fid.frechet_distance_from_features(a, *fid.feature_statistics(b)), stderr=None,
              num_samples=len(a), ref_stats=path, weights=os.path.abspath(ev.inception_weights),
              weights_sha256=job.feature_id, network=NETWORK, resize=RESIZE)
-  size = min(ev.kid_subset_size, len(a))
-  k_mean, k_se = fid.kid(a, b, num_subsets=ev.kid_subsets, subset_size=size, seed=ev.seed)
   recs = [dict(rec, seconds=time.time() - t0),
-          dict(rec, metric="kid_data_halves", value=float(k_mean), stderr=float(k_se),
-               kid_subset_size=size, seconds=time.time() - t0)]
+          kid_record(dict(rec, metric="kid_data_halves"), a, b, ev, t0)]
   return finish(job, os.path.join(os.path.dirname(path), os.path.basename(path) + ".json"),
                 recs, [path])
 
@@ -536,8 +444,9 @@ def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] 
         else:
           fid_setting(job, spec, params, step, ema, ref, t0)
       if settings.needs_nll(mode):
+        from ctm_jax.evaljob import nll
         params = params if params is not None else _load(job, step, ema)
-        nll_setting(job, params, step, ema, time.time())
+        nll.nll_setting(job, params, step, ema)
       if (mode == "sample" and config.data.dataset == "toy_gmm"
           and evaluate.one_step_generator(config) and own):
         _toy_ode_error(job, params, step, ema)
@@ -582,8 +491,9 @@ def _close(job: Job, argv, t_start) -> Dict[str, Any]:
   pdir = os.path.join(report.eval_dir(job.workdir), "plots")
   for step, ema in sorted(touched, key=str):
     rows = [r for r in all_recs if r.get("step") == step and r.get("ema") == ema]
-    p = report.plot_fid_vs_nfe(rows, os.path.join(pdir, f"fid_vs_nfe-step{step}-{ema}.png"))
-    plots.append(p)
+    for metric in ("fid", "kid"):
+      plots.append(report.plot_fid_vs_nfe(
+          rows, os.path.join(pdir, f"{metric}_vs_nfe-step{step}-{ema}.png"), metric))
   if touched:
     plots.append(report.plot_fid_vs_step(all_recs, os.path.join(pdir, "fid_vs_step.png")))
   plots = [p for p in plots if p]

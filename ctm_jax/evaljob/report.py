@@ -61,31 +61,48 @@ def _latest(records: List[dict], key) -> Dict:
   return out
 
 
-def plot_fid_vs_nfe(records: List[dict], path: str, metric: str = "fid") -> Optional[str]:
-  """FID against NFE, one line per gamma (Heun on the score head as separate points), for the
-  records of one checkpoint and EMA; the newest record of each sampler counts."""
+def nfe_lines(records: List[dict], metric: str = "fid") -> Dict[str, list]:
+  """{line label: [(NFE, value, stderr), ...] sorted by NFE} of one checkpoint's records: one
+  line per gamma, Heun on the score head and the teacher's Heun apart; the newest record of
+  each sampler counts.  The one-step sampler (gamma sampling with NFE 1: a single jump
+  T -> sigma_min, gamma unused) starts every gamma line."""
   rows = [r for r in records if r.get("metric") == metric and r.get("nfe")]
-  if not rows:
-    return None
   rows = list(_latest(rows, lambda r: r["sampler"]).values())
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.6))
   groups: Dict[str, list] = {}
   for r in rows:
     label = (f"gamma = {r['gamma']:g}" if r.get("kind") == "gamma" else
              "teacher, EDM Heun" if r.get("kind") == "teacher_heun" else "EDM Heun (score head)")
-    groups.setdefault(label, []).append((r["nfe"], r["value"]))
-  for label, pts in sorted(groups.items()):
+    groups.setdefault(label, []).append((r["nfe"], r["value"], r.get("stderr")))
+  one = [(r["nfe"], r["value"], r.get("stderr")) for r in rows
+         if r.get("kind") == "gamma" and r["nfe"] == 1]
+  for label, pts in groups.items():
+    if label.startswith("gamma") and one and not any(p[0] == 1 for p in pts):
+      pts.append(one[0])
     pts.sort()
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-  r0 = rows[0]
+  return groups
+
+
+def plot_fid_vs_nfe(records: List[dict], path: str, metric: str = "fid",
+                    title: Optional[str] = None) -> Optional[str]:
+  """`nfe_lines` of one checkpoint and EMA against NFE (error bars where a record has a
+  standard error, e.g. KID)."""
+  groups = nfe_lines(records, metric)
+  if not groups:
+    return None
+  r0 = [r for r in records if r.get("metric") == metric and r.get("nfe")][0]
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  for label, pts in sorted(groups.items()):
+    err = [p[2] for p in pts] if all(p[2] is not None for p in pts) else None
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, fmt="o-", capsize=3,
+                label=label)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("NFE")
   ax.set_ylabel(metric.upper())
-  ax.set_title(f"step {r0.get('step')}, EMA {r0.get('ema')}, {r0.get('num_samples')} samples",
-               fontsize=9)
+  ax.set_title(title or f"step {r0.get('step')}, EMA {r0.get('ema')}, "
+                        f"{r0.get('num_samples')} samples", fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, path)

@@ -54,7 +54,7 @@ def check_override_names(argv: Sequence[str], defaults) -> None:
         raise config_lib.ConfigError(unknown_field_message(parts[1], defaults.keys()))
 
 
-def _list(value: str) -> List[str]:
+def split_list(value: str) -> List[str]:
   return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
@@ -71,7 +71,7 @@ def default_samplers(config) -> str:
 def sampler_specs(ev, config) -> List[evaluate.SamplerSpec]:
   """The parsed, run-checked sampler list of config.eval.samplers."""
   specs = []
-  for s in _list(ev.samplers or default_samplers(config)):
+  for s in split_list(ev.samplers or default_samplers(config)):
     try:
       spec = evaluate.parse_sampler(s)
       evaluate.check_sampler_for_run(spec, config)
@@ -94,7 +94,7 @@ def checkpoint_steps(ev, workdir: str) -> List[int]:
   if spec == "all":
     return have
   try:
-    steps = [int(v) for v in _list(spec)]
+    steps = [int(v) for v in split_list(spec)]
   except ValueError:
     raise config_lib.ConfigError(f"config.eval.checkpoints must be 'latest', 'all' or a comma "
                                  f"list of steps, got {spec!r}") from None
@@ -111,7 +111,7 @@ def ema_list(ev, config) -> List[str]:
   spec = str(ev.ema).strip()
   if spec == "all":
     return names
-  chosen = _list(spec) or [runs.choose_ema(config, None, "config.sampling.eval_ema")]
+  chosen = split_list(spec) or [runs.choose_ema(config, None, "config.sampling.eval_ema")]
   for name in chosen:
     runs.choose_ema(config, name, "config.eval.ema")
   return chosen
@@ -160,7 +160,8 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
   if shard % bs:
     raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
                                  f"config.eval.batch_size = {bs}")
-  config_lib.check_number(c, "eval.num_samples", 2 if needs_fid(mode) else 1, integer=True)
+  # FID needs 2 samples for a covariance; KID two blocks of 2 (ctm_jax.metrics.fid.kid).
+  config_lib.check_number(c, "eval.num_samples", 4 if needs_fid(mode) else 1, integer=True)
   config_lib.check_number(c, "eval.seed", 0, integer=True)
   ncls = info.num_classes if config.data.class_conditional else 0
   config_lib.check_number(c, "eval.class_label", -1, max(ncls - 1, -1), integer=True)
@@ -168,11 +169,11 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
   config_lib.check_number(c, "eval.kid_subset_size", 2, integer=True)
   config_lib.check_number(c, "eval.reference_seeds", 1, integer=True)
   config_lib.check_number(c, "eval.ode_error_samples", 1, integer=True)
-  for f in ("recompute", "nll_dequantize"):
+  for f in ("recompute",):
     if not isinstance(ev[f], bool):
       raise config_lib.ConfigError(f"config.eval.{f} must be True or False, got {ev[f]!r}")
   splits = ("train", info.eval_split)
-  config_lib.check_choice(c, "eval.fid_split", splits)
+  config_lib.check_choice(c, "eval.fid_split", splits + (f"train+{info.eval_split}",))
   config_lib.check_choice(c, "eval.nll_split", ("",) + splits)
   ema_list(ev, config)
   if mode in ("sample", "fid", "all"):
@@ -199,10 +200,13 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
     if shard % nb:
       raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
                                    f"config.eval.nll_batch_size = {nb}")
+    from ctm_jax.evaljob import nll
     from ctm_jax.metrics import likelihood
+    nll.check_metrics(ev, info)
     config_lib.check_choice(c, "eval.nll_divergence", likelihood.DIVERGENCES)
     dim = int(np.prod(info.shape))
-    if ev.nll_divergence == "exact" and dim > likelihood.EXACT_MAX_DIM:
+    uses_ode = any(m in nll.ODE_METRICS for m in nll.metrics_for(ev, info))
+    if uses_ode and ev.nll_divergence == "exact" and dim > likelihood.EXACT_MAX_DIM:
       raise config_lib.ConfigError(
           f"config.eval.nll_divergence = 'exact' builds a {dim} x {dim} jacobian per example; "
           f"it is accepted up to {likelihood.EXACT_MAX_DIM} dimensions: use 'hutchinson'")
@@ -211,6 +215,8 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
     config_lib.check_number(c, "eval.nll_rtol", 0, lo_open=True)
     config_lib.check_number(c, "eval.nll_atol", 0, lo_open=True)
     config_lib.check_number(c, "eval.nll_max_steps", 1, integer=True)
+    config_lib.check_number(c, "eval.nll_elbo_samples", 1, integer=True)
+    config_lib.check_choice(c, "eval.nll_elbo_form", likelihood.ELBO_FORMS)
 
 
 def check_inception_file(ev) -> None:

@@ -1,0 +1,257 @@
+"""--mode=nll: per-example likelihoods of a data split through the score head, in shards.
+
+Each quantity of config.eval.nll_metrics is its own resumable setting
+(eval/step_<N>/<ema>/<metric>_<split>-<hash>/shard_*.npz, nll.json), one record each with the
+mean and standard error over examples (ctm_jax/metrics/likelihood.py for the estimators):
+
+  images (bits/dim, 7-bit offset: data in [-1, 1] from 256 levels, METHODS.md section 8)
+    bpd_ode_uniform_dequant  PF-ODE density of y = (x + u)/128 - 1, u ~ U[0, 1)^D: an upper
+                             bound on the discrete NLL of the 8-bit data (Theis et al. 2016)
+    bpd_ode_pixel_centres    PF-ODE density at the bin centres (x + 0.5)/128 - 1 (no
+                             dequantization): a point value of the density, not a bound
+    bpd_elbo                 CTM's ELBO (eval_bpd.py): a variational bound through the reverse
+                             SDE and a Gaussian decoder at sigma_lo, same dequantization
+  2-D points (nats)
+    nll_ode                  -log p_{sigma_min}(x) by the PF-ODE; on toy_gmm also the exact
+                             mixture's -log p_{sigma_min}(x) (its cross-entropy on the split,
+                             about its entropy) and the per-point gap model - exact (KL).
+Keys: batch b of shard i uses fold_in(fold_in(key(seed), i), b), split into (dequantization,
+estimator): the dequantization noise is the same for every quantity and checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax import data, parallel
+from ctm_jax.evaljob import jobs, report, settings
+from ctm_jax.evaljob.shards import ShardStore, settings_hash
+
+IMAGE_METRICS = ("bpd_ode_uniform_dequant", "bpd_ode_pixel_centres", "bpd_elbo")
+POINT_METRICS = ("nll_ode",)
+ODE_METRICS = ("bpd_ode_uniform_dequant", "bpd_ode_pixel_centres", "nll_ode")
+
+LABELS = {
+    "bpd_ode_uniform_dequant": (
+        "PF-ODE bits/dim of the uniformly dequantized 8-bit data y = (x + u)/128 - 1, "
+        "u ~ U[0,1)^D: an upper bound on the discrete NLL (Theis et al. 2016)"),
+    "bpd_ode_pixel_centres": (
+        "PF-ODE bits/dim at the pixel centres (x + 0.5)/128 - 1, no dequantization: a point "
+        "value of the model density, not a bound"),
+    "bpd_elbo": (
+        "CTM's ELBO (eval_bpd.py) in bits/dim of the uniformly dequantized data: a variational "
+        "bound through the reverse SDE from N(0, sigma_max^2 I) and a Gaussian decoder at "
+        "sigma_lo (an upper bound, in expectation, on the SDE model's NLL; Monte Carlo)"),
+    "nll_ode": "-log p_{sigma_min}(x) of the PF-ODE model, nats per point",
+    "nll_exact_mixture": (
+        "-log p_{sigma_min}(x) of the exact mixture (its cross-entropy on the split: an "
+        "estimate of its entropy), nats per point"),
+    "nll_gap_to_exact": (
+        "model NLL - exact mixture NLL per point (estimates KL(p_data || p_model) at "
+        "sigma_min), nats"),
+}
+
+
+def metrics_for(ev, info) -> List[str]:
+  """config.eval.nll_metrics as a list; '' = every quantity for the data kind."""
+  names = settings.split_list(ev.nll_metrics)
+  return names or list(IMAGE_METRICS if info.kind == "image" else POINT_METRICS)
+
+
+def check_metrics(ev, info) -> None:
+  allowed = IMAGE_METRICS if info.kind == "image" else POINT_METRICS
+  names = metrics_for(ev, info)
+  bad = [n for n in names if n not in allowed]
+  if bad or len(set(names)) != len(names):
+    from ctm_jax import config_lib
+    raise config_lib.ConfigError(
+        f"config.eval.nll_metrics = {ev.nll_metrics!r}: {info.kind} data accepts a comma list "
+        f"of {allowed} without repeats ('' = all)")
+
+
+def nll_data(job):
+  """The NLL split's examples: uint8 images (or float points) and labels."""
+  ev = job.ev
+  got = data.load_split(job.config.data.dataset, settings.nll_split(ev, job.config),
+                        ev.data_dir or job.config.data.data_dir or None,
+                        max_examples=ev.nll_num_examples or None)
+  x = got["x"]
+  if job.info.kind == "image":
+    x = np.rint((x + 1.0) * 127.5).astype(np.uint8)
+  return x, got.get("label")
+
+
+def default_logp_fn(job):
+  """log p(x) by the PF-ODE of the score head g(x, t, t), sigma_min -> sigma_max (eval mode)."""
+  from ctm_jax.metrics import likelihood
+  ev, sch = job.ev, job.model.schedule
+
+  def fn(params, x, key, labels):
+    return likelihood.pf_ode_log_likelihood(
+        job.model.denoise_fn(params, labels), x, key, sigma_min=sch.sigma_min,
+        sigma_max=sch.sigma_max, divergence=ev.nll_divergence, num_probes=ev.nll_probes,
+        solver=ev.nll_solver, rtol=ev.nll_rtol, atol=ev.nll_atol, max_steps=ev.nll_max_steps)
+  return fn
+
+
+def elbo_sigma_lo(job) -> float:
+  from ctm_jax.metrics import likelihood
+  sch = job.model.schedule
+  return float(likelihood.ctm_elbo_sigma_lo(sch.sigma_min, sch.sigma_max, sch.rho))
+
+
+def elbo_fn(job):
+  """CTM's ELBO of the score head as the 'logp' of `sde_elbo` (eval mode)."""
+  from ctm_jax.metrics import likelihood
+  ev, sch, lo = job.ev, job.model.schedule, elbo_sigma_lo(job)
+
+  def fn(params, x, key, labels):
+    out = likelihood.sde_elbo(job.model.denoise_fn(params, labels), x, key, sigma_lo=lo,
+                              sigma_max=sch.sigma_max, num_samples=ev.nll_elbo_samples,
+                              form=ev.nll_elbo_form)
+    return dict(out, logp=out["elbo"])
+  return fn
+
+
+def _inputs(metric: str, xb, key):
+  """(model input, estimator key) of a batch: dequantized / centred images, or the points."""
+  from ctm_jax.metrics import likelihood
+  k_deq, k_est = jax.random.split(key)
+  if metric == "bpd_ode_pixel_centres":
+    return likelihood.pixel_centres(xb), k_est
+  if metric.startswith("bpd_"):
+    return likelihood.dequantize(k_deq, xb), k_est
+  return xb, k_est
+
+
+def metric_settings(job, metric: str, split: str, n: int, step, ema) -> dict:
+  ev = job.ev
+  s = {"kind": "nll", "metric": metric, "split": split, "num_examples": n, "step": step,
+       "ema": ema, "seed": ev.seed, "batch_size": ev.nll_batch_size, "shard_size": ev.shard_size}
+  if metric in ODE_METRICS:
+    s.update({k: ev[k] for k in ("nll_divergence", "nll_probes", "nll_solver", "nll_rtol",
+                                 "nll_atol", "nll_max_steps")})
+  else:
+    s.update(nll_elbo_samples=ev.nll_elbo_samples, nll_elbo_form=ev.nll_elbo_form)
+  return s
+
+
+def estimator(job, kind: str) -> Callable:
+  """jit(params, y, key, labels) -> the (B,) outputs of the PF-ODE ('ode') or the ELBO
+  ('elbo'), built once per job: the two ODE quantities share one compiled solve."""
+  if ("nll", kind) not in job.cache:
+    fn = (job.logp_fn or default_logp_fn(job)) if kind == "ode" else elbo_fn(job)
+
+    def run(params, y, key, labels):
+      return {k: jnp.asarray(v) for k, v in fn(params, y, key, labels).items()
+              if jnp.ndim(v) <= 1}
+    job.cache[("nll", kind)] = jax.jit(run)
+  return job.cache[("nll", kind)]
+
+
+_inputs_jit = jax.jit(_inputs, static_argnums=0)
+
+
+def per_example(job, metric: str, params, x_all, y_all, store: ShardStore,
+                label: str) -> Dict[str, np.ndarray]:
+  """The sharded per-example outputs of the metric's estimator (logp and its (B,)
+  diagnostics), with bits/dim for images and the exact log-density on toy_gmm."""
+  ev, nb, cond = job.ev, job.ev.nll_batch_size, job.num_classes > 0
+  image = job.info.kind == "image"
+  dim = int(np.prod(job.info.shape))
+  exact = job.config.data.dataset == "toy_gmm" and metric == "nll_ode"
+  logp = estimator(job, "ode" if metric in ODE_METRICS else "elbo")
+
+  def batch(params, xb, key, labels):
+    y, k_est = _inputs_jit(metric, xb, key)
+    return logp(params, y, k_est, labels)
+
+  def compute(i, start, count):
+    rows = {}
+    for b in range(-(-count // nb)):
+      lo = start + b * nb
+      idx = np.minimum(np.arange(lo, lo + nb), start + count - 1)   # pad the last batch, cut
+      labels = jobs._global(job.mesh, y_all[idx].astype(np.int32)) if cond else None
+      out = parallel.to_host(batch(params, jobs._global(job.mesh, x_all[idx]),
+                                   jobs._batch_keys(ev.seed, i, b), labels))
+      n = min(nb, start + count - lo)
+      for k, v in out.items():
+        v = np.asarray(v)
+        rows.setdefault(k, []).append(v[:n] if v.ndim == 1 and len(v) == nb else
+                                      np.full((n,), v, v.dtype))
+    rows = {k: np.concatenate(v) for k, v in rows.items()}
+    if image:
+      from ctm_jax.metrics import likelihood
+      rows["bits_per_dim"] = np.asarray(likelihood.bits_per_dim(rows["logp"], dim), np.float64)
+    if exact:
+      from ctm_jax.oracle import toy_mixture_2d
+      rows["logp_exact"] = np.asarray(toy_mixture_2d().log_prob(
+          jnp.asarray(x_all[start:start + count], jnp.float32), job.model.schedule.sigma_min),
+          np.float64)
+    return rows
+
+  return store.run(compute, label, ev.recompute)
+
+
+def metric_records(job, metric: str, out: Dict[str, np.ndarray], base: dict) -> List[dict]:
+  """The records of one quantity: mean +- standard error over examples, labelled."""
+  ev = job.ev
+  image = job.info.kind == "image"
+  per = out["bits_per_dim"] if image else -out["logp"].astype(np.float64)
+  rec = dict(base, unit="bits/dim" if image else "nats", num_examples=int(len(per)))
+  if image:
+    rec.update(dequantization="none" if metric == "bpd_ode_pixel_centres" else "uniform",
+               offset_bits=7.0)
+  if metric in ODE_METRICS:
+    rec.update(divergence=ev.nll_divergence, probes=ev.nll_probes, solver=ev.nll_solver,
+               rtol=ev.nll_rtol, atol=ev.nll_atol)
+  else:
+    rec.update(elbo_samples=ev.nll_elbo_samples, elbo_form=ev.nll_elbo_form,
+               sigma_lo=elbo_sigma_lo(job))
+  if "nfe" in out:
+    rec["nfe_mean"] = float(np.mean(out["nfe"]))
+  recs = [dict(rec, metric=metric, label=LABELS[metric], **_value_se(per))]
+  if "logp_exact" in out:
+    exact = -out["logp_exact"]
+    recs.append(dict(rec, metric="nll_exact_mixture", label=LABELS["nll_exact_mixture"],
+                     **_value_se(exact)))
+    recs.append(dict(rec, metric="nll_gap_to_exact", label=LABELS["nll_gap_to_exact"],
+                     **_value_se(per - exact)))
+  return recs
+
+
+def _value_se(v) -> dict:
+  """The mean over examples and its standard error (std ddof 1 / sqrt n; None for one)."""
+  v = np.asarray(v, np.float64)
+  se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
+  return {"value": float(np.mean(v)), "stderr": se}
+
+
+def nll_setting(job, params, step, ema) -> List[dict]:
+  """Every quantity of config.eval.nll_metrics for one checkpoint and EMA."""
+  ev = job.ev
+  x_all, y_all = nll_data(job)
+  split = settings.nll_split(ev, job.config)
+  recs = []
+  for metric in metrics_for(ev, job.info):
+    t0 = time.time()
+    s = metric_settings(job, metric, split, len(x_all), step, ema)
+    d = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
+                     f"{metric}_{split}-{settings_hash(s)}")
+    result = os.path.join(d, "nll.json")
+    got = jobs.reuse(job, result)
+    if got is not None:
+      recs.extend(got)
+      continue
+    store = ShardStore(d, s, len(x_all), ev.shard_size)
+    out = per_example(job, metric, params, x_all, y_all, store,
+                      f"{metric} {split} (step {step}, {ema})")
+    base = dict(jobs.base_record(job, None, step, ema), split=split, shards=d)
+    new = [dict(r, seconds=time.time() - t0) for r in metric_records(job, metric, out, base)]
+    recs.extend(jobs.finish(job, result, new, []))
+  return recs
