@@ -76,7 +76,6 @@ def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = ()
   def wrapped(argv):
     if not verbose(sys.argv):
       quiet_logs()
-    cpu_xla_flags()
     try:
       return main(argv)
     except KeyboardInterrupt:
@@ -140,43 +139,6 @@ def quiet_environment():
   TensorBoard events here; JAX does the compute)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-
-# ----------------------------------------------------------------------------- XLA:CPU flags
-
-# XLA:CPU settings the launch binaries add to XLA_FLAGS (before JAX starts), each only when
-# XLA_FLAGS does not name it already and the installed jaxlib knows it.  docs/performance.md
-# has the measurements: with YNNPACK's fusions off (Eigen / XLA's own kernels) the digits CTM
-# step ran several times faster on this 2-core CPU.  No effect on GPU / TPU.
-CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def _jaxlib_knows(names):
-  """The subset of XLA flag names that appear in the installed jaxlib's library (an unknown
-  flag in XLA_FLAGS aborts the process)."""
-  import importlib.util
-  import mmap
-  spec = importlib.util.find_spec("jaxlib")
-  if spec is None or not spec.submodule_search_locations:
-    return set()
-  lib = os.path.join(list(spec.submodule_search_locations)[0], "libjax_common.so")
-  if not os.path.isfile(lib):
-    return set()
-  with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-    return {n for n in names if m.find(n.encode()) >= 0}
-
-
-def cpu_xla_flags(environ=None):
-  """Append CPU_XLA_FLAGS to XLA_FLAGS in `environ` (os.environ): a flag the user set keeps
-  the user's value.  Returns the flags added."""
-  env = os.environ if environ is None else environ
-  current = env.get("XLA_FLAGS", "")
-  missing = [n for n in CPU_XLA_FLAGS if f"--{n}" not in current]
-  known = _jaxlib_knows(missing) if missing else set()
-  added = [f"--{n}={CPU_XLA_FLAGS[n]}" for n in missing if n in known]
-  if added:
-    env["XLA_FLAGS"] = " ".join([current.strip()] + added).strip()
-  return added
 
 
 class _DropLibraryInfo(py_logging.Filter):

@@ -215,20 +215,3 @@ def test_bf16_ctm_keeps_fp32_master_weights_and_emas():
   np.testing.assert_allclose(l16, l32, rtol=BF16_RTOL)
   # ... and bf16 is really used: the losses differ by more than float32 rounding.
   assert np.max(np.abs(l16 - l32) / np.abs(l32)) > 1e-4, (l16, l32)
-
-
-# ----------------------------------------------------------------------------- XLA flags
-
-def test_launch_adds_cpu_xla_flags_unless_the_user_set_them():
-  from launch import common
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  added = common.cpu_xla_flags(env)
-  assert added == ["--xla_cpu_experimental_ynn_fusion_type="]        # jaxlib 0.10.2 knows it
-  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
-                                      "--xla_cpu_experimental_ynn_fusion_type="]
-  mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"}
-  assert common.cpu_xla_flags(mine) == [] and mine["XLA_FLAGS"].endswith("individual_dot")
-  empty = {}
-  common.cpu_xla_flags(empty)
-  assert empty["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
-  assert common._jaxlib_knows(["xla_cpu_no_such_flag_here"]) == set()
