@@ -18,6 +18,7 @@ A re-run skips finished trainings (a checkpoint at num_train_steps) and finished
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -196,9 +197,27 @@ def train_run(method: str, seed: int, config, workdir: str) -> Dict[str, Any]:
   logging.info("compare: training %s seed %d for %d steps in %s", method, seed, steps, workdir)
   os.makedirs(workdir, exist_ok=True)
   summary = train.train_and_evaluate(config, workdir)
-  if summary.get("stop_reason") is not None:      # Ctrl-C / SIGTERM: the run is not trained
-    raise KeyboardInterrupt(f"{method} seed {seed} stopped at step {summary['step']}")
+  # Ctrl-C / SIGTERM stops the whole comparison, also one that came during the last step
+  # (the loop then finishes the run, and only summary["signal"] tells of it).
+  received = summary.get("stop_reason") or summary.get("signal")
+  if received:
+    how = "interrupted" if summary.get("stop_reason") else "finished"
+    raise KeyboardInterrupt(
+        f"stopped by {train.STOP_REASONS.get(received, received)} while training {method} "
+        f"seed {seed} ({how} at step {summary['step']} of {steps}, checkpoint written)")
   return {"trained_now": True, "train_seconds": time.time() - t0, **train_cost(workdir)}
+
+
+@contextlib.contextmanager
+def _ctrl_c_context(doing: str, kept: str):
+  """A bare KeyboardInterrupt (Ctrl-C outside the training loop's handler, or a second
+  Ctrl-C inside it) gets a message: what was being done and what is kept."""
+  try:
+    yield
+  except KeyboardInterrupt as e:
+    if str(e):
+      raise
+    raise KeyboardInterrupt(f"stopped by Ctrl-C (SIGINT) while {doing} ({kept})") from None
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -381,12 +400,13 @@ def run(cmp) -> Dict[str, Any]:
   os.makedirs(cmp.workdir, exist_ok=True)
   rows, costs, timing = [], {}, {}
   for method, seed, config, _ in plan:
-    wd = run_dir(cmp, method, seed)
-    got = train_run(method, seed, config, wd)
-    costs[(method, seed)] = got
+    with _ctrl_c_context(f"training {method} seed {seed}", "its earlier checkpoints are kept"):
+      costs[(method, seed)] = train_run(method, seed, config, run_dir(cmp, method, seed))
   for method, seed, config, ev in plan:
     t0 = time.time()
-    rows.extend(evaluate_run(cmp, method, seed, config, ev, run_dir(cmp, method, seed)))
+    with _ctrl_c_context(f"evaluating {method} seed {seed}",
+                         "the finished evaluations and sample shards are kept"):
+      rows.extend(evaluate_run(cmp, method, seed, config, ev, run_dir(cmp, method, seed)))
     timing[f"eval {method}-s{seed}"] = time.time() - t0
   agg = aggregate(rows)
   table = markdown_table(cmp, agg, costs)
@@ -394,10 +414,10 @@ def run(cmp) -> Dict[str, Any]:
   result = {"name": cmp.name, "config": cmp.to_dict(), "rows": rows, "aggregate": agg,
             "train_cost": [{"method": m, "seed": s, **v} for (m, s), v in costs.items()],
             "eval_seconds": timing, "seconds": time.time() - t_start, "plots": pics}
-  with open(os.path.join(cmp.workdir, "table.md"), "w") as f:
-    f.write(table)
-  with open(os.path.join(cmp.workdir, "table.json"), "w") as f:
-    json.dump(result, f, indent=1, default=str)
+  from ctm_jax.evaljob.shards import write_text_atomic     # a stopped run leaves no half table
+  write_text_atomic(os.path.join(cmp.workdir, "table.md"), table)
+  write_text_atomic(os.path.join(cmp.workdir, "table.json"),
+                    json.dumps(result, indent=1, default=str))
   logging.info("compare: finished in %.0f s; %s", time.time() - t_start,
                os.path.join(cmp.workdir, "table.md"))
   print(table)

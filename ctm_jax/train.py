@@ -300,8 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Start-up order: every check that needs no data (config, workdir, model and method shapes)
   before the data set is built, and all of them before anything is compiled or written.
   progress_bar: a tqdm bar (for a terminal) instead of progress log lines.
-  Returns a summary: the final step, the last logged metrics, sample metrics, and
-  stop_reason (None, or a key of STOP_REASONS when the run stopped early).  Raises
+  Returns a summary: the final step, the last logged metrics, sample metrics,
+  stop_reason (None, or a key of STOP_REASONS when the run stopped early) and signal (the
+  signal received, 'SIGINT' / 'SIGTERM', even one that came during the last step or the
+  final checkpoint and so stopped nothing: a caller that runs more work after this run, such
+  as launch.compare, stops on it).  Raises
   NonFiniteError (nothing saved for that state) and KeyboardInterrupt (a second Ctrl-C).
   """
   validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
@@ -392,14 +395,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     _newest(last_saved))
     raise
   finally:
-    progress.close()
-    preempt.close()
-    batches.close()
-    ckpt.close()
-    writer.flush()
+    try:
+      progress.close()
+      batches.close()
+      ckpt.close()                # waits for an asynchronous save: a Ctrl-C meanwhile is noted
+      writer.flush()
+    finally:
+      preempt.close()
   summary = {"step": step, "metrics": last_metrics, "samples": sample_results,
              "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
-             "seconds": time.time() - t_start}
+             "signal": preempt.reason, "seconds": time.time() - t_start}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

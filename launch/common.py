@@ -13,7 +13,8 @@ before anything heavy is imported), a config file's bad argument (`file.py:arg`)
 required flag, a positional argument, and the errors of USER_ERRORS raised by main (config
 checks, a workdir that is a file, a data set that is not prepared).  A run that fails on its
 own (RUN_FAILURES: non-finite metrics) ends in one line and status 1; Ctrl-C that reaches
-here (during start-up, or a second Ctrl-C in training) in one line and status 130.
+here (during start-up, or a second Ctrl-C in training; in launch.compare any Ctrl-C) in one
+line and status 130.
 `--verbose` (or absl's -v 1 / --verbosity=1) prints the traceback as well, and keeps the
 libraries' INFO logs that are otherwise dropped.
 
@@ -58,9 +59,11 @@ class FlagMistake(Exception):
 
 # ----------------------------------------------------------------------------- entry point
 
-def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = ()):
+def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = (),
+        on_ctrl_c: str = ""):
   """app.run(main) with one-line errors (see the module docstring).  extra_errors: more
-  (exception class, exit status) pairs a binary reports in one line."""
+  (exception class, exit status) pairs a binary reports in one line.  on_ctrl_c: what the
+  Ctrl-C line adds, e.g. 're-run the same command to resume'."""
   def parse(argv):
     try:
       _check_config_files(argv)
@@ -78,8 +81,8 @@ def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = ()
       quiet_logs()
     try:
       return main(argv)
-    except KeyboardInterrupt:
-      _fail(prog, "stopped by Ctrl-C (SIGINT)", 130, sys.argv)
+    except KeyboardInterrupt as e:
+      _fail(prog, ctrl_c_message(e, on_ctrl_c), 130, sys.argv)
     except app.UsageError as e:
       _fail(prog, str(e), 2, sys.argv)
     except Exception as e:  # noqa: BLE001
@@ -89,6 +92,15 @@ def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = ()
       _fail(prog, " ".join(str(e).split()), status, sys.argv)
 
   app.run(wrapped, flags_parser=parse)
+
+
+def ctrl_c_message(e: KeyboardInterrupt, on_ctrl_c: str = "") -> str:
+  """'stopped by Ctrl-C (SIGINT)', or the interrupt's own 'stopped by ...' message (where
+  the library says what it was doing), then '; <on_ctrl_c>'."""
+  text = " ".join(str(e).split())
+  if not text.startswith("stopped by"):
+    text = "stopped by Ctrl-C (SIGINT)" + (f": {text}" if text else "")
+  return text + (f"; {on_ctrl_c}" if on_ctrl_c else "")
 
 
 def _fail(prog: str, message: str, status: int, argv):

@@ -5,7 +5,10 @@ r"""Train the few-step family from one teacher and compare them: one table and p
 Trains CTM, CD, CT, iCT, Direct CD and TCD (config.methods) for config.seeds, evaluates each
 with the evaluation jobs, and writes <config.workdir>/table.md, table.json and plots/
 (ctm_jax/compare.py).  A re-run skips finished trainings and evaluations.  A bad setting ends
-in one line on stderr and exit status 2, before anything is trained.
+in one line on stderr and exit status 2, before anything is trained.  Ctrl-C (or SIGTERM) in a
+training finishes its step, writes a checkpoint and stops the whole comparison; in an
+evaluation it stops at once, keeping the finished evaluations; either way the last line is
+'launch.compare: stopped by ...; re-run the same command to resume' and exit status 130.
 """
 from absl import flags
 from ml_collections import config_flags
@@ -30,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main, "launch.compare")
+  common.run(main, "launch.compare", on_ctrl_c="re-run the same command to resume")

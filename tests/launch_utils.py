@@ -2,8 +2,10 @@
 checkpoint restored once per module."""
 import contextlib
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,10 +45,33 @@ def run_train(workdir, *overrides, devices=1, timeout=600, check=True, extra_env
   return proc
 
 
-def start_train(workdir, *overrides, devices=1, log_path=None, extra_env=None):
+def start(cmd, log_path=None, extra_env=None):
+  """cmd in a subprocess from the repository root, stdout and stderr to log_path."""
   out = open(log_path, "w") if log_path else subprocess.DEVNULL
-  return subprocess.Popen(train_cmd(workdir, *overrides, devices=devices), cwd=ROOT,
-                          env=subprocess_env(extra_env), stdout=out, stderr=subprocess.STDOUT)
+  return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(extra_env), stdout=out,
+                          stderr=subprocess.STDOUT)
+
+
+def start_train(workdir, *overrides, devices=1, log_path=None, extra_env=None):
+  return start(train_cmd(workdir, *overrides, devices=devices), log_path, extra_env)
+
+
+def wait_until(proc, done, what, timeout=300):
+  """Poll done() every 50 ms until it is true; fails if proc ends first or after timeout
+  seconds (a hang detector, not a timing check)."""
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if proc.poll() is not None:
+      raise AssertionError(f"the process ended (status {proc.returncode}) before {what}")
+    if done():
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def log_shows(log_path, pattern):
+  """A done() for wait_until: the regular expression `pattern` occurs in the log."""
+  return lambda: re.search(pattern, open(log_path).read(), re.M) is not None
 
 
 def set_fields(config, overrides):

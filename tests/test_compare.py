@@ -4,6 +4,7 @@ ODE error against a numpy RK4 solve of a hand-written mixture denoiser, the cros
 with scipy's Gaussian densities), resumption, and the refusals."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ctm_jax import compare, config_lib, evaluate, runs, samplers
+from ctm_jax import checkpointing, compare, config_lib, evaluate, runs, samplers
 from tests import launch_utils
 
 METHODS = ("ctm", "cd", "tcd")     # the three kinds of generator: G (gamma), f (cm), G (SSS)
@@ -167,3 +168,76 @@ def test_launch_compare_bad_setting_is_one_line_exit_2(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("launch.compare: error: config.mode"), lines
   assert not os.path.exists(tmp_path / "cmp")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def config_file(cmp, path):
+  """A config file for `python -m launch.compare --config=<path>` holding cmp's fields."""
+  lines = ["from configs import compare_toy", "", "", "def get_config():",
+           "  c = compare_toy.get_config()"]
+  for k, v in cmp.items():
+    lines.append(f"  c.{k} = {v.to_dict() if hasattr(v, 'to_dict') else v!r}")
+  with open(path, "w") as f:
+    f.write("\n".join(lines + ["  return c", ""]))
+  return str(path)
+
+
+def start_compare(tmp_path, name):
+  """launch.compare on two one-step runs (CD, then TCD), NFE 1 only, one device, in a
+  subprocess whose log is tmp_path/<name>.log.  The persistent compilation cache is the
+  comparison's own (a fresh folder), so the first step compiles for seconds."""
+  cmp = small(tmp_path / "cmp", methods=("cd", "tcd"))
+  cmp.num_train_steps, cmp.nfes = 1, (1,)
+  cmp.overrides.training.checkpoint_every = 1
+  cmd = [sys.executable, "-m", "launch.compare", f"--config={config_file(cmp, tmp_path / 'c.py')}",
+         "--fake_cpu_devices=1"]
+  log = str(tmp_path / f"{name}.log")
+  return cmp, launch_utils.start(cmd, log, {"JAX_COMPILATION_CACHE_DIR": ""}), log
+
+
+def stop_with_ctrl_c(proc, log, pattern):
+  """One SIGINT once `pattern` is in the log; returns (exit status, last log line)."""
+  launch_utils.wait_until(proc, launch_utils.log_shows(log, pattern), f"{pattern!r} in the log")
+  proc.send_signal(signal.SIGINT)
+  rc = proc.wait(timeout=300)                     # hang detector: it used to go on training
+  return rc, open(log).read().strip().splitlines()[-1]
+
+
+def test_ctrl_c_in_the_last_step_stops_the_whole_comparison(tmp_path):
+  """Ctrl-C while CD's only step compiles: the step finishes, its checkpoint is written and
+  the comparison stops there (TCD is not started, no table), exit status 130, one line."""
+  cmp, proc, log = start_compare(tmp_path, "first")
+  rc, last = stop_with_ctrl_c(proc, log, r"Training steps 0 to 1 in \S*cd-s0")
+  assert rc == 130, open(log).read()[-3000:]
+  assert last == ("launch.compare: stopped by Ctrl-C (SIGINT) while training cd seed 0 (finished "
+                  "at step 1 of 1, checkpoint written); re-run the same command to resume"), last
+  config = compare.run_config(cmp, "cd", 0)
+  ck = checkpointing.Checkpointer(compare.run_dir(cmp, "cd", 0), config.training, read_only=True)
+  assert ck.all_steps() == [1]
+  assert not os.path.exists(compare.run_dir(cmp, "tcd", 0))
+  assert not os.path.exists(os.path.join(cmp.workdir, "table.md"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_evaluation_keeps_what_is_done_and_a_rerun_finishes(tmp_path):
+  """Ctrl-C when TCD's evaluation starts: exit 130 at once (no checkpointing step to finish),
+  CD's finished evaluation kept; the same command again trains nothing, reuses CD's
+  evaluation and writes the table."""
+  cmp, proc, log = start_compare(tmp_path, "first")
+  rc, last = stop_with_ctrl_c(proc, log, r"eval sample of \S*tcd-s0")
+  assert rc == 130, open(log).read()[-3000:]
+  assert last == ("launch.compare: stopped by Ctrl-C (SIGINT) while evaluating tcd seed 0 (the "
+                  "finished evaluations and sample shards are kept); re-run the same command to "
+                  "resume"), last
+  cd_results = os.path.join(compare.run_dir(cmp, "cd", 0), "eval", "results.jsonl")
+  kept = open(cd_results).read()
+  assert {json.loads(ln)["metric"] for ln in kept.splitlines()} >= {"mmd", "ode_error"}
+  assert not os.path.exists(os.path.join(cmp.workdir, "table.md"))
+
+  _, proc, log = start_compare(tmp_path, "again")
+  assert proc.wait(timeout=600) == 0, open(log).read()[-3000:]
+  saved = json.load(open(os.path.join(cmp.workdir, "table.json")))
+  assert not any(c["trained_now"] for c in saved["train_cost"])
+  assert open(cd_results).read() == kept                  # not evaluated again
+  assert {r["method"] for r in saved["rows"] if r["metric"] == "mmd"} == {"cd", "tcd"}

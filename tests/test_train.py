@@ -15,7 +15,7 @@ import pytest
 
 from configs import toy_edm
 from ctm_jax import checkpointing, config_lib, data, metric_io, parallel, train, train_state
-from launch_utils import run_train, set_fields, start_train
+from launch_utils import run_train, set_fields, start_train, wait_until
 
 
 def tiny_config(**overrides):
@@ -228,16 +228,11 @@ def test_training_log_is_quiet_and_ends_with_the_results(uninterrupted):
 
 def _wait_for_checkpoint(workdir, min_step, proc, timeout=300):
   ck_dir = checkpointing.checkpoint_dir(str(workdir))
-  t0 = time.time()
-  while time.time() - t0 < timeout:
-    if proc.poll() is not None:
-      raise AssertionError("training ended before it could be interrupted")
-    if os.path.isdir(ck_dir):
-      steps = [int(d) for d in os.listdir(ck_dir) if d.isdigit()]
-      if steps and max(steps) >= min_step:
-        return
-    time.sleep(0.05)
-  raise AssertionError("no checkpoint appeared")
+
+  def done():
+    steps = [int(d) for d in os.listdir(ck_dir) if d.isdigit()] if os.path.isdir(ck_dir) else []
+    return bool(steps) and max(steps) >= min_step
+  wait_until(proc, done, f"a checkpoint at step >= {min_step}", timeout)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],

@@ -53,12 +53,17 @@ def file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+  """Write a temporary file and rename it into place: never half a file at `path`."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: str):
