@@ -324,23 +324,50 @@ def _cell(agg, method, label, nfe, metric):
   return "—"
 
 
+SAME = "″"     # a cell that does not depend on the sampler: the value of the row above
+SAME_NOTE = (f"{SAME} = the row above: NFE 1 is the one-step map (sampler 'onestep') whatever "
+             f"the sampler, so E, the NFE-1 metrics and s/step are measured once per method.")
+
+
 def markdown_table(cmp, agg, costs) -> str:
-  """One row per (method, sampler family); columns: E, each metric at each NFE, s/step."""
+  """One row per (method, sampler family); columns: E, each metric at each NFE, s/step.
+
+  E, NFE 1 (the one-step map for every sampler) and s/step are one measurement per method:
+  its first row gives them, its other rows the mark SAME (explained under the table)."""
   metrics = QUALITY[cmp.mode]
   head = ["method", "sampler", "E (NFE 1)"]
   for n in cmp.nfes:
     head.append(f"NFE {n}: " + " / ".join(metrics))
   head.append("s/step")
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  marked = False
   for method in cmp.methods:
-    for label in sampler_labels(cmp, method):
-      cells = [method, label, _cell(agg, method, "", 1, "ode_error")]
-      for n in cmp.nfes:
-        cells.append(" / ".join(_cell(agg, method, label, n, m) for m in metrics))
-      c = [v["sec_per_step"] for (m, _), v in costs.items() if m == method]
-      cells.append(f"{np.mean(c):.3g}" if c else "—")
-      lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+    c = [v["sec_per_step"] for (m, _), v in costs.items() if m == method]
+    for i, label in enumerate(sampler_labels(cmp, method)):
+      e = _cell(agg, method, "", 1, "ode_error")
+      quality = [" / ".join(_cell(agg, method, label, n, m) for m in metrics) for n in cmp.nfes]
+      cost = f"{np.mean(c):.3g}" if c else "—"
+      if i > 0:                       # E, NFE 1 and s/step: the first row's
+        e, cost, marked = SAME, SAME, True
+        quality = [SAME if n == 1 else q for n, q in zip(cmp.nfes, quality)]
+      lines.append("| " + " | ".join([method, label, e, *quality, cost]) + " |")
+  return "\n".join(lines) + "\n" + (f"\n{SAME_NOTE}\n" if marked else "")
+
+
+def quality_series(cmp, agg, metric: str) -> List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+  """(legend label, NFEs, means, standard deviations) of each (method, sampler family) for the
+  quality-against-NFE plot.  The NFE-1 point (the one-step map, shared by the method's
+  samplers) belongs to the method's first family only, so it is drawn once per method."""
+  out = []
+  for method in cmp.methods:
+    for i, label in enumerate(sampler_labels(cmp, method)):
+      pts = sorted((a["nfe"], a["mean"], a["std"] or 0.0) for a in agg
+                   if a["method"] == method and a["metric"] == metric
+                   and ((a["nfe"] == 1 and i == 0) or (a["nfe"] != 1 and a["label"] == label)))
+      if pts:
+        n, m, sd = map(np.asarray, zip(*pts))
+        out.append((f"{method} {label}", n, m, sd))
+  return out
 
 
 def plots(cmp, agg, out_dir: str) -> List[str]:
@@ -353,14 +380,8 @@ def plots(cmp, agg, out_dir: str) -> List[str]:
   paths = []
   fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2))
   for ax, metric in zip(np.atleast_1d(axes), metrics):
-    for method in cmp.methods:
-      for label in sampler_labels(cmp, method):
-        pts = sorted((a["nfe"], a["mean"], a["std"] or 0.0) for a in agg
-                     if a["method"] == method and a["metric"] == metric
-                     and (a["nfe"] == 1 or a["label"] == label))
-        if pts:
-          n, m, s = map(np.asarray, zip(*pts))
-          ax.errorbar(n, m, yerr=s, marker="o", ms=3, capsize=2, label=f"{method} {label}")
+    for name, n, m, sd in quality_series(cmp, agg, metric):
+      ax.errorbar(n, m, yerr=sd, marker="o", ms=3, capsize=2, label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("NFE")

@@ -90,9 +90,10 @@ def test_reduced_comparison_table_numbers_and_resume(tmp_path):
   table = open(os.path.join(cmp.workdir, "table.md")).read().strip().splitlines()
   assert table[0] == ("| method | sampler | E (NFE 1) | NFE 1: mmd / sliced_w1 / xent_gap | "
                       "NFE 2: mmd / sliced_w1 / xent_gap | s/step |")
-  assert [ln.split("|")[1:3] for ln in table[2:]] == [
+  assert [ln.split("|")[1:3] for ln in table[2:6]] == [
       [" ctm ", " gamma0 "], [" ctm ", " cm "], [" cd ", " cm "], [" tcd ", " sss0.3 "]]
-  assert all("—" not in ln for ln in table[2:])
+  assert all("—" not in ln for ln in table[2:6])
+  assert table[6:] == ["", compare.SAME_NOTE]          # CTM's second row marks E, NFE 1, s/step
   saved = json.load(open(os.path.join(cmp.workdir, "table.json")))
   for m in METHODS:
     got = {(r["metric"], r["nfe"], r["sampler"]) for r in saved["rows"] if r["method"] == m}
@@ -132,6 +133,48 @@ def test_reduced_comparison_table_numbers_and_resume(tmp_path):
   key = lambda r: (r["method"], r["metric"], r["sampler"])
   assert sorted((key(r), r["value"]) for r in again["rows"]) == sorted(
       (key(r), r["value"]) for r in out["rows"])
+
+
+def _agg(method, label, nfe, metric, mean, std=None):
+  return {"method": method, "label": label, "nfe": nfe, "metric": metric, "mean": mean,
+          "std": std, "seeds": 1 if std is None else 2}
+
+
+def test_nfe_1_is_shown_once_per_method_in_table_and_plots(tmp_path):
+  """A hand-made aggregate: NFE 1 is the one-step map for every sampler of a method, so the
+  table gives E, NFE 1 and s/step in the method's first row and the mark below it, and the
+  plot has one NFE-1 point per method."""
+  cmp = small(tmp_path / "cmp", methods=("ctm", "tcd"))
+  cmp.samplers = {"ctm": "gamma:0:{n},cm:{n}", "tcd": "sss:0:{n},sss:0.3:{n},sss:1:{n}"}
+  q = lambda method, label, nfe, mmd, sw1, xent: [
+      _agg(method, label, nfe, "mmd", mmd, 0.01), _agg(method, label, nfe, "sliced_w1", sw1),
+      _agg(method, label, nfe, "xent_gap", xent)]
+  agg = [_agg("ctm", "", 1, "ode_error", 0.0037, 0.0002), _agg("tcd", "", 1, "ode_error", 0.0049),
+         *q("ctm", "gamma0", 1, 0.194, 0.355, 1.11), *q("ctm", "gamma0", 2, 0.237, 0.363, 0.6),
+         *q("ctm", "cm", 2, 0.24, 0.302, 1.12),
+         *q("tcd", "sss0", 1, 0.326, 0.436, 1.73), *q("tcd", "sss0", 2, 0.242, 0.387, 1.54),
+         *q("tcd", "sss0.3", 2, 0.251, 0.334, 1.73), *q("tcd", "sss1", 2, 0.252, 0.355, 1.46)]
+  costs = {("ctm", 0): {"sec_per_step": 0.36}, ("ctm", 1): {"sec_per_step": 0.38},
+           ("tcd", 0): {"sec_per_step": 0.24}}
+  got = compare.markdown_table(cmp, agg, costs).splitlines()
+  assert got[2:] == [
+      "| ctm | gamma0 | 0.0037 ± 0.0002 | 0.194 ± 0.01 / 0.355 / 1.11 | "
+      "0.237 ± 0.01 / 0.363 / 0.6 | 0.37 |",
+      "| ctm | cm | ″ | ″ | 0.24 ± 0.01 / 0.302 / 1.12 | ″ |",
+      "| tcd | sss0 | 0.0049 | 0.326 ± 0.01 / 0.436 / 1.73 | 0.242 ± 0.01 / 0.387 / 1.54 | 0.24 |",
+      "| tcd | sss0.3 | ″ | ″ | 0.251 ± 0.01 / 0.334 / 1.73 | ″ |",
+      "| tcd | sss1 | ″ | ″ | 0.252 ± 0.01 / 0.355 / 1.46 | ″ |",
+      "",
+      "″ = the row above: NFE 1 is the one-step map (sampler 'onestep') whatever the sampler, "
+      "so E, the NFE-1 metrics and s/step are measured once per method."]
+
+  series = compare.quality_series(cmp, agg, "mmd")
+  assert [(name, list(n), list(m)) for name, n, m, _ in series] == [
+      ("ctm gamma0", [1, 2], [0.194, 0.237]), ("ctm cm", [2], [0.24]),
+      ("tcd sss0", [1, 2], [0.326, 0.242]), ("tcd sss0.3", [2], [0.251]),
+      ("tcd sss1", [2], [0.252])]
+  for p in compare.plots(cmp, agg, str(tmp_path / "plots")):
+    assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _sample_dir(workdir, safe_name):
