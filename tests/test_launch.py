@@ -15,7 +15,7 @@ import pytest
 from configs import toy_edm
 from ctm_jax import checkpointing, config_lib, data, metric_io, parallel, progress, train
 from launch import common
-from launch_utils import ROOT, TINY_TOY, set_fields, subprocess_env
+from launch_utils import ROOT, TINY_TOY, subprocess_env, tiny_toy_edm
 
 
 def launch(*args, env=None, timeout=300):
@@ -250,15 +250,8 @@ def test_drop_rows_after_keeps_earlier_rows_exactly(tmp_path):
 # ----------------------------------------------------------------------------- Ctrl-C in the loop
 
 def tiny_config(**overrides):
-  c = toy_edm.get_config()
-  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
-  c.training.batch_size = 64
-  c.training.log_every = 1
-  c.training.sample_every = 0
-  c.optim.warmup_steps = 0
-  c.training.num_train_steps = 10
-  c.training.checkpoint_every = 2
-  return set_fields(c, overrides)
+  return tiny_toy_edm(**{"training.num_train_steps": 10, "training.checkpoint_every": 2,
+                         **overrides})
 
 
 def _ctrl_c_at_call(monkeypatch, call, presses):

@@ -15,17 +15,10 @@ import pytest
 
 from configs import toy_edm
 from ctm_jax import checkpointing, config_lib, data, metric_io, parallel, train, train_state
-from launch_utils import run_train, set_fields, start_train
+from launch_utils import run_train, start_train, tiny_toy_edm
 
 
-def tiny_config(**overrides):
-  c = toy_edm.get_config()
-  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
-  c.training.batch_size = 64
-  c.training.log_every = 1
-  c.training.sample_every = 0
-  c.optim.warmup_steps = 0
-  return set_fields(c, overrides)
+tiny_config = tiny_toy_edm
 
 
 def _leaves_equal(a, b):
