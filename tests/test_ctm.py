@@ -261,6 +261,15 @@ def test_ctm_config_errors_name_fields():
     train.validate_config(cfg, num_devices=8, process_count=1)
 
 
+def test_conditional_discriminator_without_gan_is_refused():
+  """gan.conditional only shapes the discriminator, so without gan.enabled it would be ignored."""
+  cfg = tiny_ctm_config(**{"gan.conditional": True})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.gan\.conditional = True .* config\.gan\.enabled = False"):
+    train.validate_config(cfg, num_devices=8, process_count=1)
+  train.validate_config(tiny_ctm_config(), num_devices=8, process_count=1)   # the default: fine
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
 def test_ctm_sample_fns_are_finite_for_every_gamma(setup, gamma):
   """config.ctm.sample_gamma in [0, 1] (accepted by the config check) samples finite values."""

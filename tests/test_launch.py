@@ -101,6 +101,16 @@ def test_config_check_after_start_up_is_one_line(tmp_path):
   assert not wd.exists()
 
 
+def test_conditional_discriminator_without_gan_is_one_line(tmp_path):
+  wd = tmp_path / "run"
+  proc = launch(f"--workdir={wd}", "--config=configs/toy_ctm.py", "--config.gan.conditional=True",
+                "--config.training.num_train_steps=1")       # were it accepted: a short run
+  assert one_line_error(proc) == (
+      E + "config.gan.conditional = True has no effect while config.gan.enabled = False (there is "
+      "no discriminator): set config.gan.enabled = True, or config.gan.conditional = False")
+  assert not wd.exists()
+
+
 def test_data_set_not_prepared_is_one_line(tmp_path):
   wd, empty = tmp_path / "run", tmp_path / "tfds"
   empty.mkdir()
