@@ -55,6 +55,20 @@ def test_bad_config_fails_before_anything_is_written(tmp_path, path, value, fiel
   assert not workdir.exists()
 
 
+def test_eval_ema_typo_fails_before_anything_is_written(tmp_path):
+  """The loop samples config.sampling.eval_ema at sample_every: a name that is no EMA of the run
+  is refused at start-up, not at the first sample."""
+  cfg = tiny_config(**{"training.sample_every": 5, "sampling.eval_ema": "rate_0p5"})
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.sampling\.eval_ema = 'rate_0p5' is "
+                     r"not an EMA of this run: accepted \['rate_0p999', 'params'\]"):
+    train.train_and_evaluate(cfg, str(workdir))
+  assert not workdir.exists()
+  for ok in ("", "rate_0p999", "params"):
+    train.validate_config(tiny_config(**{"training.sample_every": 5, "sampling.eval_ema": ok}),
+                          num_devices=8, process_count=1)
+
+
 def test_locked_config_rejects_unknown_key():
   cfg = toy_edm.get_config()
   with pytest.raises(AttributeError):
