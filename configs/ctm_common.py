@@ -80,3 +80,17 @@ def student_of(teacher_module, *, num_points: int, distance: str,
   c.optim.name = "radam"
   c.optim.warmup_steps = 0
   return c
+
+
+# The one-step sampler and CTM's gamma-sampler at gamma = 0, 0.5, 1 with 2 and 4 steps.
+GAMMA_SAMPLERS = "onestep,gamma:0:2,gamma:0:4,gamma:0.5:2,gamma:0.5:4,gamma:1:2,gamma:1:4"
+
+
+def cpu_student_of(teacher_module, *, num_points: int, teacher_workdir: str):
+  """student_of for the CPU-sized image runs: the pseudo-Huber distance (iCT) instead of LPIPS
+  (ImageNet VGG weights and 224-pixel inputs would dominate the step), CTM's RAdam lr 4e-4
+  (Kim-Dongjun/ctm-cifar10) and no GAN term."""
+  c = student_of(teacher_module, num_points=num_points, distance="pseudo_huber",
+                 teacher_workdir=teacher_workdir)
+  c.optim.lr = 4e-4
+  return c

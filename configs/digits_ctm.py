@@ -14,10 +14,7 @@ from configs import ctm_common, digits_edm
 def get_config():
   # A CPU-sized grid: the teacher's k Heun steps dominate the cost (E[k] = (2K + 1) / 3 under
   # P(k) ~ k), so N = 10 here; the paper configs keep N = 18 / 40.
-  c = ctm_common.student_of(digits_edm, num_points=10, distance="pseudo_huber",
-                            teacher_workdir="workdirs/digits_edm")
-  c.ctm.sample_nfes = (1, 2)
-  c.optim.lr = 4e-4
+  c = ctm_common.cpu_student_of(digits_edm, num_points=10, teacher_workdir="workdirs/digits_edm")
   c.ema.rates = (0.99, 0.999)           # a short run: sample the faster EMA
   c.sampling.eval_ema = "rate_0p99"
   c.training.batch_size = 32
@@ -25,7 +22,6 @@ def get_config():
   c.training.log_every = 100
   c.training.checkpoint_every = 500
   c.training.sample_every = 500
-  c.eval.samplers = ("onestep,gamma:0:2,gamma:0:4,gamma:0.5:2,gamma:0.5:4,gamma:1:2,gamma:1:4,"
-                     "heun:18,teacher_heun:18")
+  c.eval.samplers = ctm_common.GAMMA_SAMPLERS + ",heun:18,teacher_heun:18"
   c.lock()
   return c

@@ -15,12 +15,9 @@ from configs import ctm_common, mnist_edm
 def get_config():
   # N = 18 as CTM's CIFAR-10 runs (the teacher's k Heun steps, E[k] = (2K + 1) / 3 = 11.7
   # under P(k) ~ k, dominate the step; digits_ctm cuts N to 10 for that reason).
-  # Pseudo-Huber (iCT) instead of LPIPS: LPIPS needs ImageNet VGG weights and 224-pixel inputs,
-  # 64x the pixels of a 28x28 image, which would dominate the step.  No GAN term.
-  c = ctm_common.student_of(mnist_edm, num_points=18, distance="pseudo_huber",
-                            teacher_workdir="workdirs/mnist_edm")
-  c.ctm.sample_nfes = (1, 2)
-  c.optim.lr = 4e-4                       # CTM's RAdam lr (Kim-Dongjun/ctm-cifar10)
+  # Pseudo-Huber, no GAN term (ctm_common.cpu_student_of): LPIPS's 224-pixel inputs are 64x the
+  # pixels of a 28x28 image.
+  c = ctm_common.cpu_student_of(mnist_edm, num_points=18, teacher_workdir="workdirs/mnist_edm")
   c.ema.rates = (0.999,)                  # CTM's evaluation EMA
   c.sampling.eval_ema = "rate_0p999"
   c.training.batch_size = 64              # CTM's 256 (CIFAR-10) scaled to the CPU step time
@@ -29,7 +26,6 @@ def get_config():
   c.training.log_every = 200
   c.training.checkpoint_every = 2000
   c.training.sample_every = 2000
-  c.eval.samplers = ("onestep,gamma:0:2,gamma:0:4,gamma:0.5:2,gamma:0.5:4,gamma:1:2,gamma:1:4,"
-                     "teacher_heun:18")
+  c.eval.samplers = ctm_common.GAMMA_SAMPLERS + ",teacher_heun:18"
   c.lock()
   return c

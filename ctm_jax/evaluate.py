@@ -111,7 +111,7 @@ def check_sampler_for_run(spec: SamplerSpec, config) -> None:
     cls.check_sampler(spec)
   except ValueError as e:
     raise SamplerSpecError(str(e)) from None
-  if spec.needs_s and not (cls.trains_jump or cls.generator_kind == "cm_f"):
+  if spec.needs_s and not one_step_generator(config):
     raise SamplerSpecError(
         f"sampler {spec.name!r} jumps with CTM's G(x, t, s), but this {config.method} run's "
         f"network has no s input (one jump from sigma_max would give the data mean); use "

@@ -83,13 +83,8 @@ class Teacher:
 
   def param_shapes(self) -> Any:
     """jax.ShapeDtypeStructs of the teacher network's parameters (nothing allocated)."""
-    import jax
-    import jax.numpy as jnp
-    from ctm_jax import data
-    info = data.dataset_info(self.config.data.dataset)
-    labels = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
-    return jax.eval_shape(lambda k: self.model.init(k, jnp.zeros((1,) + tuple(info.shape)),
-                                                    labels), jax.random.PRNGKey(0))
+    from ctm_jax import runs
+    return runs.abstract_params(self.config.teacher.config, self.model)
 
   def random_params(self, seed: int = 0) -> Any:
     """Host arrays of the teacher network's parameter shapes, each N(0, 0.02^2)."""

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from ctm_jax import (checkpointing, compile_cache, config_lib, data, evaluate, metric_io,
-                     methods, parallel, samplers, train_state, visualize)
+                     methods, parallel, runs, samplers, train_state, visualize)
 from ctm_jax import progress as progress_lib
 from ctm_jax.evaljob import report
 # Model building and run loading live below the loop (ctm_jax.runs); re-exported here.
@@ -100,11 +100,9 @@ class Experiment:
     return checkpointing.abstract_with_shardings(self.abstract_state, self.state_shardings)
 
   def eval_params(self, state):
-    name = self.config.sampling.eval_ema or train_state.ema_names(self.config.ema)[0]
-    if name not in state.ema:
-      raise config_lib.ConfigError(
-          f"config.sampling.eval_ema = {name!r} is not one of the EMAs {sorted(state.ema)}")
-    return state.ema[name]
+    """The parameters sampled at sample_every: runs.choose_ema's pick of config.sampling.eval_ema."""
+    name = runs.choose_ema(self.config, None, "config.sampling.eval_ema")
+    return state.params if name == runs.RAW_PARAMS else state.ema[name]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -262,6 +260,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, proc
   """Every config check: the fields all methods share, then the chosen method's own section
   (raises config_lib.ConfigError naming the field and what is accepted)."""
   config_lib.validate_common(config, num_devices=num_devices, process_count=process_count)
+  if config.training.sample_every:              # the loop samples eval_params: a typo fails now
+    runs.choose_ema(config, None, "config.sampling.eval_ema")
   methods.validate_method_config(config)
 
 

@@ -1,5 +1,5 @@
-"""Test helpers: `python -m launch.train` in subprocesses, dotted config overrides, a teacher
-checkpoint restored once per module."""
+"""Test helpers: `python -m launch.train` in subprocesses, dotted config overrides, the tiny toy
+and digits configs the tests train, a teacher checkpoint restored once per module."""
 import contextlib
 import os
 import re
@@ -11,13 +11,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY_TOY = [
-    "--config=configs/toy_edm.py",
-    "--config.model.hidden=32", "--config.model.num_blocks=2", "--config.model.emb_dim=16",
-    "--config.training.batch_size=64", "--config.training.log_every=1",
-    "--config.training.sample_every=0", "--config.optim.warmup_steps=0",
-    "--config.data.prefetch=2",
-]
+# The toy MLP of the tests (configs/toy_*.py).
+TINY_MLP = {"model.hidden": 32, "model.num_blocks": 2, "model.emb_dim": 16}
+# configs/toy_edm.py as the training-system tests run it: a log row every step, no sampling in
+# the loop, no warm-up.
+TINY_TOY_FIELDS = {**TINY_MLP, "training.batch_size": 64, "training.log_every": 1,
+                   "training.sample_every": 0, "optim.warmup_steps": 0}
+TINY_TOY = ["--config=configs/toy_edm.py",
+            *(f"--config.{k}={v}" for k, v in TINY_TOY_FIELDS.items()),
+            "--config.data.prefetch=2"]
+# One resolution, no attention: compile time on a CPU grows with every layer of the digits U-Net.
+TINY_UNET = {"model.model_channels": 16, "model.num_blocks": 1, "model.channel_mult_emb": 2,
+             "model.channel_mult": (1,), "model.attn_resolutions": ()}
 
 
 def subprocess_env(extra=None):
@@ -83,6 +88,27 @@ def set_fields(config, overrides):
       node = node[p]
     node[parts[-1]] = v
   return config
+
+
+def tiny_toy_edm(**overrides):
+  """configs/toy_edm.py with TINY_TOY_FIELDS, then `overrides` (dotted fields)."""
+  from configs import toy_edm
+  return set_fields(toy_edm.get_config(), {**TINY_TOY_FIELDS, **overrides})
+
+
+def tiny_toy_student(config_module, **overrides):
+  """A toy CTM / CM config (configs.toy_ctm, toy_cd, ...) with TINY_MLP, batch 16 and no sampling
+  in the loop, then `overrides` (dotted fields)."""
+  return set_fields(config_module.get_config(), {**TINY_MLP, "training.batch_size": 16,
+                                                 "training.sample_every": 0, **overrides})
+
+
+def tiny_digits_config(config_module, **overrides):
+  """A digits config (configs.digits_edm, digits_ctm) with TINY_UNET, batch 16, a log row every
+  step and no sampling in the loop, then `overrides` (dotted fields)."""
+  return set_fields(config_module.get_config(), {**TINY_UNET, "training.batch_size": 16,
+                                                 "training.log_every": 1,
+                                                 "training.sample_every": 0, **overrides})
 
 
 @contextlib.contextmanager

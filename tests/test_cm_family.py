@@ -16,7 +16,7 @@ from ctm_jax import config_lib, data, diffusion, evaluate, parallel, samplers, s
 from ctm_jax.methods import cm as cm_lib
 from ctm_jax.methods import tcd as tcd_lib
 from ctm_jax.oracle import toy_mixture_2d
-from launch_utils import set_fields
+from launch_utils import set_fields, tiny_toy_student
 
 METHODS = ("cd", "ct", "ict", "direct_cd", "tcd")
 SMIN, SMAX, RHO = 0.002, 80.0, 7.0
@@ -24,11 +24,7 @@ GM = toy_mixture_2d()
 
 
 def tiny(method, **overrides):
-  c = importlib.import_module(f"configs.toy_{method}").get_config()
-  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
-  c.training.batch_size = 16
-  c.training.sample_every = 0
-  return set_fields(c, overrides)
+  return tiny_toy_student(importlib.import_module(f"configs.toy_{method}"), **overrides)
 
 
 def setup(method, **overrides):

@@ -11,17 +11,11 @@ import pytest
 from configs import toy_ctm
 from ctm_jax import config_lib, data, diffusion, parallel, solvers, train, train_state
 from ctm_jax.methods import ctm as ctm_lib
-from launch_utils import set_fields
+from launch_utils import set_fields, tiny_toy_student
 
 
 def tiny_ctm_config(**overrides):
-  c = toy_ctm.get_config()
-  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
-  c.training.batch_size = 16
-  c.training.sample_every = 0
-  c.ctm.num_points = 10
-  c.ctm.max_k = 9
-  return set_fields(c, overrides)
+  return tiny_toy_student(toy_ctm, **{"ctm.num_points": 10, "ctm.max_k": 9, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +259,15 @@ def test_ctm_config_errors_name_fields():
   cfg = tiny_ctm_config(**{"ctm.distance": "lpips"})
   with pytest.raises(config_lib.ConfigError, match="lpips_weights"):
     train.validate_config(cfg, num_devices=8, process_count=1)
+
+
+def test_conditional_discriminator_without_gan_is_refused():
+  """gan.conditional only shapes the discriminator, so without gan.enabled it would be ignored."""
+  cfg = tiny_ctm_config(**{"gan.conditional": True})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.gan\.conditional = True .* config\.gan\.enabled = False"):
+    train.validate_config(cfg, num_devices=8, process_count=1)
+  train.validate_config(tiny_ctm_config(), num_devices=8, process_count=1)   # the default: fine
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])

@@ -8,37 +8,17 @@ import pytest
 from configs import digits_ctm, digits_edm
 from ctm_jax import checkpointing, data, metric_io, parallel, train
 from ctm_jax.nets.torch_port import copy_matching_params
-from launch_utils import set_fields, teacher_restored_once
-
-# One resolution, no attention: the checks are about initialisation and the phase logic, and
-# compile time on a CPU grows with every layer (as in test_gan_checks).
-TINY_NET = dict(model_channels=16, num_blocks=1, channel_mult_emb=2, channel_mult=(1,),
-                attn_resolutions=())
-
+from launch_utils import TINY_UNET, teacher_restored_once, tiny_digits_config
 
 def tiny_edm(**overrides):
-  c = digits_edm.get_config()
-  for k, v in TINY_NET.items():
-    c.model[k] = v
-  c.training.batch_size = 16
-  c.training.log_every = 1
-  c.training.sample_every = 0
-  return set_fields(c, overrides)
+  return tiny_digits_config(digits_edm, **overrides)
 
 
 def tiny_ctm(teacher_workdir, **overrides):
-  c = digits_ctm.get_config()
-  for k, v in TINY_NET.items():
-    c.model[k] = v
-    c.teacher.config.model[k] = v
-  c.teacher.workdir = str(teacher_workdir)
-  c.teacher.config.training.batch_size = 16
-  c.training.batch_size = 16
-  c.training.log_every = 1
-  c.training.sample_every = 0
-  c.ctm.num_points = 6
-  c.ctm.max_k = 5
-  return set_fields(c, overrides)
+  teacher_net = {"teacher.config." + k: v for k, v in TINY_UNET.items()}
+  return tiny_digits_config(digits_ctm, **{
+      **teacher_net, "teacher.config.training.batch_size": 16,
+      "teacher.workdir": str(teacher_workdir), "ctm.num_points": 6, "ctm.max_k": 5, **overrides})
 
 
 @pytest.fixture(scope="module")

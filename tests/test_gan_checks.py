@@ -17,35 +17,21 @@ from PIL import Image
 
 from configs import digits_ctm, digits_edm
 from ctm_jax import data, samplers, train
-from launch_utils import set_fields, teacher_restored_once
+from launch_utils import set_fields, teacher_restored_once, tiny_digits_config
 from method_reference import check_disc_step, check_gan_generator_step, perturbed
 
-# One resolution, no attention: these checks are about the method, and compile time on a CPU
-# grows with every layer (the teacher's while loop and five student passes per G step).
-TINY_NET = dict(model_channels=16, num_blocks=1, channel_mult_emb=2, channel_mult=(1,),
-                attn_resolutions=())
 SAMPLES = 12
-
-
-def _tiny(c):
-  c.data.class_conditional = True
-  for k, v in TINY_NET.items():
-    c.model[k] = v
-  c.ema.rates = (0.0,)
-  c.training.batch_size = 16
-  c.training.log_every = 1
-  c.training.sample_every = 0
-  return c
+CONDITIONAL = {"data.class_conditional": True, "ema.rates": (0.0,)}
 
 
 def tiny_teacher_cfg(**overrides):
-  c = _tiny(digits_edm.get_config())
-  c.optim.warmup_steps = 0            # so that two steps move the output layer
-  return set_fields(c, overrides)
+  return tiny_digits_config(digits_edm, **{**CONDITIONAL,
+                                           "optim.warmup_steps": 0,   # two steps move the output layer
+                                           **overrides})
 
 
 def tiny_gan_cfg(teacher_workdir, **overrides):
-  c = _tiny(digits_ctm.get_config())
+  c = tiny_digits_config(digits_ctm, **CONDITIONAL)
   c.teacher.config = tiny_teacher_cfg()
   c.teacher.workdir = str(teacher_workdir)
   c.ctm.num_points, c.ctm.max_k = 6, 5

@@ -15,7 +15,7 @@ import pytest
 from configs import toy_edm
 from ctm_jax import checkpointing, config_lib, data, metric_io, parallel, progress, train
 from launch import common
-from launch_utils import ROOT, TINY_TOY, set_fields, subprocess_env
+from launch_utils import ROOT, TINY_TOY, subprocess_env, tiny_toy_edm
 
 
 def launch(*args, env=None, timeout=300):
@@ -98,6 +98,16 @@ def test_config_check_after_start_up_is_one_line(tmp_path):
   proc = launch(f"--workdir={wd}", TOY, "--fake_cpu_devices=4", "--config.training.batch_size=6")
   assert one_line_error(proc) == (E + "config.training.batch_size = 6 cannot be split over 4 "
                                   "devices x 1 microbatch: use a multiple of 4 (e.g. 4 or 8)")
+  assert not wd.exists()
+
+
+def test_conditional_discriminator_without_gan_is_one_line(tmp_path):
+  wd = tmp_path / "run"
+  proc = launch(f"--workdir={wd}", "--config=configs/toy_ctm.py", "--config.gan.conditional=True",
+                "--config.training.num_train_steps=1")       # were it accepted: a short run
+  assert one_line_error(proc) == (
+      E + "config.gan.conditional = True has no effect while config.gan.enabled = False (there is "
+      "no discriminator): set config.gan.enabled = True, or config.gan.conditional = False")
   assert not wd.exists()
 
 
@@ -250,15 +260,8 @@ def test_drop_rows_after_keeps_earlier_rows_exactly(tmp_path):
 # ----------------------------------------------------------------------------- Ctrl-C in the loop
 
 def tiny_config(**overrides):
-  c = toy_edm.get_config()
-  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
-  c.training.batch_size = 64
-  c.training.log_every = 1
-  c.training.sample_every = 0
-  c.optim.warmup_steps = 0
-  c.training.num_train_steps = 10
-  c.training.checkpoint_every = 2
-  return set_fields(c, overrides)
+  return tiny_toy_edm(**{"training.num_train_steps": 10, "training.checkpoint_every": 2,
+                         **overrides})
 
 
 def _ctrl_c_at_call(monkeypatch, call, presses):

@@ -11,7 +11,7 @@ from configs import toy_ctm, toy_edm
 from ctm_jax import diffusion, flow_map, train, train_state
 from ctm_jax.methods import ctm as ctm_lib
 from ctm_jax.methods import edm as edm_lib
-from launch_utils import set_fields
+from launch_utils import tiny_toy_student
 from method_reference import (Probe, check_generator_step, grad_norm_at, perturbed,
                               tree_close)
 
@@ -98,14 +98,8 @@ def test_ctm_dsm_loss_time_split_and_s_equals_t_head():
 # ----------------------------------------------------------------------------- CTM step
 
 def _toy_ctm_cfg(**overrides):
-  c = toy_ctm.get_config()
-  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
-  c.model.dropout = 0.2
-  c.training.batch_size = 16
-  c.training.sample_every = 0
-  c.ctm.num_points = 8
-  c.ctm.max_k = 7
-  return set_fields(c, overrides)
+  return tiny_toy_student(toy_ctm, **{"model.dropout": 0.2, "ctm.num_points": 8, "ctm.max_k": 7,
+                                      **overrides})
 
 
 def _method(cfg):

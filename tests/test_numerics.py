@@ -7,9 +7,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from configs import toy_edm
 from ctm_jax import data, parallel, train, train_state
-from launch_utils import set_fields
+from launch_utils import tiny_toy_edm
 
 
 def test_halflife_ema_follows_edm_training_loop():
@@ -50,12 +49,7 @@ def test_halflife_ema_follows_edm_training_loop():
 
 
 def _tiny_edm(**overrides):
-  c = toy_edm.get_config()
-  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 64, 2, 32
-  c.training.batch_size = 64
-  c.training.sample_every = 0
-  c.optim.warmup_steps = 0
-  return set_fields(c, overrides)
+  return tiny_toy_edm(**{"model.hidden": 64, "model.emb_dim": 32, **overrides})
 
 
 def _first_step(cfg):

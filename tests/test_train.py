@@ -15,17 +15,10 @@ import pytest
 
 from configs import toy_edm
 from ctm_jax import checkpointing, config_lib, data, metric_io, parallel, train, train_state
-from launch_utils import run_train, set_fields, start_train, wait_until
+from launch_utils import run_train, start_train, tiny_toy_edm, wait_until
 
 
-def tiny_config(**overrides):
-  c = toy_edm.get_config()
-  c.model.hidden, c.model.num_blocks, c.model.emb_dim = 32, 2, 16
-  c.training.batch_size = 64
-  c.training.log_every = 1
-  c.training.sample_every = 0
-  c.optim.warmup_steps = 0
-  return set_fields(c, overrides)
+tiny_config = tiny_toy_edm
 
 
 def _leaves_equal(a, b):
@@ -60,6 +53,20 @@ def test_bad_config_fails_before_anything_is_written(tmp_path, path, value, fiel
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
     train.train_and_evaluate(cfg, str(workdir))
   assert not workdir.exists()
+
+
+def test_eval_ema_typo_fails_before_anything_is_written(tmp_path):
+  """The loop samples config.sampling.eval_ema at sample_every: a name that is no EMA of the run
+  is refused at start-up, not at the first sample."""
+  cfg = tiny_config(**{"training.sample_every": 5, "sampling.eval_ema": "rate_0p5"})
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.sampling\.eval_ema = 'rate_0p5' is "
+                     r"not an EMA of this run: accepted \['rate_0p999', 'params'\]"):
+    train.train_and_evaluate(cfg, str(workdir))
+  assert not workdir.exists()
+  for ok in ("", "rate_0p999", "params"):
+    train.validate_config(tiny_config(**{"training.sample_every": 5, "sampling.eval_ema": ok}),
+                          num_devices=8, process_count=1)
 
 
 def test_locked_config_rejects_unknown_key():

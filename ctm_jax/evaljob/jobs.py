@@ -31,8 +31,9 @@ from absl import logging
 
 from ctm_jax import config_lib, data, evaluate, parallel, runs, samplers, visualize
 from ctm_jax.evaljob import report, settings
-from ctm_jax.evaljob.shards import (ShardStore, file_sha256, format_seconds, read_json,
-                                    settings_hash, write_json_atomic)
+from ctm_jax.evaljob.shards import (ShardStore, file_sha256, read_json, settings_hash,
+                                    write_json_atomic)
+from ctm_jax.progress import format_duration
 
 NETWORK = "Inception-v3 2015-12-05 (FID), pool3 2048-d"
 RESIZE = "299x299 bilinear (TF1 legacy resize), (x - 128) / 128, gray -> 3 channels"
@@ -357,11 +358,9 @@ def fid_stats(job: Job) -> List[dict]:
   mu, sigma = fid.feature_statistics(feats)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    fid.save_stats(tmp, mu, sigma, features=feats, dataset=job.config.data.dataset,
+    fid.save_stats(path, mu, sigma, features=feats, dataset=job.config.data.dataset,   # atomic
                    split=ev.fid_split, resolution=list(job.info.shape), count=len(feats),
                    weights_sha256=job.feature_id, network=NETWORK, resize=RESIZE)
-    os.replace(tmp, path)
   rng = np.random.default_rng(ev.seed)
   perm = rng.permutation(len(feats))
   a, b = feats[perm[:len(feats) // 2]], feats[perm[len(feats) // 2:2 * (len(feats) // 2)]]
@@ -505,7 +504,7 @@ def _close(job: Job, argv, t_start) -> Dict[str, Any]:
     write_json_atomic(path, summary)
   summary["summary_path"] = path
   logging.info("eval finished in %s: %d records (%d new); results %s, this invocation %s; "
-               "tensorboard --logdir %s", format_seconds(time.time() - t_start),
+               "tensorboard --logdir %s", format_duration(time.time() - t_start),
                len(job.records), len(new),
                os.path.join(report.eval_dir(job.workdir), report.RESULTS), path,
                report.eval_dir(job.workdir))

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from ctm_jax.progress import format_duration
+
 _COUNT = "__count__"
 _SHA = "__sha256__"
 
@@ -173,7 +175,7 @@ class ShardStore:
         left = self.total - n_done - self.count(i)
         logging.info("%s: shard %d/%d written, %d/%d examples, %.1f examples/s, ETA %s",
                      label, i + 1, self.num_shards, n_done + self.count(i), self.total, rate,
-                     format_seconds(left / rate) if rate > 0 else "?")
+                     format_duration(left / rate) if rate > 0 else "?")
       elif got is not None and i == 0:
         logging.info("%s: reusing shards on disk in %s", label, self.directory)
       parts.append(got)
@@ -181,10 +183,3 @@ class ShardStore:
     if any(p is None for p in parts):   # processes > 0 that skipped a shard read it now
       parts = [p if p is not None else self.load(i) for i, p in enumerate(parts)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def format_seconds(s: float) -> str:
-  s = int(round(s))
-  h, rem = divmod(s, 3600)
-  m, sec = divmod(rem, 60)
-  return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"

@@ -56,6 +56,10 @@ def validate_ctm_config(config):
   if config.gan.enabled:
     from ctm_jax.methods import ctm_gan
     ctm_gan.validate_gan_config(config)
+  elif config.gan.get("conditional", False):      # runs saved before the field lack it
+    raise config_lib.ConfigError(
+        "config.gan.conditional = True has no effect while config.gan.enabled = False (there is "
+        "no discriminator): set config.gan.enabled = True, or config.gan.conditional = False")
 
 
 def distance_fn(config, dim: int):
