@@ -103,6 +103,7 @@ def test_bad_remat_is_refused_at_start_up():
     NETS["songunet"](remat="all").init({"params": jax.random.PRNGKey(1)}, *_inputs())
 
 
+@pytest.mark.slow      # two compiles of the digits step: 111 s on the loaded 2-core machine
 def test_launch_bench_carries_remat_into_the_step_and_json(tmp_path):
   out = tmp_path / "b.json"
   args = [sys.executable, "-m", "launch.bench", "--config=configs/digits_edm.py", "--batch=8",
