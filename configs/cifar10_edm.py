@@ -19,7 +19,8 @@ def ddpmpp_cifar10(dropout: float = 0.13) -> ml_collections.ConfigDict:
       arch="songunet", model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
       num_blocks=4, attn_resolutions=(16,), dropout=dropout, embedding_type="positional",
       channel_mult_noise=1, encoder_type="standard", decoder_type="standard",
-      resample_filter=(1, 1), augment_dim=9, label_dropout=0.0))
+      resample_filter=(1, 1), augment_dim=9, label_dropout=0.0,
+      remat="none"))          # none | blocks | blocks_save_dots (README "Performance")
 
 
 def get_config(arg: str = ""):

@@ -13,7 +13,8 @@ def digits_model() -> ml_collections.ConfigDict:
       arch="songunet", model_channels=32, channel_mult=(1, 2), channel_mult_emb=4,
       num_blocks=1, attn_resolutions=(4,), dropout=0.0, embedding_type="positional",
       channel_mult_noise=1, encoder_type="standard", decoder_type="standard",
-      resample_filter=(1, 1), augment_dim=0, label_dropout=0.0))
+      resample_filter=(1, 1), augment_dim=0, label_dropout=0.0,
+      remat="none"))          # none | blocks | blocks_save_dots (README "Performance")
 
 
 def get_config():

@@ -16,7 +16,8 @@ def adm_imagenet64(dropout: float = 0.10) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       arch="adm", model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4,
       num_blocks=3, attn_resolutions=(32, 16, 8), channels_per_head=64, dropout=dropout,
-      augment_dim=0, label_dropout=0.0))
+      augment_dim=0, label_dropout=0.0,
+      remat="none"))          # none | blocks | blocks_save_dots (README "Performance")
 
 
 def get_config():

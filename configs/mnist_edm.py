@@ -25,7 +25,8 @@ def mnist_model() -> ml_collections.ConfigDict:
       num_blocks=2, attn_resolutions=(7,),
       dropout=0.1,                # EDM's CIFAR-10 0.13 for 50k images; MNIST's 60k are simpler
       embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-      decoder_type="standard", resample_filter=(1, 1), augment_dim=0, label_dropout=0.0))
+      decoder_type="standard", resample_filter=(1, 1), augment_dim=0, label_dropout=0.0,
+      remat="none"))              # none | blocks | blocks_save_dots (README "Performance")
 
 
 def get_config():

@@ -279,6 +279,7 @@ def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch:
       flops_s[key] = flops[key] * v.exp.mesh.size / (steps[key]["median_ms"] / 1e3)
     results[n] = {
         "method": v.config.method, "compute_dtype": v.config.training.compute_dtype,
+        "remat": v.config.model.get("remat", "none"),
         "notes": notes[n], "step_kind": v.kind,
         "params_student": int(sum(np.prod(x.shape) for x in
                                   jax.tree_util.tree_leaves(v.state.params))),
@@ -334,6 +335,7 @@ def table(results: Dict[str, Any]) -> str:
                [f"{vs[n]['step_flops_xla'] / 1e9:.1f} G" for n in names]))
   rows.append(("peak memory per device (XLA)", [_gb(vs[n]["memory"]["peak_bytes"]) for n in names]))
   rows.append(("  of which temporaries", [_gb(vs[n]["memory"]["temp_bytes"]) for n in names]))
+  rows.append(("network remat", [vs[n].get("remat", "none") for n in names]))
   rows.append(("compile (s)", [f"{vs[n]['compile_s']:.1f}" for n in names]))
   rows.append(("lowering (s)", [f"{vs[n]['lower_s']:.1f}" for n in names]))
   w0 = max(len(r[0]) for r in rows)

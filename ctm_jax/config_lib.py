@@ -106,6 +106,11 @@ def validate_common(config, *, num_devices: int, process_count: int):
   check_number(config, "diffusion.rho", 0, lo_open=True)
   check_choice(config, "diffusion.c_noise", C_NOISE_KINDS)
   check_choice(config, "model.arch", nets.ARCHS)
+  if "remat" in config.model:     # absent in runs saved before it (= 'none')
+    if config.model.arch == "mlp":
+      raise ConfigError("config.model.remat applies to the U-Nets (songunet, adm), not to "
+                        "arch 'mlp': drop the field")
+    check_choice(config, "model.remat", nets.REMAT_MODES)
 
   bs = check_number(config, "training.batch_size", 1, integer=True)
   mb = check_number(config, "training.microbatches", 1, integer=True)

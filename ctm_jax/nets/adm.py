@@ -19,8 +19,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax.nets.layers import (Conv2d, InitSpec, Linear, UNetBlock, as_label_matrix, group_norm,
-                                 label_dropout_mask, positional_embedding)
+from ctm_jax.nets.layers import (Conv2d, InitSpec, Linear, as_label_matrix, call_block,
+                                 group_norm, label_dropout_mask, positional_embedding,
+                                 unet_block_class)
 
 Dtype = Any
 
@@ -83,6 +84,7 @@ class DhariwalUNet(nn.Module):
   label_dropout: float = 0.0
   channels_per_head: int = 64
   use_s: bool = False
+  remat: str = 'none'            # none | blocks | blocks_save_dots (layers.unet_block_class)
   dtype: Dtype = jnp.float32
 
   @property
@@ -90,7 +92,7 @@ class DhariwalUNet(nn.Module):
     return self.out_channels if self.out_channels is not None else self.in_channels
 
   def _block(self, name, cout, **kw):
-    return UNetBlock(
+    return unet_block_class(self.remat)(
         out_channels=cout, channels_per_head=self.channels_per_head, dropout=self.dropout,
         skip_scale=1.0, eps=1e-5, resample_filter=(1, 1), resample_proj=False,
         adaptive_scale=True, use_s=self.use_s, init_kw=_INIT, init_zero_kw=_INIT_ZERO,
@@ -141,13 +143,14 @@ class DhariwalUNet(nn.Module):
       if kind == 'conv':
         x = Conv2d(ch, 3, init_kw=_INIT, dtype=self.dtype, name=f'enc_{name}')(x)
       else:
-        x = self._block(f'enc_{name}', ch, down=(kind == 'down'), attention=attn)(
-            x, emb, emb_s, train)
+        x = call_block(self._block(f'enc_{name}', ch, down=(kind == 'down'), attention=attn),
+                       x, emb, emb_s, train, self.remat)
       skips.append(x)
     for name, kind, ch, attn in dec:
       if kind == 'block':
         x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = self._block(f'dec_{name}', ch, up=(kind == 'up'), attention=attn)(x, emb, emb_s, train)
+      x = call_block(self._block(f'dec_{name}', ch, up=(kind == 'up'), attention=attn),
+                     x, emb, emb_s, train, self.remat)
     x = nn.silu(group_norm(x.shape[-1], 1e-5, self.dtype, 'out_norm')(x))
     x = Conv2d(self.out_ch, 3, init_kw=_INIT_ZERO, dtype=self.dtype, name='out_conv')(x)
     return x.astype(jnp.float32)

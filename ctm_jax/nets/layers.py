@@ -11,6 +11,7 @@ use flax names (`kernel` HWIO / [in, out], `scale`, `bias`); `torch_port.py` map
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -18,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ctm_jax.nets import REMAT_MODES
 
 Dtype = Any
 
@@ -297,6 +300,60 @@ class UNetBlock(nn.Module):
       a = Conv2d(cout, 1, init_kw=self.init_zero_kw, dtype=dt, name='proj')(a)
       x = (a + x) * self.skip_scale
     return x
+
+
+@functools.lru_cache(maxsize=None)
+def unet_block_class(remat: str = 'none'):
+  """`UNetBlock`, or `UNetBlock` under `jax.checkpoint` (flax `nn.remat`) for remat != 'none'.
+
+  'blocks': the backward pass keeps only each block's inputs (x, emb, emb_s) and recomputes
+  the block's forward (Chen et al. 2016, "Training deep nets with sublinear memory cost");
+  'blocks_save_dots': keeps the block's convolution / matmul outputs too
+  (`jax.checkpoint_policies.dots_saveable`), recomputing norms, activations and dropout.
+  Parameter names and values are those of the plain block; dropout draws the same mask in
+  the recomputation (the same rng). `train` (argument 4, counting self) is static.
+  Call the block with `call_block`.
+  """
+  if remat == 'none':
+    return UNetBlock
+  policies = {'blocks': None, 'blocks_save_dots': jax.checkpoint_policies.dots_saveable}
+  if remat not in policies:
+    raise ValueError(f'remat must be one of {REMAT_MODES}, got {remat!r}')
+  return nn.remat(UNetBlock, static_argnums=(4,), policy=policies[remat])
+
+
+def _after(tree, ct):
+  """tree with its float leaves made to depend on ct (a + 0 * ct[0]; the same values unless
+  ct holds inf / nan): whatever reads them cannot be scheduled before ct exists."""
+  z = 0 * jax.lax.stop_gradient(jax.tree_util.tree_leaves(ct)[0]).reshape(-1)[0]
+  return jax.tree_util.tree_map(
+      lambda a: a + z.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def call_block(block: nn.Module, x, emb, emb_s, train: bool, remat: str):
+  """block(x, emb, emb_s, train), with `block` from `unet_block_class(remat)`.
+
+  In training with remat != 'none' the checkpointed block's backward is tied to its output
+  cotangent: XLA (XLA:CPU at least) drops jax.checkpoint's optimization barrier and schedules
+  the recomputation right after the forward pass, which keeps every recomputed activation
+  alive and saves nothing; the residuals (the block's inputs, parameters and dropout key)
+  read through `_after(ct)` make the recomputation wait for the backward pass to reach the
+  block.  A custom VJP has no forward-mode derivative, so eval mode (train=False: samplers,
+  jvp-based likelihoods) calls the block directly.
+  """
+  if remat == 'none' or not train:
+    return block(x, emb, emb_s, train)
+
+  def f(mdl, x, emb, emb_s):
+    return mdl(x, emb, emb_s, train)
+
+  def fwd(mdl, x, emb, emb_s):
+    return nn.vjp(f, mdl, x, emb, emb_s)
+
+  def bwd(vjp_fn, ct):
+    return _after(vjp_fn, ct)(ct)
+
+  return nn.custom_vjp(f, forward_fn=fwd, backward_fn=bwd)(block, x, emb, emb_s)
 
 
 # ------------------------------------------------------------------------------------------------

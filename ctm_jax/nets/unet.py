@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax.nets.layers import (Conv2d, FourierEmbedding, InitSpec, Linear, UNetBlock,
-                                 as_label_matrix, group_norm, label_dropout_mask,
-                                 positional_embedding, upsample2d, downsample2d)
+from ctm_jax.nets.layers import (Conv2d, FourierEmbedding, InitSpec, Linear, as_label_matrix,
+                                 call_block, group_norm, label_dropout_mask, positional_embedding,
+                                 unet_block_class, upsample2d, downsample2d)
 
 Dtype = Any
 
@@ -114,6 +114,7 @@ class SongUNet(nn.Module):
   resample_filter: Sequence[int] = (1, 1)
   use_s: bool = False
   label_on_s: bool = True
+  remat: str = 'none'            # none | blocks | blocks_save_dots (layers.unet_block_class)
   dtype: Dtype = jnp.float32
 
   @property
@@ -121,7 +122,7 @@ class SongUNet(nn.Module):
     return self.out_channels if self.out_channels is not None else self.in_channels
 
   def _block(self, name, cout, **kw):
-    return UNetBlock(
+    return unet_block_class(self.remat)(
         out_channels=cout, num_heads=1, dropout=self.dropout, skip_scale=float(np.sqrt(0.5)),
         eps=1e-6, resample_filter=tuple(self.resample_filter), resample_proj=True,
         adaptive_scale=False, use_s=self.use_s, init_kw=_INIT, init_zero_kw=_INIT_ZERO,
@@ -198,7 +199,8 @@ class SongUNet(nn.Module):
                    dtype=self.dtype, name=mod)(aux)
         x = skips[-1] = aux = (x + r) * float(np.sqrt(0.5))
       else:
-        x = self._block(mod, ch, down=(kind == 'down'), attention=attn)(x, emb, emb_s, train)
+        x = call_block(self._block(mod, ch, down=(kind == 'down'), attention=attn),
+                       x, emb, emb_s, train, self.remat)
         skips.append(x)
 
     # Decoder.
@@ -215,7 +217,8 @@ class SongUNet(nn.Module):
       else:
         if kind == 'block':
           x = jnp.concatenate([x, skips.pop()], axis=-1)
-        x = self._block(mod, ch, up=(kind == 'up'), attention=attn)(x, emb, emb_s, train)
+        x = call_block(self._block(mod, ch, up=(kind == 'up'), attention=attn),
+                       x, emb, emb_s, train, self.remat)
     return aux.astype(jnp.float32)
 
 
