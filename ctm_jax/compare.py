@@ -141,6 +141,8 @@ def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
     raise config_lib.ConfigError(f"config.seeds = {tuple(cmp.seeds)} must be integers >= 0")
   if not cmp.nfes or any(int(n) != n or n < 1 for n in cmp.nfes):
     raise config_lib.ConfigError(f"config.nfes = {tuple(cmp.nfes)} must be integers >= 1")
+  if _dataset(cmp, methods) != "toy_gmm":
+    reference_config(cmp, 0)
   plan = []
   for method in methods:
     for seed in cmp.seeds:
@@ -158,6 +160,19 @@ def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
         raise config_lib.ConfigError(f"{method}: {e}") from None
       plan.append((method, int(seed), c, ev))
   return plan
+
+
+def reference_config(cmp, seed: int) -> ml_collections.ConfigDict:
+  """The run config whose teacher defines E's reference on images: the first method of
+  config.methods that distils (CT / iCT have no teacher; their E is measured against the same
+  teacher's ODE as the others')."""
+  for method in cmp.methods:
+    c = run_config(cmp, method, seed)
+    if "teacher" in c:
+      return c
+  raise config_lib.ConfigError(
+      f"config.methods = {tuple(cmp.methods)}: the ODE error E on images is measured against "
+      f"a teacher's PF-ODE; add a distillation method (ctm, cd, direct_cd, tcd)")
 
 
 def _dataset(cmp, methods):
@@ -237,9 +252,11 @@ def cross_entropy_gap(x: np.ndarray, reference: np.ndarray) -> float:
   return float(np.mean(-lp(x)) - np.mean(-lp(reference)))
 
 
-def teacher_ode_reference(cmp, config, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-  """(x_T, x_exact): the teacher network's PF-ODE solution sigma_max -> sigma_min from x_T
-  (scipy DOP853, rtol = atol = config.ode_rtol), cached under workdir/ode_error/."""
+def teacher_ode_reference(cmp, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(x_T, x_exact): the comparison teacher's PF-ODE solution sigma_max -> sigma_min from x_T
+  (scipy DOP853, rtol = atol = config.ode_rtol; the teacher of reference_config, so the same
+  for every method, CT / iCT included), cached under workdir/ode_error/."""
+  config = reference_config(cmp, seed)
   from ctm_jax import teacher as teacher_lib
   from ctm_jax.evaljob.shards import settings_hash
   n = int(cmp.ode_error_samples)
@@ -286,7 +303,7 @@ def evaluate_run(cmp, method: str, seed: int, config, ev, workdir: str) -> List[
       ref = evaluate.reference_points(config, len(x), seed=4242)
       rows.append(dict(row, metric="xent_gap", value=cross_entropy_gap(x, ref), stderr=None))
   if config.data.dataset != "toy_gmm":
-    x_T, ref = teacher_ode_reference(cmp, config, seed)
+    x_T, ref = teacher_ode_reference(cmp, seed)
     params, _, _ = runs.load_params(config, workdir, None, ev.ema or None)
     model = runs.build_model(config)
     e = evaluate.ode_error(model, params, x_T, ref, evaluate.generator_kind(config))

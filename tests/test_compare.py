@@ -284,3 +284,20 @@ def test_ctrl_c_in_evaluation_keeps_what_is_done_and_a_rerun_finishes(tmp_path):
   assert not any(c["trained_now"] for c in saved["train_cost"])
   assert open(cd_results).read() == kept                  # not evaluated again
   assert {r["method"] for r in saved["rows"] if r["metric"] == "mmd"} == {"cd", "tcd"}
+
+
+def test_image_ode_error_reference_is_the_comparisons_teacher_also_for_ct(tmp_path):
+  """CT / iCT have no teacher of their own: E on images is against the comparison's teacher
+  (the first distilling method's run config), and a comparison with none is refused."""
+  from configs import compare_digits
+  cmp = compare_digits.get_config()
+  cmp.workdir = str(tmp_path / "cmp")
+  cmp.teacher_workdir = "/some/digits_edm"
+  cmp.methods = ("ct", "ict", "tcd", "cd")
+  ref = compare.reference_config(cmp, 0)
+  assert ref.method == "tcd" and ref.teacher.workdir == "/some/digits_edm"
+  assert "teacher" not in compare.run_config(cmp, "ct", 0)
+  cmp.methods = ("ct", "ict")
+  with pytest.raises(config_lib.ConfigError, match="add a distillation method"):
+    compare.validate(cmp)
+  assert not os.path.exists(cmp.workdir)
