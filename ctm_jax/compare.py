@@ -141,16 +141,17 @@ def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
     raise config_lib.ConfigError(f"config.seeds = {tuple(cmp.seeds)} must be integers >= 0")
   if not cmp.nfes or any(int(n) != n or n < 1 for n in cmp.nfes):
     raise config_lib.ConfigError(f"config.nfes = {tuple(cmp.nfes)} must be integers >= 1")
-  if _dataset(cmp, methods) != "toy_gmm":
+  dataset = _dataset(cmp, methods)
+  if dataset != "toy_gmm":
     reference_config(cmp, 0)
   plan = []
   for method in methods:
     for seed in cmp.seeds:
       c = run_config(cmp, method, seed)
       train.validate_config(c, num_devices=jax.device_count(), process_count=jax.process_count())
-      if c.data.dataset != _dataset(cmp, methods):
+      if c.data.dataset != dataset:
         raise config_lib.ConfigError(f"configs/{cmp.config_prefix}_{method}.py trains on "
-                                     f"{c.data.dataset}, the others on {_dataset(cmp, methods)}")
+                                     f"{c.data.dataset}, the others on {dataset}")
       ev = eval_settings(cmp, c)
       try:
         settings.validate(ev, c, mode=cmp.mode, num_devices=jax.device_count(),
