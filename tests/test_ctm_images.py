@@ -85,6 +85,9 @@ def _same(a, b):
              zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+# 66 s here: marked slow. CI keeps init_from and a G step followed by a D step, each against a
+# direct computation (test_gan_checks).
+@pytest.mark.slow
 def test_gan_phase_from_a_ctm_run_alternates_d_and_g_steps(teacher_dir, tmp_path):
   phase1 = tmp_path / "ctm"
   train.train_and_evaluate(tiny_ctm(teacher_dir, **{"training.num_train_steps": 2,

@@ -118,6 +118,9 @@ def test_lpips_ctm_step_matches_direct_computation(fixture16, vgg_npz):
   assert met["loss_ctm"] > 0
 
 
+# 88 s here: marked slow. CI keeps the projected D's own checks (test_discriminator) and the GAN
+# generator / discriminator steps against direct computations with a conv D (test_gan_checks).
+@pytest.mark.slow
 def test_projected_discriminator_gan_steps_match_direct_computation(fixture16, vgg_npz):
   cfg = ctm_cfg(vgg_npz, **{"ctm.distance": "l2", "gan.enabled": True,
                             "gan.discriminator": "projected"})
