@@ -74,14 +74,16 @@ def bench_config(config, batch: int, scratch_dir: str):
 
 
 def network_calls(config, k: int) -> Dict[str, int]:
-  """How many network evaluations of each kind one step makes at k teacher steps.
+  """How many network evaluations of each kind one step makes at k teacher steps, counted
+  in evaluations of the step's batch B (what the per-call timings are measured on).
 
   EDM: one student forward + backward.  CTM (METHODS.md section 3): the target's two student
   forwards (inner jump with theta, outer map with theta^-), the estimate's two forward +
   backward passes (the outer map's backward is w.r.t. its input only, so this count is an
-  upper bound), one more for DSM, and 2 teacher calls per Heun step (k steps; the corrector
-  is skipped only for a step to sigma = 0, which the CTM grid never takes).  The GAN's
-  discriminator and the LPIPS network are not counted."""
+  upper bound), one more for DSM (traced as one call on 2B examples with the estimate's inner
+  map: ctm.py student_pass; counted here as the two evaluations of B it costs), and 2 teacher
+  calls per Heun step (k steps; the corrector is skipped only for a step to sigma = 0, which
+  the CTM grid never takes).  The GAN's discriminator and the LPIPS network are not counted."""
   if config.method == "edm":
     return {"student_forward_backward": 1}
   fb = 2 + (0 if config.ctm.dsm_weight_mode == "off" else 1)

@@ -83,14 +83,53 @@ def ctm_points(method, frozen, batch, rng, k: int):
   x_u = x_t
   for m in range(k):
     x_u = step(frozen["teacher"], x_u, grid[i + m], grid[i + m + 1], labels)
-  return {"keys": keys, "t": grid[i], "u": grid[i + k], "s": grid[j], "x_t": x_t, "x_u": x_u}
+  pts = {"keys": keys, "t": grid[i], "u": grid[i + k], "s": grid[j], "x_t": x_t, "x_u": x_u}
+  if c.dsm_weight_mode != "off":         # L_DSM's point: (x_dsm, sigma) from keys[5]
+    pts["x_dsm"], pts["sigma"], _ = method.dsm_inputs(x0, keys[5])
+  return pts
+
+
+def student_evals(method, p, pts, labels):
+  """The step's evaluations of the student with gradient, written out: (G_theta(x_t, t, s),
+  g_theta(x_dsm, sigma, sigma) or None).  With L_DSM on, both come from ONE train-mode call of
+  the network on 2B examples, x_t[0], x_dsm[0], x_t[1], x_dsm[1], ... at times (t_i, s_i) and
+  (sigma_i, sigma_i), its dropout masks drawn from keys[3] (ctm.py student_pass); without it,
+  G_theta(x_t, t, s) alone on keys[3]."""
+  model, keys = method.model, pts["keys"]
+  x_t, t, s = pts["x_t"], pts["t"], pts["s"]
+  if "x_dsm" not in pts:
+    return model.jump(p, x_t, t, s, labels, train=True, rng=keys[3]), None
+  b = x_t.shape[0]
+  even, odd = np.arange(0, 2 * b, 2), np.arange(1, 2 * b, 2)
+
+  def interleave(a, z):
+    out = jnp.zeros((2 * b,) + a.shape[1:], a.dtype)
+    return out.at[even].set(a).at[odd].set(z)
+  lab = None if labels is None else interleave(labels, labels)
+  g = model.denoiser(p, interleave(x_t, pts["x_dsm"]), interleave(t, pts["sigma"]),
+                     interleave(s, pts["sigma"]), lab, train=True, rng=keys[3])
+  r = bcast(s / t, x_t)
+  return r * x_t + (1 - r) * g[even], g[odd]          # G = (s/t) x + (1 - s/t) g, s < t here
+
+
+def dsm_direct(method, pts, labels, x0):
+  """L_DSM(theta) = mean_i lambda(sigma_i) mean |g_theta(x_dsm,i, sigma_i, sigma_i) - x0_i|^2
+  with EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2, g from student_evals."""
+  sd = method.model.schedule.sigma_data
+  sig = pts["sigma"]
+  lam = (sig ** 2 + sd ** 2) / (sig * sd) ** 2
+
+  def l_dsm(p):
+    g = student_evals(method, p, pts, labels)[1]
+    return jnp.mean(lam * jnp.mean(((g - x0) ** 2).reshape(x0.shape[0], -1), axis=1))
+  return l_dsm
 
 
 def ctm_direct(method, params, target, pts, labels, distance):
   """The CTM loss on the points of ctm_points (jit-able):
     target = sg(G_{theta^-}(G_{sg theta}(x_u, u, s; keys[1]), s, sigma_min; keys[2]))
     est    = G_{theta^-}(G_theta(x_t, t, s; keys[3]), s, sigma_min; keys[4])
-  with the inner map of the estimate in train mode and the other three evaluations in train
+  (G_theta(x_t, t, s) from student_evals) with the inner map of the estimate in train mode and the other three evaluations in train
   mode iff ctm.target_train_mode (the reference evaluates its target model with dropout on).
   Returns (l_ctm(p), est(p), target) with l_ctm(p) = mean d(est(p), target)."""
   model = method.model
@@ -101,7 +140,7 @@ def ctm_direct(method, params, target, pts, labels, distance):
   tgt = jax.lax.stop_gradient(model.jump(target, inner_u, s, smin, labels, train=mode, rng=keys[2]))
 
   def est(p):
-    inner = model.jump(p, pts["x_t"], t, s, labels, train=True, rng=keys[3])
+    inner = student_evals(method, p, pts, labels)[0]
     return model.jump(target, inner, s, smin, labels, train=mode, rng=keys[4])
 
   return (lambda p: jnp.mean(distance(est(p), tgt))), est, tgt
@@ -129,7 +168,7 @@ def perturbed(params, seed, scale=0.05):
 
 
 def check_generator_step(method, params, extra, frozen, batch, rng, k_times, distance):
-  """generator_grads(with_gan=False) against ctm_direct + method.dsm_loss: L_CTM, L_DSM, k,
+  """generator_grads(with_gan=False) against ctm_direct + dsm_direct: L_CTM, L_DSM, k,
   lambda_DSM = min(||grad_W L_CTM|| / (||grad_W L_DSM|| + 1e-4), ctm.adaptive_max) and the
   summed gradient. Returns (metrics, grad L_CTM, grad L_DSM)."""
   cfg = method.config
@@ -143,7 +182,7 @@ def check_generator_step(method, params, extra, frozen, batch, rng, k_times, dis
   @jax.jit
   def direct(p, tp, b, pts):
     l_ctm, _, _ = ctm_direct(method, p, tp, pts, labels, distance)
-    l_dsm = lambda q: method.dsm_loss(q, b["x"], labels, pts["keys"][5])
+    l_dsm = dsm_direct(method, pts, labels, b["x"])
     return jax.value_and_grad(l_ctm)(p), jax.value_and_grad(l_dsm)(p)
   (lc, gc), (ld, gd) = jax.device_get(direct(params, extra["target"], batch, pts))
   assert int(met["k"]) == k
@@ -158,7 +197,7 @@ def check_generator_step(method, params, extra, frozen, batch, rng, k_times, dis
 
 def gan_generator_direct(method, params, extra, frozen, batch, pts, distance):
   """The generator step with the GAN term on the points of ctm_points, written out (jit-able):
-  L_CTM as ctm_direct, L_DSM = method.dsm_loss on keys[5] (checked in closed form on its own),
+  L_CTM as ctm_direct, L_DSM as dsm_direct,
   L_G(theta) = mean over D's heads of -mean D(DiffAugment(keys[6], est(theta)), y), D in train
   mode with its statistics advanced (flax apply on D's variables, not the library wrapper).
   Returns ((L_CTM, grad), (L_DSM, grad), (L_G, grad), D's updated batch_stats)."""
@@ -167,7 +206,7 @@ def gan_generator_direct(method, params, extra, frozen, batch, pts, distance):
   labels = method.labels(batch)
   keys = pts["keys"]
   l_ctm, est, _ = ctm_direct(method, params, extra["target"], pts, labels, distance)
-  l_dsm = lambda q: method.dsm_loss(q, batch["x"], labels, keys[5])
+  l_dsm = dsm_direct(method, pts, labels, batch["x"])
   gan = method.gan
   d_labels = labels if gan.num_classes else None
 

@@ -94,25 +94,31 @@ def test_bench_counts_and_json_fields(ctm_results):
 
 def test_network_call_counts_match_the_traced_step(monkeypatch):
   """network_calls against the step itself: count the student and teacher evaluations traced
-  into one CTM step (the loop body is traced once: its teacher calls are per Heun step)."""
+  into one CTM step, in examples / B (the loop body is traced once: its teacher calls are per
+  Heun step).  The student is traced 4 times: the target's two maps, the estimate's outer map
+  and ONE call on 2B examples for the estimate's inner map and DSM's denoiser head."""
   cfg = tiny_ctm()
   exp = train.Experiment(cfg)
+  b = 8
   counts = {"student": 0, "teacher": 0}
+  traced = {"student": 0, "teacher": 0}
   raw, den = exp.model.raw, exp.method.teacher._denoise
 
   def count(name, fn):
-    def wrapped(*a, **kw):
-      counts[name] += 1
-      return fn(*a, **kw)
+    def wrapped(params, x, *a, **kw):
+      counts[name] += x.shape[0] // b
+      traced[name] += 1
+      return fn(params, x, *a, **kw)
     return wrapped
   object.__setattr__(exp.model, "raw", count("student", raw))
   exp.method.teacher._denoise = count("teacher", den)
   step = exp.method.make_step("ctm", exp.tx)
-  batch = {"x": jnp.zeros((8, 2))}
+  batch = {"x": jnp.zeros((b, 2))}
   jax.make_jaxpr(lambda s, b, f: step(s, b, f, jnp.int32(3)))(
       exp.abstract_state, batch, exp.abstract_frozen())
   per = bench.network_calls(cfg, 1)
   assert counts["student"] == per["student_forward"] + per["student_forward_backward"]
+  assert traced["student"] == 4
   assert counts["teacher"] == per["teacher_forward_in_loop"]    # 2 per Heun step, k = 1
 
 

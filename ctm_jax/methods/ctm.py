@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ctm_jax import config_lib, diffusion, samplers, solvers, train_state
+from ctm_jax import config_lib, diffusion, flow_map, samplers, solvers, train_state
 from ctm_jax.diffusion import append_dims
 from ctm_jax.methods import adaptive_groups, consistency
 from ctm_jax.methods.base import Method
@@ -240,42 +240,61 @@ class CTM(Method):
     dsm_adaptive = c.dsm_weight_mode == "adaptive"
     gan_adaptive = with_gan and self.config.gan.adaptive
 
-    # The estimate: inner jump G_theta(x_t, t, s), then the target's outer map to sigma_min.
-    inner, pull_inner = jax.vjp(
-        lambda p, d: self.student(lambda: self.model.jump(p, x_t, t, s, labels, train=True,
-                                                          rng=keys[3]), d), params, delta)
+    use_dsm = c.dsm_weight_mode != "off"
+    if use_dsm:
+      x_dsm, sigma, _ = self.dsm_inputs(x0, keys[5])
+    delta = jnp.zeros((groups,) + w_shape, jnp.float32) if groups > 1 else None
+
+    def student_pass(p, d):
+      """(G_theta(x_t, t, s), g_theta(x_dsm, sigma, sigma) or None): the estimate's inner map
+      and L_DSM's denoiser head in ONE network call on the two batches interleaved (2B examples
+      x_t[0], x_dsm[0], x_t[1], ...: each device keeps its own examples, and group k of the tap
+      holds both terms of the same examples; one dropout draw from keys[3]): one traced copy of
+      the network and one backward pass for both terms.  Per example this is the same function
+      with independent dropout masks, as two calls are (no layer couples the examples)."""
+      if not use_dsm:
+        return self.student(lambda: self.model.jump(p, x_t, t, s, labels, train=True,
+                                                    rng=keys[3]), d), None
+      both = lambda a, z: jnp.stack([a, z], axis=1).reshape((2 * b,) + a.shape[1:])
+      g = self.student(lambda: self.model.denoiser(
+          p, both(x_t, x_dsm), both(t, sigma), both(s, sigma),
+          None if labels is None else both(labels, labels), train=True, rng=keys[3]), d)
+      g = g.reshape((b, 2) + g.shape[1:])
+      return flow_map.jump_from_denoised(x_t, g[:, 0], t, s), g[:, 1]
+
+    (inner, den), pull = jax.vjp(student_pass, params, delta)
+    # The estimate: the inner jump, then the target's outer map to sigma_min.
     est, pull_outer = jax.vjp(
         lambda y: self.to_sigma_min(extra["target"], y, s, labels, keys[4]), inner)
 
-    def w_grads(pull, ct):
-      """Per-group gradients at W of the group means whose per-example cotangent is ct."""
-      scaled = ct / per_group
-      if delta is None:
-        return adaptive_groups.find_param(pull(scaled)[0], self.adaptive_path)[None]
-      return pull(scaled)[1]
+    def cotangent(ct_inner=None, ct_den=None):
+      return (jnp.zeros_like(inner) if ct_inner is None else ct_inner,
+              None if den is None else jnp.zeros_like(den) if ct_den is None else ct_den)
+
+    def w_grads(ct_inner=None, ct_den=None):
+      """Per-group gradients at W of the group means of one term, whose per-example cotangent
+      is ct_inner (at the inner map: CTM, GAN) or ct_den (at the denoiser head: DSM)."""
+      sc = lambda ct: None if ct is None else ct / per_group
+      gp, gd = pull(cotangent(sc(ct_inner), sc(ct_den)))
+      return adaptive_groups.find_param(gp, self.adaptive_path)[None] if delta is None else gd
 
     l_ctm, d_dist = jax.vjp(lambda e: self.distance(frozen, e, tgt), est)
     (ct_ctm,) = pull_outer(d_dist(jnp.ones_like(l_ctm))[0])
-    wg_ctm = w_grads(pull_inner, ct_ctm) if (dsm_adaptive or gan_adaptive) else None
+    wg_ctm = w_grads(ct_inner=ct_ctm) if (dsm_adaptive or gan_adaptive) else None
     metrics = {"loss_ctm": jnp.mean(l_ctm), "k": k.astype(jnp.float32)}
     per_ex = l_ctm
     ct_inner = ct_ctm
-    grads_dsm = None
-    if c.dsm_weight_mode != "off":
-      x_dsm, sigma, k_drop = self.dsm_inputs(x0, keys[5])
-      den, pull_dsm = jax.vjp(
-          lambda p, d: self.student(lambda: self.model.denoiser(p, x_dsm, sigma, sigma, labels,
-                                                                train=True, rng=k_drop), d),
-          params, delta)
+    ct_den = None
+    if use_dsm:
       l_dsm, d_dsm = jax.vjp(lambda y: self.dsm_per_example(y, x0, sigma), den)
       (ct_dsm,) = d_dsm(jnp.ones_like(l_dsm))
       if dsm_adaptive:
-        lam = c.dsm_weight * adaptive_groups.group_weights(wg_ctm, w_grads(pull_dsm, ct_dsm),
+        lam = c.dsm_weight * adaptive_groups.group_weights(wg_ctm, w_grads(ct_den=ct_dsm),
                                                            c.adaptive_max)
       else:
         lam = jnp.full((groups,), c.dsm_weight, jnp.float32)
       lam_ex = adaptive_groups.per_example(lam, b)
-      grads_dsm = pull_dsm(append_dims(lam_ex / b, x0.ndim) * ct_dsm)[0]
+      ct_den = append_dims(lam_ex, x0.ndim) * ct_dsm
       per_ex = per_ex + lam_ex * l_dsm
       metrics.update(loss_dsm=jnp.mean(l_dsm), lambda_dsm=jnp.mean(lam))
       if groups > 1:
@@ -285,15 +304,13 @@ class CTM(Method):
           lambda e: self.gan.generator_loss_per_example(extra["disc"], disc_state, frozen, e,
                                                         labels, keys[6]), est, has_aux=True)
       (ct_gan,) = pull_outer(d_gan(jnp.ones_like(l_gan))[0])
-      lam_g = self.gan.weight(wg_ctm, w_grads(pull_inner, ct_gan) if gan_adaptive else None,
-                              groups)
+      lam_g = self.gan.weight(wg_ctm, w_grads(ct_inner=ct_gan) if gan_adaptive else None, groups)
       lam_g_ex = adaptive_groups.per_example(lam_g, b)
       ct_inner = ct_inner + append_dims(lam_g_ex, x0.ndim) * ct_gan
       per_ex = per_ex + lam_g_ex * l_gan
       metrics.update(loss_gan_g=jnp.mean(l_gan), lambda_gan=jnp.mean(lam_g))
-    grads = pull_inner(ct_inner / b)[0]
-    if grads_dsm is not None:
-      grads = jax.tree_util.tree_map(jnp.add, grads, grads_dsm)
+    # One backward pass through the student for every term: (1/B) sum_i [...].
+    grads = pull(cotangent(ct_inner / b, None if ct_den is None else ct_den / b))[0]
     metrics["loss"] = jnp.mean(per_ex)
     return grads, metrics, disc_state
 
