@@ -129,8 +129,9 @@ def ctm_direct(method, params, target, pts, labels, distance):
   """The CTM loss on the points of ctm_points (jit-able):
     target = sg(G_{theta^-}(G_{sg theta}(x_u, u, s; keys[1]), s, sigma_min; keys[2]))
     est    = G_{theta^-}(G_theta(x_t, t, s; keys[3]), s, sigma_min; keys[4])
-  (G_theta(x_t, t, s) from student_evals) with the inner map of the estimate in train mode and the other three evaluations in train
-  mode iff ctm.target_train_mode (the reference evaluates its target model with dropout on).
+  (G_theta(x_t, t, s) from student_evals) with the inner map of the estimate in train mode and
+  the other three evaluations in train mode iff ctm.target_train_mode (the reference evaluates
+  its target model with dropout on).
   Returns (l_ctm(p), est(p), target) with l_ctm(p) = mean d(est(p), target)."""
   model = method.model
   keys, t, u, s = pts["keys"], pts["t"], pts["u"], pts["s"]
