@@ -7,10 +7,8 @@ import jax.numpy as jnp
 
 ARCHS = ("mlp", "songunet", "adm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Rematerialization of the U-Nets' residual / attention blocks (config.model.remat; songunet and
-# adm): none | blocks (jax.checkpoint around each block: only its inputs are kept for the
-# backward pass) | blocks_save_dots (the same, but the block's convolution and matmul outputs
-# are kept; norms, activations and dropout are recomputed).
+# config.model.remat's values (songunet and adm): what each keeps for the backward pass is
+# described in layers.unet_block_class.
 REMAT_MODES = ("none", "blocks", "blocks_save_dots")
 
 
