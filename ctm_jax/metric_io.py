@@ -85,10 +85,18 @@ def create_writer(workdir: str):
       JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 
+def read_jsonl(path: str, missing_ok: bool = False):
+  """The JSON rows of a JSON-lines file (blank lines skipped); [] for a missing file when
+  missing_ok."""
+  if missing_ok and not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def read_metrics(workdir: str):
   """The rows of workdir/metrics.jsonl."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 def drop_rows_after(workdir: str, step: int) -> int:

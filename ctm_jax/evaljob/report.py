@@ -9,6 +9,8 @@ from typing import Dict, Iterable, List, Optional
 import jax
 import numpy as np
 
+from ctm_jax import metric_io
+
 RESULTS = "results.jsonl"
 
 
@@ -30,11 +32,7 @@ def append_records(workdir: str, records: Iterable[dict]) -> None:
 
 
 def read_records(workdir: str) -> List[dict]:
-  path = os.path.join(eval_dir(workdir), RESULTS)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return metric_io.read_jsonl(os.path.join(eval_dir(workdir), RESULTS), missing_ok=True)
 
 
 def write_scalars(workdir: str, records: Iterable[dict]) -> None:
