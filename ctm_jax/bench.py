@@ -312,8 +312,8 @@ def host_peak_rss_bytes() -> int:
 
 # ----------------------------------------------------------------------------- table
 
-def _gb(v):
-  return f"{v / 2**30:.2f} GB"
+def _gib(v):
+  return f"{v / 2**30:.2f} GiB"
 
 
 def table(results: Dict[str, Any]) -> str:
@@ -335,8 +335,8 @@ def table(results: Dict[str, Any]) -> str:
                                       for n in names]))
   rows.append(("XLA step FLOPs per device (loop once)",
                [f"{vs[n]['step_flops_xla'] / 1e9:.1f} G" for n in names]))
-  rows.append(("peak memory per device (XLA)", [_gb(vs[n]["memory"]["peak_bytes"]) for n in names]))
-  rows.append(("  of which temporaries", [_gb(vs[n]["memory"]["temp_bytes"]) for n in names]))
+  rows.append(("peak memory per device (XLA)", [_gib(vs[n]["memory"]["peak_bytes"]) for n in names]))
+  rows.append(("  of which temporaries", [_gib(vs[n]["memory"]["temp_bytes"]) for n in names]))
   rows.append(("network remat", [vs[n].get("remat", "none") for n in names]))
   rows.append(("compile (s)", [f"{vs[n]['compile_s']:.1f}" for n in names]))
   rows.append(("lowering (s)", [f"{vs[n]['lower_s']:.1f}" for n in names]))
@@ -345,8 +345,8 @@ def table(results: Dict[str, Any]) -> str:
   head = " " * w0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, ws))
   lines = [head] + [r[0].ljust(w0) + "  " + "  ".join(v.rjust(w) for v, w in zip(r[1], ws))
                     for r in rows]
-  lines.append(f"state {_gb(first['state_bytes'])}, frozen {_gb(first['frozen_bytes'])}")
-  lines.append(f"host peak RSS: {_gb(results['host_peak_rss_bytes'])}; batch {results['batch']}, "
+  lines.append(f"state {_gib(first['state_bytes'])}, frozen {_gib(first['frozen_bytes'])}")
+  lines.append(f"host peak RSS: {_gib(results['host_peak_rss_bytes'])}; batch {results['batch']}, "
                f"{results['repeats']} repeats (medians), {results['backend']} x "
                f"{results['device_count']} ({results['device_kind']})")
   return "\n".join(lines)
