@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import base, toy_ctm
-from ctm_jax import config_lib, parallel, runs, train
+from ctm_jax import config_lib, metric_io, parallel, runs, train
 from ctm_jax import data as data_lib
 from ctm_jax.evaljob import jobs, report, settings, shards
 from launch_utils import ROOT, set_fields, subprocess_env
@@ -139,6 +139,21 @@ print("OK", len(p))
 
 
 # ----------------------------------------------------------------------------- shards
+
+def test_results_file_reads_back_what_was_appended(tmp_path):
+  """results.jsonl: none before the first record ([] for a fresh workdir, while a missing
+  metrics.jsonl is an error), then exactly the records appended, in order."""
+  wd = str(tmp_path)
+  assert report.read_records(wd) == []
+  with pytest.raises(FileNotFoundError):
+    metric_io.read_metrics(wd)
+  recs = [{"metric": "fid", "value": 3.5, "step": 10}, {"metric": "nll", "value": None}]
+  report.append_records(wd, recs[:1])
+  report.append_records(wd, recs[1:])
+  with open(os.path.join(wd, "eval", "results.jsonl"), "a") as f:
+    f.write("\n")                                  # a blank line is skipped
+  assert report.read_records(wd) == recs
+
 
 def test_shard_store_detects_incomplete_files(tmp_path):
   store = shards.ShardStore(str(tmp_path / "s"), {"a": 1}, total=10, shard_size=4)
