@@ -243,7 +243,6 @@ class CTM(Method):
     use_dsm = c.dsm_weight_mode != "off"
     if use_dsm:
       x_dsm, sigma, _ = self.dsm_inputs(x0, keys[5])
-    delta = jnp.zeros((groups,) + w_shape, jnp.float32) if groups > 1 else None
 
     def student_pass(p, d):
       """(G_theta(x_t, t, s), g_theta(x_dsm, sigma, sigma) or None): the estimate's inner map
