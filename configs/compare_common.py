@@ -7,7 +7,7 @@ def compare_block(name: str, config_prefix: str) -> ml_collections.ConfigDict:
       name=name,
       workdir=f"workdirs/compare_{name}",      # runs/, table.md, table.json, plots/
       config_prefix=config_prefix,            # the runs are configs/<prefix>_<method>.py
-      methods=("ctm", "cd", "ct", "ict", "direct_cd", "tcd"),
+      methods=("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "meanflow", "sct", "scd"),
       seeds=(0, 1),
       num_train_steps=1500,                   # the same for every method
       teacher_workdir="",                     # '' = the configs' teacher (toy: the oracle)
@@ -16,7 +16,8 @@ def compare_block(name: str, config_prefix: str) -> ml_collections.ConfigDict:
       nfes=(1, 2, 4, 8),
       # method -> comma list of sampler templates, '{n}' the NFE (NFE 1 is always onestep)
       samplers={"ctm": "gamma:0:{n}", "cd": "cm:{n}", "ct": "cm:{n}", "ict": "cm:{n}",
-                "direct_cd": "cm:{n}", "tcd": "sss:0.3:{n}"},
+                "direct_cd": "cm:{n}", "tcd": "sss:0.3:{n}", "meanflow": "gamma:0:{n}",
+                "sct": "cm:{n}", "scd": "cm:{n}"},
       mode="sample",                          # sample (2-D metrics) | fid (images: FID / KID)
       eval={},                                # config.eval fields for the evaluation jobs
       ode_error_samples=64,                   # images: x_T's of E against the teacher's ODE

@@ -23,7 +23,8 @@ def get_config():
   c.teacher_workdir = "workdirs/digits_edm"
   c.overrides = {"training": {"sample_every": 0, "checkpoint_every": 600, "log_every": 50}}
   c.samplers = {"ctm": "gamma:0:{n},cm:{n}", "cd": "cm:{n}", "ct": "cm:{n}", "ict": "cm:{n}",
-                "direct_cd": "cm:{n}", "tcd": "sss:0:{n},sss:0.3:{n}"}
+                "direct_cd": "cm:{n}", "tcd": "sss:0:{n},sss:0.3:{n}",
+                "meanflow": "gamma:0:{n}", "sct": "cm:{n}", "scd": "cm:{n}"}
   c.mode = "fid"
   c.eval = {"num_samples": 128, "batch_size": 128, "shard_size": 128, "kid_subsets": 50,
             "kid_subset_size": 64,

@@ -18,7 +18,8 @@ def get_config():
   c.method_overrides = {"ctm": {"ema": {"rates": (0.99, 0.999)},
                                 "sampling": {"eval_ema": "rate_0p99"}}}
   c.samplers = {"ctm": "gamma:0:{n},cm:{n}", "cd": "cm:{n}", "ct": "cm:{n}", "ict": "cm:{n}",
-                "direct_cd": "cm:{n}", "tcd": "sss:0:{n},sss:0.3:{n},sss:0.6:{n},sss:1:{n}"}
+                "direct_cd": "cm:{n}", "tcd": "sss:0:{n},sss:0.3:{n},sss:0.6:{n},sss:1:{n}",
+                "meanflow": "gamma:0:{n}", "sct": "cm:{n}", "scd": "cm:{n}"}
   c.eval = {"num_samples": 2000, "batch_size": 500, "shard_size": 2000,
             "reference_seeds": 3, "ode_error_samples": 512}
   return c

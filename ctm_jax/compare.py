@@ -1,5 +1,5 @@
-"""The few-step family side by side (issue 10): CTM, CD, CT, iCT, Direct CD and TCD trained
-from ONE teacher in the same loop, evaluated by the evaluation jobs (ctm_jax.evaljob), and one
+"""The few-step family side by side (issue 10): CTM, CD, CT, iCT, Direct CD, TCD, MeanFlow, sCT
+and sCD trained from ONE teacher in the same loop, evaluated by the evaluation jobs (ctm_jax.evaljob), and one
 table (markdown + JSON) and plots.
 
 Per method and seed: the ODE error E = mean |one-step map(x_T) - x_exact|^2 / dim against the
@@ -33,7 +33,7 @@ from absl import logging
 
 from ctm_jax import config_lib, evaluate, runs, samplers
 
-FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd")
+FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "meanflow", "sct", "scd")
 MODES = ("sample", "fid")
 
 
