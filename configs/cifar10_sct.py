@@ -4,13 +4,13 @@ Consistency Models"; no official code).
   python -m launch.train --config=configs/cifar10_sct.py --workdir=$WORKDIR
 
 The method's settings from the paper: TrigFlow, tau ~ N(-1.0, 1.4^2), tangent normalisation
-c = 0.1, tangent warm-up over H = 10k iterations, adaptive weighting w_phi(t), prior weight
-1 / (sd tan t), theta^- = sg(theta) (no EMA target), two-step sampling through t = 1.1.  The
+c = 0.1, tangent warm-up over H = 10k iterations, adaptive weighting w_phi(t), the time input
+c_noise(t) = t, theta^- = sg(theta) (no EMA target), two-step sampling through t = 1.1.  The
 training values (DDPM++ with dropout 0.2, Adam lr 1e-4 with b2 0.99, batch 512, 400k steps,
 EMA 0.9999) were read from summaries of the paper's appendix and public reproductions: check
-them against it.  Deviations: the time conditioning is the project's c_noise = ln(sigma) / 4
-(not TrigFlow's t) so that sCD starts from an EDM teacher; DDPM++ positional embedding as the
-project's (the paper's NCSN++ variant uses scale 0.02 Fourier features).
+them against it.  Deviation: DDPM++ with the project's positional embedding (the paper's
+variant uses scale 0.02 Fourier features); sCM's prior weighting 1 / (sd tan t) is off
+(ctm_jax/methods/scm.py).
 """
 from configs import cifar10_edm, cm_common
 

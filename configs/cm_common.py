@@ -74,18 +74,21 @@ def meanflow_block() -> ml_collections.ConfigDict:
       sample_times=(1.0,)))         # sigma = 1 is the rectified-flow t = 0.5
 
 
-def scm_block(distil: bool, sigma_data: float = 0.5) -> ml_collections.ConfigDict:
+def scm_block(distil: bool, sigma_data: float = 0.5,
+              init_from_teacher: bool = False) -> ml_collections.ConfigDict:
   """sCT / sCD (Lu & Song 2024, CIFAR-10): tau ~ N(-1.0, 1.4^2) (sCT; sCD -0.8, 1.6), tangent
-  normalisation c = 0.1, warm-up H = 10k steps, adaptive weighting, prior 1/(sd tan t);
-  two-step sampling through TrigFlow t = 1.1 (sigma = sd tan 1.1)."""
+  normalisation c = 0.1, warm-up H = 10k steps, adaptive weighting, TrigFlow t as the time
+  input (c_noise(sigma) when starting from an EDM teacher); two-step sampling through TrigFlow
+  t = 1.1 (sigma = sd tan 1.1)."""
   return ml_collections.ConfigDict(dict(
       p_mean=-0.8 if distil else -1.0, p_std=1.6 if distil else 1.4,
       tangent_c=0.1,
       warmup_steps=10_000,          # H: r = min(1, k / H) on the tangent's sin(t) terms
       adaptive_weighting=True,      # learned w_phi(t)
       weight_lr=1e-4,               # Adam lr of w_phi
-      prior_weighting=True,         # 1 / (sd tan t)
-      init_from_teacher=distil,     # sCD starts from the teacher's weights
+      prior_weighting=False,        # x 1 / (sd tan t) (off: see ctm_jax/methods/scm.py)
+      time_input="c_noise" if init_from_teacher else "trigflow",   # trigflow | c_noise
+      init_from_teacher=init_from_teacher,   # sCD from an EDM teacher's weights
       sample_nfes=(1, 2),
       sample_times=scm_mid_time(sigma_data)))
 

@@ -7,5 +7,5 @@ from configs import cm_common
 
 
 def get_config():
-  return cm_common.digits_config("scd", cm_common.scm_block(distil=True), distil=True,
+  return cm_common.digits_config("scd", cm_common.scm_block(distil=True, init_from_teacher=True), distil=True,
                                   steps=2000)

@@ -15,7 +15,10 @@ Preconditionings (FlowModel.precond; each a map to and from this EDM frame):
          z_r = z - (t - r) u (derivation: docs/flow_maps.md); g(x, sigma, sigma) = z - t v.
   'trig' sCM's TrigFlow consistency function (t = arctan(sigma / sigma_d), x_trig = cos(t) x):
          f(x_trig, t) = cos(t) x_trig - sin(t) sd F_trig is EDM's denoiser form with F = -F_trig,
-         so cm_f is the EDM-preconditioned output, f(x, 0) = x (no sigma_min boundary).
+         so cm_f is the EDM-preconditioned output, f(x, 0) = x (no sigma_min boundary); the
+         network's time input is TrigFlow's t (sCM's c_noise(t) = t).
+  'trig_edm' the same with the run's c_noise(sigma) as the time input (an EDM teacher's, so
+         that sCD can start from the teacher's weights).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ class FlowModel:
   net: Any
   schedule: diffusion.Schedule = diffusion.Schedule()
   c_noise_kind: str = "log4"
-  precond: str = "edm"            # edm | rf | trig (module docstring)
+  precond: str = "edm"            # edm | rf | trig | trig_edm (module docstring)
 
   def __post_init__(self):
     if self.precond not in PRECONDS:
@@ -61,6 +64,9 @@ class FlowModel:
     if self.precond == "rf":         # MeanFlow's (t, t - r), t = sigma / (1 + sigma)
       cn_t = rf_time(t)
       cn_s = cn_t - rf_time(t if s is None else s) if self.uses_s else None
+    elif self.precond == "trig":     # sCM's time input: TrigFlow t = arctan(sigma / sd)
+      cn_t = trig_time(t, self.schedule.sigma_data)
+      cn_s = cn_t if self.uses_s else None
     else:
       cn_t = diffusion.c_noise(t, self.c_noise_kind)
       cn_s = diffusion.c_noise(s, self.c_noise_kind) if (self.uses_s and s is not None) else None
@@ -79,7 +85,8 @@ class FlowModel:
     """MeanFlow's u(z, r, t) = F(z, t, t - r) in the rectified-flow frame (precond 'rf';
     r <= t in [0, 1], per example (B,)); u(z, t, t) is the instantaneous velocity v."""
     if self.precond != "rf" or not self.uses_s:
-      raise ValueError("average_velocity needs FlowModel(precond='rf') on a network with an s input")
+      raise ValueError("average_velocity needs FlowModel(precond='rf') on a network with an "
+                       "s input")
     return self._apply(params, z, t, t - r, labels, train, rng)
 
   def _times(self, x, t, s):
@@ -108,8 +115,8 @@ class FlowModel:
 
   def cm_f(self, params, x, t, labels=None, *, train=False, rng=None):
     """f(x, t) = c_skip_cm(t) x + c_out_cm(t) F (Song et al. 2023); f(x, sigma_min) == x.
-    precond 'trig' (sCM): the EDM-preconditioned output, f(x, 0) = x."""
-    if self.precond == "trig":
+    precond 'trig' / 'trig_edm' (sCM): the EDM-preconditioned output, f(x, 0) = x."""
+    if self.precond in ("trig", "trig_edm"):
       return self.denoiser(params, x, t, None, labels, train=train, rng=rng)
     if self.precond == "rf":
       raise ValueError("FlowModel(precond='rf') is a jump G(x, t, s) (MeanFlow): it has no "
@@ -136,7 +143,7 @@ class FlowModel:
     return lambda x, t, s: self.cm_f(params, x, t, labels)
 
 
-PRECONDS = ("edm", "rf", "trig")
+PRECONDS = ("edm", "rf", "trig", "trig_edm")
 
 
 def rf_time(sigma):

@@ -56,7 +56,7 @@ def build_model(config, *, use_s: Optional[bool] = None) -> flow_map.FlowModel:
                        label_dim=label_dim, data_shape=info.shape,
                        compute_dtype=config.training.compute_dtype)
   from ctm_jax import methods
-  precond = methods.method_class(config.method).precond
+  precond = methods.method_class(config.method).precond_of(config)
   return flow_map.FlowModel(net, schedule_from_config(config), config.diffusion.c_noise, precond)
 
 

@@ -168,7 +168,7 @@ def test_meanflow_network_is_a_jump_in_the_edm_frame():
 
 def test_scm_network_is_the_trigflow_consistency_function():
   """cm_f(x, sigma) = cos(t) x_t - sin(t) sd F_trig(x_t / sd, t) with x_t = cos(t) x,
-  t = arctan(sigma / sd) and F_trig = -F."""
+  t = arctan(sigma / sd) and F_trig = -F; the network's time input is t itself."""
   cfg, exp, state, _ = setup("sct")
   model, p, sd = exp.model, state.params, cfg.diffusion.sigma_data
   rng = np.random.default_rng(1)
@@ -176,7 +176,7 @@ def test_scm_network_is_the_trigflow_consistency_function():
   sig = jnp.asarray(np.exp(rng.uniform(np.log(0.01), np.log(80), 16)), jnp.float32)
   t = jnp.arctan(sig / sd)
   x_t = jnp.cos(t)[:, None] * x
-  F_trig = -model.raw(p, x_t / sd, sig)
+  F_trig = -model.net.apply({"params": p}, x_t / sd, t, None, None, train=False)
   want = jnp.cos(t)[:, None] * x_t - (jnp.sin(t) * sd)[:, None] * F_trig
   np.testing.assert_allclose(np.asarray(model.cm_f(p, x, sig)), np.asarray(want), rtol=2e-5,
                              atol=2e-5)
@@ -228,7 +228,8 @@ def test_scm_loss_matches_a_hand_written_reference(method):
   """sigma ~ logN, x_t, dx_t/dt (sCT: cos t z - sin t x0; sCD: the oracle's PF-ODE in TrigFlow),
   dF/dt by reverse mode and the chain rule (not a JVP), the
   warm-up, normalisation, prior and adaptive weight written out here; phi set non-zero."""
-  cfg, exp, state, batch = setup(method, **{f"{method}.warmup_steps": 100})
+  cfg, exp, state, batch = setup(method, **{f"{method}.warmup_steps": 100,
+                                            f"{method}.prior_weighting": method == "scd"})
   params, c, sd = state.params, cfg[method], cfg.diffusion.sigma_data
   step = 40
   phi = {"w": jnp.asarray(np.random.default_rng(2).standard_normal(scm.NUM_FOURIER), jnp.float32),
@@ -258,11 +259,11 @@ def test_scm_loss_matches_a_hand_written_reference(method):
   g = cos * (cos * (v + sd * F0) - warm * sin * (x_t - sd * dF))
   g = g / (np.linalg.norm(g, axis=1, keepdims=True) + c.tangent_c)
   sq = np.mean(g ** 2, axis=1)                   # F_theta - F_minus = 0 in value
-  feats = np.sqrt(2) * np.cos(2 * np.pi * (np.log(sigma)[:, None] / 4
-                                           * np.asarray(exp.method.fourier_freqs)
+  feats = np.sqrt(2) * np.cos(2 * np.pi * (t[:, None] * np.asarray(exp.method.fourier_freqs)
                                            + np.asarray(exp.method.fourier_phases)))
   w = feats @ np.asarray(phi["w"], np.float64) / np.sqrt(scm.NUM_FOURIER) + 0.3
-  want = np.mean(1 / (sd * np.tan(t)) * np.exp(w) * sq - w)
+  prior = 1 / (sd * np.tan(t)) if c.prior_weighting else 1.0
+  want = np.mean(prior * np.exp(w) * sq - w)
   np.testing.assert_allclose(float(got), want, rtol=2e-5)
 
 
@@ -291,6 +292,8 @@ REFUSALS = [
     ("sct", "teacher", r"config\.teacher"),
     ("scd", "no_teacher", r"config\.teacher"),
     ("scd", {"scd.sample_times": (0.5, 1.0)}, r"scd\.sample_times"),
+    ("scd", {"scd.init_from_teacher": True}, r"scd\.time_input"),
+    ("sct", {"sct.time_input": "sigma"}, r"sct\.time_input"),
 ]
 
 

@@ -148,7 +148,8 @@ def test_paper_settings_values():
     s = load(name, "")
     b = s[s.method]
     assert (b.p_mean, b.p_std, b.tangent_c, b.warmup_steps) == (pm, ps, 0.1, 10_000)
-    assert b.adaptive_weighting and b.prior_weighting and b.init_from_teacher == (name == "cifar10_scd")
+    assert b.adaptive_weighting and b.init_from_teacher == (name == "cifar10_scd")
+    assert b.time_input == ("c_noise" if name == "cifar10_scd" else "trigflow")
     np.testing.assert_allclose(np.arctan(b.sample_times[0] / s.diffusion.sigma_data), 1.1, rtol=1e-6)
 
 

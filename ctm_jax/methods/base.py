@@ -40,6 +40,11 @@ class Method:
   # rectified-flow average velocity 'rf', sCM's TrigFlow consistency function 'trig'.
   precond: str = "edm"
 
+  @classmethod
+  def precond_of(cls, config) -> str:
+    """The preconditioning of this config's network (default: the class's)."""
+    return cls.precond
+
   def __init__(self, config, model: flow_map.FlowModel):
     self.config = config
     self.model = model

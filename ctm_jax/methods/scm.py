@@ -18,8 +18,11 @@ samplers and the evaluation use it as they use any consistency model's f.  One s
   L = mean_b [ prior(t) e^{w_phi(t)} / D ||F_theta - F_{theta^-} + g||^2 - w_phi(t) ]
 
 (the sign of g is the paper's with F = -F_trig); prior(t) = 1 / (sd tan t) when
-prior_weighting, else 1; w_phi(t) a linear layer on fixed Fourier features of c_noise(sigma),
-trained with its own Adam in TrainState.extra (the adaptive weighting, as EDM2's uncertainty).
+prior_weighting (off in every config: on the toy it starves the large sigma where the one-step
+map starts, docs/flow_maps.md), else 1; w_phi(t) a linear layer on fixed Fourier features of
+the network's time input, trained with its own Adam in TrainState.extra (the adaptive
+weighting, as EDM2's uncertainty).  The network's time input (time_input) is TrigFlow's t
+(the paper's) or the run's c_noise(sigma) (an EDM teacher's: sCD can then start from it).
 """
 from __future__ import annotations
 
@@ -36,7 +39,15 @@ from ctm_jax.methods import consistency
 NUM_FOURIER = 64
 
 
+TIME_INPUTS = ("trigflow", "c_noise")
+
+
 def validate_scm_config(config, section: str, *, teacher: bool):
+  ti = config_lib.check_choice(config, f"{section}.time_input", TIME_INPUTS)
+  if config[section].init_from_teacher and ti != "c_noise":
+    raise config_lib.ConfigError(
+        f"config.{section}.init_from_teacher = True needs config.{section}.time_input = "
+        f"'c_noise' (the EDM teacher's time input), got {ti!r}")
   config_lib.check_number(config, f"{section}.p_mean", -10, 10)
   config_lib.check_number(config, f"{section}.p_std", 0, 10, lo_open=True)
   config_lib.check_number(config, f"{section}.tangent_c", 0, lo_open=True)
@@ -44,8 +55,8 @@ def validate_scm_config(config, section: str, *, teacher: bool):
   config_lib.check_number(config, f"{section}.weight_lr", 0)
   for f in ("adaptive_weighting", "prior_weighting", "init_from_teacher"):
     if not isinstance(config[section][f], bool):
-      raise config_lib.ConfigError(f"config.{section}.{f} must be True or False, got "
-                                   f"{config[section][f]!r}")
+      raise config_lib.ConfigError(f"config.{section}.{f} must be True or False, "
+                                   f"got {config[section][f]!r}")
   consistency.validate_nfes(config, section)
   consistency.validate_sample_times(config, section)
   if teacher:
@@ -99,6 +110,10 @@ class _SCM(consistency.ConsistencyMethod):
   has_score_head = False
   precond = "trig"
 
+  @classmethod
+  def precond_of(cls, config):
+    return "trig" if config[cls.section].time_input == "trigflow" else "trig_edm"
+
   def __init__(self, config, model):
     super().__init__(config, model)
     rng = np.random.RandomState(0)
@@ -111,8 +126,10 @@ class _SCM(consistency.ConsistencyMethod):
     return {"weight": zeros, "weight_m": zeros, "weight_v": zeros}
 
   def log_weight(self, phi, sigma):
-    """w_phi(t): a linear layer on cos(2 pi (f c_noise + p)) of fixed random f, p (0 at init)."""
-    cn = diffusion.c_noise(sigma, self.model.c_noise_kind)
+    """w_phi(t): a linear layer on cos(2 pi (f c + p)) of fixed random f, p (0 at init), c the
+    network's time input (TrigFlow t or c_noise(sigma))."""
+    cn = (jnp.arctan(sigma / self.schedule.sigma_data) if self.model.precond == "trig"
+          else diffusion.c_noise(sigma, self.model.c_noise_kind))
     feats = math.sqrt(2.0) * jnp.cos(2 * math.pi * (cn[:, None] * self.fourier_freqs
                                                     + self.fourier_phases))
     return feats @ phi["w"] / math.sqrt(NUM_FOURIER) + phi["b"]
