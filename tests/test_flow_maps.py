@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from ctm_jax import config_lib, data, evaluate, flow_map, oracle, train
+from ctm_jax import data, evaluate, flow_map, oracle, train
 from ctm_jax.methods import meanflow as mf
 from ctm_jax.methods import scm
-from launch_utils import set_fields, tiny_toy_student
+from launch_utils import assert_refused, tiny_toy_student
 
 FLOW_METHODS = ("meanflow", "sct", "scd")
 
@@ -299,17 +299,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize("method,change,message", REFUSALS)
 def test_bad_settings_are_refused_with_the_field_named(method, change, message):
-  cfg = tiny(method)
-  cfg.unlock()
-  if change == "teacher":
-    from configs import ctm_common, toy_edm
-    cfg.teacher = ctm_common.teacher_block(toy_edm.get_config(), source="oracle")
-  elif change == "no_teacher":
-    del cfg["teacher"]
-  else:
-    set_fields(cfg, change)
-  with pytest.raises(config_lib.ConfigError, match=message):
-    train.validate_config(cfg, num_devices=8, process_count=1)
+  assert_refused(tiny(method), change, message)
 
 
 def test_samplers_are_checked_against_what_each_map_learned():
@@ -333,3 +323,34 @@ def test_toy_config_trains_through_the_loop(method, tmp_path):
   assert summary["step"] == 3 and np.isfinite(summary["metrics"]["loss"])
   names = {k for k in summary["samples"] if not k.endswith("_ref")}
   assert len(names) == 1 and next(iter(names)).startswith("nfe2_")
+
+
+@pytest.mark.slow
+def test_reduced_comparison_of_meanflow_and_sct(tmp_path):
+  """Both in launch.compare with their one- and two-step samplers; E of each one-step map
+  (MeanFlow: the jump G(x_T, sigma_max, sigma_min); sCT: f(x_T, sigma_max)) recomputed from the
+  saved EMA against test_compare's numpy RK4 solve of the hand-written mixture denoiser."""
+  from ctm_jax import compare, runs, samplers
+  from test_compare import rk4_solve, small
+  cmp = small(tmp_path / "cmp", methods=("meanflow", "sct"))
+  cmp.samplers = {"meanflow": "gamma:0:{n}", "sct": "cm:{n}"}
+  saved = compare.run(cmp)
+  rows = {(r["method"], r["metric"], r["sampler"]): r["value"] for r in saved["rows"]}
+  assert ("meanflow", "mmd", "gamma:0:2") in rows and ("sct", "mmd", "cm:2") in rows
+  for method in ("meanflow", "sct"):
+    config = compare.run_config(cmp, method, 0)
+    params, _, _ = runs.load_params(config, compare.run_dir(cmp, method, 0))
+    model = runs.build_model(config)
+    n, smax, smin = 32, config.diffusion.sigma_max, config.diffusion.sigma_min
+    x_T = np.asarray(samplers.initial_noise(jax.random.PRNGKey(1), (n, 2), smax))
+    xb = jnp.asarray(x_T)
+    if method == "meanflow":
+      t, r = smax / (1 + smax), smin / (1 + smin)        # the rectified-flow times
+      z = (1 - t) * xb
+      u = model.average_velocity(params, z, jnp.full((n,), r), jnp.full((n,), t))
+      out = (z - (t - r) * u) / (1 - r)
+    else:
+      out = model.cm_f(params, xb, jnp.full((n,), smax))
+    want = np.mean((np.asarray(out, np.float64) - rk4_solve(x_T.astype(np.float64), smax, smin))
+                   ** 2)
+    np.testing.assert_allclose(rows[(method, "ode_error", "onestep")], want, rtol=1e-3)
