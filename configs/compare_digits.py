@@ -6,11 +6,12 @@
       --config.eval.ref_stats=/work/runs/eval/digits-train+test.npz
 
 Sized so that it and configs/compare_toy.py together run in under an hour on a 2-core CPU
-(README): all six methods, 600 steps each, one seed, FID / KID of 128 samples per setting at
+(README) with the six methods of issue 10 (MeanFlow, sCT and sCD, added since, make it longer:
+their JVP steps cost about 2x a CM step here), 600 steps each, one seed, FID / KID of 128 samples per setting at
 NFE 1, 2, 4, 8 (Inception runs at a few images/s here).  FID of 128 samples carries a large
 bias (compare rows with each other, never with published numbers); KID is unbiased but noisy.
 CTM is also sampled with gamma 1 (CM multistep through its own G) and TCD's SSS at gamma 0
-and 0.3, for the papers' contrasts.  XLA_FLAGS above turns XLA:CPU's YNNPACK fusions off,
+and 0.3, for the papers' contrasts; MeanFlow by chains of its jumps, sCT / sCD by CM multistep.  XLA_FLAGS above turns XLA:CPU's YNNPACK fusions off,
 which makes these small networks and Inception faster on a CPU (docs/performance.md).
 """
 from configs import compare_common

@@ -5,7 +5,8 @@
 1500 steps per method (batch 256, the sampled EMA 0.99 for all, CTM included), seeds 0 and 1;
 2000 samples per setting against 2000 fresh mixture draws; E over 512 x_T against scipy's
 exact PF-ODE solution.  CTM samples deterministically (gamma 0) and, for the CTM paper's
-contrast, with gamma 1 (CM multistep through its own G); TCD with SSS at gamma 0, 0.3, 0.6, 1.
+contrast, with gamma 1 (CM multistep through its own G); TCD with SSS at gamma 0, 0.3, 0.6, 1;
+MeanFlow by deterministic chains of its jumps (gamma 0), sCT / sCD by CM multistep.
 """
 from configs import compare_common
 

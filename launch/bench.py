@@ -38,6 +38,12 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config"])
 
 
+def _also_config(path):
+  """A config file (path[:arg]) loaded as --config loads one."""
+  from ml_collections.config_flags import config_flags as cf
+  return cf.ConfigFileFlagParser("also").parse(path)
+
+
 def _parse_ints(name, text):
   try:
     vals = [int(v) for v in text.split(",") if v.strip()]
@@ -75,7 +81,7 @@ def main(argv):
     name = os.path.splitext(os.path.basename(path.strip()))[0]
     if not os.path.isfile(path.strip()) or name in configs:
       raise app.UsageError(f"--also: {path!r} is not a config file, or is given twice")
-    configs[name] = config_flags.ConfigFileFlagParser("also").parse(path.strip())
+    configs[name] = _also_config(path.strip())
   results = bench.measure(configs, ks, repeats=_REPEATS.value, batch=_BATCH.value,
                           log=lambda m: print(m, flush=True), compile_only=_COMPILE_ONLY.value)
   results["config"] = config_flags.get_config_filename(flags.FLAGS["config"])

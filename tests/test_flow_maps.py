@@ -5,7 +5,6 @@ real training steps of each toy config.
 The exact flow Phi(x, sigma -> s) of a Gaussian mixture is the PF-ODE dx/d ln(sigma) = x - D(x,
 sigma) with the oracle's exact denoiser D, integrated here by RK4 in ln(sigma) (differentiable,
 float64) and, independently, by scipy's DOP853 at rtol 1e-11."""
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -13,25 +12,13 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from ctm_jax import data, evaluate, flow_map, oracle, train
+from ctm_jax import evaluate, flow_map, oracle, train
 from ctm_jax.methods import meanflow as mf
 from ctm_jax.methods import scm
-from launch_utils import assert_refused, tiny_toy_student
+from launch_utils import assert_refused
+from test_cm_family import setup, tiny     # a toy config of a method, its Experiment and batch
 
 FLOW_METHODS = ("meanflow", "sct", "scd")
-
-
-def tiny(method, **overrides):
-  return tiny_toy_student(importlib.import_module(f"configs.toy_{method}"), **overrides)
-
-
-def setup(method, **overrides):
-  cfg = tiny(method, **overrides)
-  exp = train.Experiment(cfg)
-  state = jax.device_get(exp.init_state())
-  pipe = data.InputPipeline(cfg.data, cfg.training.batch_size, cfg.seed, 0, 1)
-  batch = {k: jnp.asarray(v) for k, v in pipe.batch_at(0).items()}
-  return cfg, exp, state, batch
 
 
 # ----------------------------------------------------------------------------- exact flow
