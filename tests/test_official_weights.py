@@ -161,3 +161,149 @@ class _Call:
 
   def __reduce__(self):
     return self.func, self.args
+
+
+# ------------------------------------------------------------------------------------------------
+# teacher.source = 'edm_pkl': the pickle loads as a run's teacher, checked against the config.
+
+
+@pytest.fixture
+def fixture8(monkeypatch):
+  from ctm_jax import data
+  monkeypatch.setitem(data.DATASETS, 'fixture8',
+                      data.DatasetInfo('fixture8', 'fixture8', 'image', (8, 8, 3), 10, 1, 1,
+                                       'test', True))
+
+
+def _edm_pkl_ctm_config(tag, **teacher_model):
+  """A CTM config on 'fixture8' whose teacher is the EDM pickle fixture (edm_pkl)."""
+  from configs import digits_ctm, digits_edm
+  t = digits_edm.get_config()
+  t.data.dataset, t.data.class_conditional = 'fixture8', tag == 'cond'
+  t.model.model_channels, t.model.augment_dim = 8, 9
+  for k, v in teacher_model.items():
+    t.model[k] = v
+  c = digits_ctm.get_config()
+  c.data.dataset, c.data.class_conditional = 'fixture8', tag == 'cond'
+  c.teacher.config = t
+  c.teacher.source, c.teacher.path = 'edm_pkl', str(FIXTURES / f'edm_songunet_tiny_{tag}.pkl')
+  return c
+
+
+@pytest.mark.parametrize('tag', ['uncond', 'cond'])
+def test_edm_pkl_teacher_reproduces_the_reference(fixture8, tag):
+  from ctm_jax import teacher as teacher_lib
+  cfg = _edm_pkl_ctm_config(tag)
+  teacher_lib.validate_teacher_config(cfg)
+  teacher = teacher_lib.Teacher(cfg)
+  z = np.load(FIXTURES / f'edm_songunet_tiny_{tag}.npz')
+  labels = np.argmax(z['class_labels'], 1) if tag == 'cond' else None
+  d = np.asarray(jax.jit(teacher.denoise)(teacher.params(), NHWC(z['x']), z['sigma'], labels))
+  err = _rel_err(d, NHWC(z['D']))
+  print(f'edm_pkl teacher {tag}: D rel err {err:.2e}')
+  assert err <= 1e-5
+
+
+def test_edm_pkl_teacher_config_errors(fixture8, tmp_path):
+  from ctm_jax import config_lib, teacher as teacher_lib
+  cfg = _edm_pkl_ctm_config('uncond')
+  cfg.teacher.path = ''
+  with pytest.raises(config_lib.ConfigError, match='config.teacher.path must name'):
+    teacher_lib.validate_teacher_config(cfg)
+  cfg.teacher.path = str(tmp_path / 'missing.pkl')
+  teacher_lib.validate_teacher_config(cfg)
+  with pytest.raises(FileNotFoundError, match='missing.pkl: no such EDM network pickle'):
+    teacher_lib.Teacher(cfg).params()
+  cfg = _edm_pkl_ctm_config('uncond', num_blocks=2, attn_resolutions=(8,))
+  with pytest.raises(config_lib.ConfigError, match=r'num_blocks: file 1, config 2; '
+                                                   r'attn_resolutions: file \(4,\), config \(8,\)'):
+    teacher_lib.Teacher(cfg).params()
+  cfg = _edm_pkl_ctm_config('uncond')
+  cfg.teacher.config.diffusion.sigma_data = 1.0
+  with pytest.raises(config_lib.ConfigError, match='sigma_data 0.5'):
+    teacher_lib.Teacher(cfg).params()
+
+
+# ------------------------------------------------------------------------------------------------
+# CTM student checkpoints (cm/train_util.py: torch.save(model.state_dict())).
+
+CTM_PT = FIXTURES / 'ctm_songunet_tiny.pt'
+
+
+def _ctm_fixture():
+  z = np.load(FIXTURES / 'ctm_songunet_tiny_outputs.npz')
+  return z, json.loads(str(z['meta']))['init_kwargs']
+
+
+def _paper_student_at_fixture_size(augment_dim=None):
+  """configs/cifar10_ctm.py's student network with only the sizes set to the fixture's."""
+  from configs import cifar10_ctm
+  from ctm_jax import nets
+  _, kw = _ctm_fixture()
+  m = cifar10_ctm.get_config().model
+  m.unlock()
+  for k in ('model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions',
+            'channel_mult_emb'):
+    m[k] = tuple(kw[k]) if isinstance(kw[k], list) else kw[k]
+  if augment_dim is not None:
+    m.augment_dim = augment_dim
+  return nets.build_net(m, use_s=True, label_dim=0, data_shape=(8, 8, 3))
+
+
+def test_ctm_checkpoint_loads_into_the_paper_student_and_matches_the_reference():
+  sd = ow.load_state_dict_file(CTM_PT)
+  z, kw = _ctm_fixture()
+  assert kw['augment_dim'] == 0 and not any('map_augment' in k for k in sd)
+  assert 'model.map_layer0_s.weight' in sd and 'model.enc.8x8_block0.affine_s.weight' in sd
+  net = _paper_student_at_fixture_size()
+  params = torch_port.load_torch_state_dict(net, sd)   # every tensor used, every param filled
+  assert sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params)) == 53843
+  f = net.apply({'params': params}, NHWC(z['F_in']), z['c_noise_t'], z['c_noise_s'])
+  err = _rel_err(np.asarray(f), NHWC(z['F_x']))
+  print(f'CTM .pt: F rel err {err:.2e}')
+  assert err <= 1e-5
+  # The teacher's 9-dim augment input (the paper config before) has no tensor in the file.
+  with pytest.raises(ValueError, match='map_augment/kernel'):
+    torch_port.load_torch_state_dict(_paper_student_at_fixture_size(augment_dim=9), sd)
+
+
+def _ctm_eval_config(**model):
+  from configs import digits_ctm
+  _, kw = _ctm_fixture()
+  c = digits_ctm.get_config()
+  c.data.dataset = 'fixture8'
+  for k in ('model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions',
+            'channel_mult_emb', 'augment_dim'):
+    c.model[k] = tuple(kw[k]) if isinstance(kw[k], list) else kw[k]
+  for k, v in model.items():
+    c.model[k] = v
+  return c
+
+
+def test_eval_of_an_official_ctm_checkpoint(fixture8, tmp_path):
+  from configs import base
+  from ctm_jax import config_lib, runs, samplers
+  from ctm_jax.evaljob import jobs, settings
+  config = _ctm_eval_config()
+  ev = settings.merge_eval(base.eval_block(), config, {
+      'eval.samplers': 'onestep', 'eval.num_samples': 8, 'eval.batch_size': 8,
+      'eval.shard_size': 8})
+  wd = str(tmp_path / 'official')
+  summary = jobs.run(wd, 'sample', ev, config, checkpoint_file=str(CTM_PT))
+  rec = [r for r in summary['records'] if r.get('samples')][0]
+  assert (rec['step'], rec['ema']) == (0, 'file-ctm_songunet_tiny')
+  assert rec['checkpoint_file'] == str(CTM_PT)
+  x = np.concatenate([np.load(f)['x'] for f in sorted(Path(rec['samples']).glob('shard_*.npz'))])
+  # Shard 0, batch 0: x_T = sigma_max N(key), one jump G(x_T, T, sigma_min) with the file's
+  # parameters loaded directly.
+  model = runs.build_model(config)
+  params = torch_port.load_torch_state_dict(model.net, ow.load_state_dict_file(CTM_PT))
+  k_x, _ = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
+  x_T = 80.0 * jax.random.normal(k_x, (8, 8, 8, 3))
+  want = np.asarray(samplers.to_uint8(samplers.onestep(model.jump_fn(params), x_T,
+                                                       model.schedule)))
+  assert np.abs(x.astype(int) - want.astype(int)).max() <= 1
+  # A config whose network the file does not hold: refused before any sampling.
+  bad = _ctm_eval_config(augment_dim=9)
+  with pytest.raises(config_lib.ConfigError, match='map_augment'):
+    jobs.run(str(tmp_path / 'bad'), 'sample', ev, bad, checkpoint_file=str(CTM_PT))
