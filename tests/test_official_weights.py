@@ -307,3 +307,32 @@ def test_eval_of_an_official_ctm_checkpoint(fixture8, tmp_path):
   bad = _ctm_eval_config(augment_dim=9)
   with pytest.raises(config_lib.ConfigError, match='map_augment'):
     jobs.run(str(tmp_path / 'bad'), 'sample', ev, bad, checkpoint_file=str(CTM_PT))
+
+
+# ------------------------------------------------------------------------------------------------
+# VGG16 (torchvision layout) and LPIPS heads (lpips / piq layouts), torch-free.
+
+
+@pytest.mark.parametrize('heads', ['lpips_heads_tiny.pth', 'piq_lpips_heads_tiny.pt'])
+def test_lpips_export_from_torch_files(tmp_path, heads):
+  from launch import export_lpips_weights
+  from ctm_jax.nets import lpips
+  want = np.load(FIXTURES / 'lpips_tiny_values.npz')
+  out = tmp_path / 'lpips.npz'
+  export_lpips_weights.main(['--out', str(out), '--vgg_pth', str(FIXTURES / 'vgg16_tiny.pth'),
+                             '--heads_pth', str(FIXTURES / heads)])
+  with np.load(out) as z:
+    got = {k: z[k] for k in z.files}
+  feats = sorted(k[4:] for k in want.files if k.startswith('vgg/features.'))
+  assert sorted(k for k in got if k.startswith('features.')) == feats   # classifier.* dropped
+  for k in feats:
+    np.testing.assert_array_equal(got[k], want['vgg/' + k])
+  for l in range(5):
+    ref = (want[f'heads/lin{l}.model.1.weight'] if heads.startswith('lpips')
+           else want[f'piq/{l}'].reshape(1, -1, 1, 1))
+    np.testing.assert_array_equal(got[f'lin{l}.model.1.weight'], ref)
+  params = lpips.load_lpips_params(out)
+  assert lpips.lpips_widths(params) == (4, 8, 8, 16, 16)
+  with pytest.raises(SystemExit):            # an existing output is never overwritten
+    export_lpips_weights.main(['--out', str(out), '--vgg_pth', str(FIXTURES / 'vgg16_tiny.pth'),
+                               '--heads_pth', str(FIXTURES / heads)])
