@@ -30,6 +30,20 @@ def _rel_err(ours, ref):
   return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
+def _edm_denoise(module, params, z, sigma_data=0.5):
+  """D(x, sigma) of the fixture's inputs with EDM's preconditioning (Karras et al. 2022,
+  Table 1) written out here around the flax network; NHWC, float64."""
+  x, sigma = z['x'].astype(np.float64), z['sigma'].astype(np.float64)
+  c_in = 1 / np.sqrt(sigma ** 2 + sigma_data ** 2)
+  c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+  c_out = sigma * sigma_data / np.sqrt(sigma ** 2 + sigma_data ** 2)
+  bc = lambda a: a[:, None, None, None]
+  labels = z['class_labels'] if 'class_labels' in z.files else None
+  f = module.apply({'params': params}, NHWC(bc(c_in) * x).astype(np.float32),
+                   np.log(sigma).astype(np.float32) / 4, class_labels=labels)
+  return bc(c_skip) * NHWC(x) + bc(c_out) * np.asarray(f, np.float64)
+
+
 @pytest.mark.parametrize('tag', ['uncond', 'cond'])
 def test_edm_pickle_matches_reference_forward(tag):
   pkl = FIXTURES / f'edm_songunet_tiny_{tag}.pkl'
@@ -44,17 +58,7 @@ def test_edm_pickle_matches_reference_forward(tag):
   assert module.augment_dim == 9 and module.model_channels == 8
   n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
   assert n_params == {'uncond': 48347, 'cond': 48435}[tag]      # torch's count (fixture script)
-  # EDM preconditioning (Karras et al. 2022, Table 1), written out here.
-  x, sigma = z['x'].astype(np.float64), z['sigma'].astype(np.float64)
-  sd = pre['sigma_data']
-  c_in = 1 / np.sqrt(sigma ** 2 + sd ** 2)
-  c_skip, c_out = sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / np.sqrt(sigma ** 2 + sd ** 2)
-  bc = lambda a: a[:, None, None, None]
-  labels = z['class_labels'] if 'class_labels' in z.files else None
-  f = module.apply({'params': params}, NHWC(bc(c_in) * x).astype(np.float32),
-                   np.log(sigma).astype(np.float32) / 4, class_labels=labels)
-  d = bc(c_skip) * NHWC(x) + bc(c_out) * np.asarray(f, np.float64)
-  err = _rel_err(d, NHWC(z['D']))
+  err = _rel_err(_edm_denoise(module, params, z, pre['sigma_data']), NHWC(z['D']))
   print(f'{tag}: D rel err {err:.2e}')
   assert err <= 1e-5
 
@@ -336,3 +340,24 @@ def test_lpips_export_from_torch_files(tmp_path, heads):
   with pytest.raises(SystemExit):            # an existing output is never overwritten
     export_lpips_weights.main(['--out', str(out), '--vgg_pth', str(FIXTURES / 'vgg16_tiny.pth'),
                                '--heads_pth', str(FIXTURES / heads)])
+
+
+def test_export_of_an_edm_pickle_to_npz_reproduces_the_reference(tmp_path):
+  from launch import export_torch_weights
+  out = tmp_path / 'edm.npz'
+  export_torch_weights.main(['--source', str(FIXTURES / 'edm_songunet_tiny_cond.pkl'),
+                             '--out', str(out)])
+  net = ow.read_edm_pickle(FIXTURES / 'edm_songunet_tiny_cond.pkl')
+  sd = torch_port.load_npz_state_dict(out)
+  assert list(sd) == list(net.state_dict)
+  for k, v in net.state_dict.items():
+    np.testing.assert_array_equal(sd[k], v)
+  assert torch_port.load_npz_config(out) == net.init_kwargs
+  module = torch_port.module_from_torch_config(torch_port.load_npz_config(out))
+  params = torch_port.load_torch_state_dict(module, sd)
+  z = np.load(FIXTURES / 'edm_songunet_tiny_cond.npz')
+  assert _rel_err(_edm_denoise(module, params, z), NHWC(z['D'])) <= 1e-5
+  with pytest.raises(SystemExit):            # an existing output is never overwritten
+    export_torch_weights.main(['--source', str(FIXTURES / 'ctm_songunet_tiny.pt'),
+                               '--out', str(out)])
+  assert list(torch_port.load_npz_state_dict(out)) == list(net.state_dict)
