@@ -88,6 +88,10 @@ def test_edm_pickle_unsupported_fields_are_named():
     else:
       with pytest.raises(ValueError, match=match):
         ow.edm_network_module(bad)
+  other = ow.EdmNetwork(net.class_name, {**net.init_kwargs, 'sigma_data': 0.6, 'sigma_max': 40},
+                        net.state_dict, net.inner_class)
+  assert ow.edm_network_module(other)[1] == dict(sigma_data=0.6, sigma_min=0.002, sigma_max=40.0,
+                                                 label_dim=0)
   vp = ow.EdmNetwork('VPPrecond', net.init_kwargs, net.state_dict, net.inner_class)
   with pytest.raises(ValueError, match="'VPPrecond'"):
     ow.edm_network_module(vp)
