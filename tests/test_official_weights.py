@@ -198,17 +198,21 @@ def _edm_pkl_ctm_config(tag, **teacher_model):
   return c
 
 
-@pytest.mark.parametrize('tag', ['uncond', 'cond'])
-def test_edm_pkl_teacher_reproduces_the_reference(fixture8, tag):
+@pytest.mark.parametrize('tag,source', [('uncond', 'edm_pkl'), ('cond', 'edm_pkl'),
+                                        ('uncond', 'torch_pt')])
+def test_file_teacher_reproduces_the_reference(fixture8, tag, source):
+  """edm_pkl: the pickle; torch_pt: torch.save(ema.state_dict()) of the same network."""
   from ctm_jax import teacher as teacher_lib
   cfg = _edm_pkl_ctm_config(tag)
+  if source == 'torch_pt':
+    cfg.teacher.source, cfg.teacher.path = 'torch_pt', str(FIXTURES / f'edm_songunet_tiny_{tag}.pt')
   teacher_lib.validate_teacher_config(cfg)
   teacher = teacher_lib.Teacher(cfg)
   z = np.load(FIXTURES / f'edm_songunet_tiny_{tag}.npz')
   labels = np.argmax(z['class_labels'], 1) if tag == 'cond' else None
   d = np.asarray(jax.jit(teacher.denoise)(teacher.params(), NHWC(z['x']), z['sigma'], labels))
   err = _rel_err(d, NHWC(z['D']))
-  print(f'edm_pkl teacher {tag}: D rel err {err:.2e}')
+  print(f'{source} teacher {tag}: D rel err {err:.2e}')
   assert err <= 1e-5
 
 
