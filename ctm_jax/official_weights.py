@@ -231,7 +231,13 @@ def load_state_dict_file(path) -> Dict[str, np.ndarray]:
   name = os.fspath(path)
   if name.endswith('.npz'):
     return torch_port.load_npz_state_dict(name)
-  tree = ta.load_torch_archive(name)
+  try:
+    tree = ta.load_torch_archive(name)
+  except ta.UnsafePickleError as e:
+    if 'torch_utils.persistence' in str(e):
+      raise ta.UnsafePickleError(f'{e}. This is an NVlabs/edm network pickle: read it with '
+                                 f'read_edm_pickle (teacher.source = edm_pkl)') from None
+    raise
   flat = ta.flatten_arrays(tree)
   if not flat:
     raise ta.TorchArchiveError(f'{name}: holds no tensors')

@@ -70,6 +70,8 @@ def test_edm_pickle_other_entries_and_key_errors():
   assert tree['augment_pipe'].class_name == 'AugmentPipe'
   assert tree['augment_pipe'].attributes['p'] == pytest.approx(0.12)
   assert tree['dataset_kwargs']['resolution'] == 32
+  with pytest.raises(ta.UnsafePickleError, match=r'NVlabs/edm network pickle.*edm_pkl'):
+    ow.load_state_dict_file(FIXTURES / 'edm_songunet_tiny_uncond.pkl')   # read as a .pt
   with pytest.raises(KeyError, match="no entry 'net'"):
     ow.read_edm_pickle(FIXTURES / 'edm_songunet_tiny_uncond.pkl', key='net')
   with pytest.raises(ValueError, match="'EDMLoss'"):
@@ -312,8 +314,8 @@ def test_eval_of_an_official_ctm_checkpoint(fixture8, tmp_path):
   params = torch_port.load_torch_state_dict(model.net, ow.load_state_dict_file(CTM_PT))
   k_x, _ = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
   x_T = 80.0 * jax.random.normal(k_x, (8, 8, 8, 3))
-  want = np.asarray(samplers.to_uint8(samplers.onestep(model.jump_fn(params), x_T,
-                                                       model.schedule)))
+  want = np.asarray(jax.jit(lambda p, x: samplers.to_uint8(samplers.onestep(
+      model.jump_fn(p), x, model.schedule)))(params, x_T))
   assert np.abs(x.astype(int) - want.astype(int)).max() <= 1
   # A config whose network the file does not hold: refused before any sampling.
   bad = _ctm_eval_config(augment_dim=9)
