@@ -371,3 +371,27 @@ def test_export_of_an_edm_pickle_to_npz_reproduces_the_reference(tmp_path):
     export_torch_weights.main(['--source', str(FIXTURES / 'ctm_songunet_tiny.pt'),
                                '--out', str(out)])
   assert list(torch_port.load_npz_state_dict(out)) == list(net.state_dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# openai consistency_models checkpoints (openai UNetModel names, flash-attention qkv layout).
+
+
+def test_consistency_models_checkpoint_matches_the_reference():
+  z = np.load(FIXTURES / 'cm_unet_tiny_outputs.npz')
+  flags = json.loads(str(z['config']))
+  net = torch_port.module_from_torch_config(flags)
+  sd = ow.load_state_dict_file(FIXTURES / 'cm_unet_tiny.pt')
+  assert torch_port.detect_naming(sd) == 'openai' and 'middle_block.1.qkv.weight' in sd
+  params = torch_port.load_torch_state_dict(net, sd)  # every tensor used, every param filled
+  assert sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params)) == 123139
+  np.testing.assert_allclose(z['rescaled_t'], 250 * np.log(z['sigma'].astype(np.float64)),
+                             rtol=1e-6)
+  f = net.apply({'params': params}, NHWC(z['F_in']), z['rescaled_t'])
+  err = _rel_err(np.asarray(f), NHWC(z['F_x']))
+  print(f'consistency_models .pt: F rel err {err:.2e}')
+  assert err <= 1e-5
+  # guided-diffusion's (head, q|k|v) order is another function of the same file (2 heads here).
+  legacy = torch_port.load_torch_state_dict(net, sd, qkv_order='heads_three')
+  assert _rel_err(np.asarray(net.apply({'params': legacy}, NHWC(z['F_in']), z['rescaled_t'])),
+                  NHWC(z['F_x'])) > 1e-3
