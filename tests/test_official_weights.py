@@ -2,8 +2,10 @@
 
 Fixtures (tests/fixtures/README.md; made by tests/fixtures/make_official_weights_fixtures.py with
 the reference code): EDM network pickles written as NVlabs/edm's training loop writes them, a CTM
-student state dict written as Kim-Dongjun/ctm-cifar10 writes `ema_*.pt`, each with the reference
-network's outputs on fixed inputs. Pass criterion: max|ours - ref| <= 1e-5 max|ref|.
+student state dict written as Kim-Dongjun/ctm-cifar10 writes `ema_*.pt`, an openai
+consistency_models UNetModel state dict, each with the reference network's outputs on fixed
+inputs, and VGG16 / LPIPS head files in torchvision / lpips / piq layouts with their arrays.
+Pass criterion: max|ours - ref| <= 1e-5 max|ref|.
 The refusal cases are pickles built here; each payload would create a file, and the test checks
 that the payload really runs under `pickle.loads` and that the file is absent after our reader.
 """
