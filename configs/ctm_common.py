@@ -51,12 +51,14 @@ def gan_block() -> ml_collections.ConfigDict:
 
 def teacher_block(teacher_config=None, source: str = "checkpoint") -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict(dict(
-      source=source,                # oracle | checkpoint | torch_npz
+      source=source,                # oracle | checkpoint | torch_npz | edm_pkl | torch_pt
       workdir="",                   # checkpoint: the teacher run's workdir
       step=-1,                      # checkpoint step (-1 = newest)
       ema="",                       # which EMA of the teacher ('' = its sampling.eval_ema,
                                     # or its first EMA when that is '' too)
       npz_path="",                  # torch_npz: official weights exported to .npz
+      path="",                      # edm_pkl: an EDM network pickle; torch_pt: a .pt state dict
+      pickle_key="ema",             # edm_pkl: the pickle's entry holding the network
   ))
   if teacher_config is not None:
     t.config = teacher_config

@@ -1,11 +1,12 @@
 """CTM on ImageNet 64x64, class-conditional (Kim et al. 2024; reference sony/ctm).
 
   python -m launch.train --config=configs/imagenet64_ctm.py --workdir=$W1 \
-      --config.teacher.npz_path=edm_imagenet64_ema.npz --config.ctm.lpips_weights=lpips_vgg.npz
+      --config.teacher.path=edm_imagenet64_ema.pt --config.ctm.lpips_weights=lpips_vgg.npz
   python -m launch.train --config=configs/imagenet64_ctm.py:gan --workdir=$W2 --config.init_from=$W1 ...
 
-The teacher is openai's EDM ImageNet-64 ADM (consistency_models' edm_imagenet64_ema.pt, exported
-with launch/export_torch_weights.py), which takes c_noise = 250 ln(t); the student uses the same.
+The teacher is openai's EDM ImageNet-64 ADM (consistency_models' edm_imagenet64_ema.pt, a torch.save
+state dict read without torch: teacher.source = 'torch_pt'), which takes c_noise = 250 ln(t); the
+student uses the same.
 """
 from configs import ctm_common, imagenet64_edm
 
@@ -27,7 +28,7 @@ def get_config(arg: str = ""):
   c.ctm = ctm_common.ctm_block(num_points=40)             # N = 40, K = 39
   c.ctm.target_ema = 0.999
   c.gan = ctm_common.gan_block()
-  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz")
+  c.teacher = ctm_common.teacher_block(teacher, source="torch_pt")
   c.optim.name = "radam"
   c.optim.lr = 4e-4
   c.optim.warmup_steps = 0

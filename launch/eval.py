@@ -3,6 +3,14 @@ r"""Evaluate a trained run: samples, FID / KID, NLL, FID reference statistics.
   python -m launch.eval --workdir=DIR --mode=sample|fid|nll|fid_stats|all \
       [--config.eval.FIELD=VALUE ...] [--run_config=configs/FILE.py]
 
+An official checkpoint (a torch.save state dict such as Kim-Dongjun/ctm-cifar10's
+ema_0.999_*.pt, read without torch) of the network a config describes:
+
+  python -m launch.eval --checkpoint=ema_0.999_049000.pt --run_config=configs/cifar10_ctm.py \
+      --workdir=workdirs/official_ctm --mode=fid
+
+DIR then only receives the evaluation's files (results as step 0, EMA `file-<name>`).
+
 Settings are config.eval (configs/base.py eval_block): the defaults, then the run's own
 config.eval from DIR/config.json, then --config.eval.FIELD overrides.  The job works in shards
 under DIR/eval/ and resumes from them when re-run with the same command; results go to
@@ -47,6 +55,9 @@ _RUN_CONFIG = flags.DEFINE_string(
     "(FILE.py or FILE.py:arg).")
 _FAKE_DEVICES = flags.DEFINE_integer(
     "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "Evaluate this official-format state dict (.pt/.pth torch.save, or an .npz "
+    "export) of the --run_config network instead of the workdir's checkpoints.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -73,11 +84,20 @@ def main(argv):
     parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
   from ctm_jax import parallel
   from ctm_jax.evaljob import jobs, settings
+  if _CHECKPOINT.value:
+    from ctm_jax import config_lib
+    if not _RUN_CONFIG.value:
+      raise config_lib.UserError("--checkpoint needs --run_config (the config whose network the "
+                                 "file holds, e.g. configs/cifar10_ctm.py)")
+    if not os.path.isfile(_CHECKPOINT.value):
+      raise config_lib.UserError(f"--checkpoint={_CHECKPOINT.value}: no such file")
+    os.makedirs(_WORKDIR.value, exist_ok=True)
   config = load_run_config(_WORKDIR.value, _RUN_CONFIG.value)
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   ev = settings.merge_eval(base.eval_block(), config, overrides)
   parallel.maybe_initialize_distributed(config.distributed)
-  jobs.run(_WORKDIR.value, _MODE.value, ev, config, argv=sys.argv)
+  jobs.run(_WORKDIR.value, _MODE.value, ev, config, argv=sys.argv,
+           checkpoint_file=_CHECKPOINT.value)
 
 
 if __name__ == "__main__":

@@ -583,6 +583,15 @@ def test_cli_mistakes_end_in_one_line_and_status_2(toy_run, tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith(
       "launch.eval: error: unknown field config.eval.samplrs; did you mean config.eval.samplers?")
   assert "Traceback" not in bad.stderr
+  nocfg = subprocess.run(_run_eval_cmd(str(tmp_path / "official"),
+                                       "--checkpoint=tests/fixtures/ctm_songunet_tiny.pt"),
+                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=300)
+  assert nocfg.returncode == 2 and "Traceback" not in nocfg.stderr
+  assert nocfg.stderr.strip().splitlines()[-1] == (
+      "launch.eval: error: --checkpoint needs --run_config (the config whose network the file "
+      "holds, e.g. configs/cifar10_ctm.py)")
+  assert not os.path.exists(tmp_path / "official")          # nothing written
   notrun = subprocess.run([sys.executable, "-m", "launch.sample", f"--workdir={tmp_path}",
                            "--samplers=heun:3"], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -57,6 +58,7 @@ class Job:
   feature_fn: Optional[FeatureFn] = None
   feature_id: str = ""                     # sha256 of the Inception weights
   logp_fn: Optional[LogpFn] = None
+  checkpoint_file: str = ""                # an official-format state dict instead of the run's
   _teacher: Any = None
   _refs: Dict = dataclasses.field(default_factory=dict)    # 2-D references, per sampler kind
   cache: Dict = dataclasses.field(default_factory=dict)    # jitted functions built once per job
@@ -187,6 +189,8 @@ def base_record(job: Job, spec=None, step=None, ema=None) -> dict:
     if spec.kind == "teacher_heun":
       step, ema = None, "teacher"
   r.update(step=step, ema=ema)
+  if job.checkpoint_file and ema != "teacher":
+    r["checkpoint_file"] = os.path.abspath(job.checkpoint_file)
   return r
 
 
@@ -404,23 +408,32 @@ def setup_features(job: Job, feature_fn: Optional[FeatureFn], feature_id: Option
 
 def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] = None,
         feature_id: Optional[str] = None, logp_fn: Optional[LogpFn] = None,
-        argv: Optional[List[str]] = None, devices=None) -> Dict[str, Any]:
+        argv: Optional[List[str]] = None, devices=None,
+        checkpoint_file: str = "") -> Dict[str, Any]:
   """Run one evaluation invocation; returns its summary (records, files, paths).
 
   ev is the merged config.eval; everything is validated before any compute.  feature_fn /
   logp_fn replace the Inception network / the PF-ODE likelihood; devices, a subset of the
-  devices to use (default all).
+  devices to use (default all).  checkpoint_file: evaluate the network of an official-format
+  state dict (a CTM `ema_*.pt`, a .npz export) built as `config` describes, instead of the
+  workdir's checkpoints; its results go under workdir as step 0, EMA `file-<name>`.
   """
   t_start = time.time()
   mesh = eval_mesh(config, devices)
   settings.validate(ev, config, mode=mode, num_devices=mesh.size,
                     process_count=jax.process_count())
-  steps = settings.checkpoint_steps(ev, workdir) if mode != "fid_stats" else []
-  emas = settings.ema_list(ev, config)
+  if checkpoint_file:
+    steps, emas = [0], [file_ema_name(checkpoint_file)]
+  else:
+    steps = settings.checkpoint_steps(ev, workdir) if mode != "fid_stats" else []
+    emas = settings.ema_list(ev, config)
   specs = settings.sampler_specs(ev, config) if mode in ("sample", "fid", "all") else []
   job = Job(workdir=workdir, config=config, ev=ev, mode=mode, mesh=mesh,
             info=data.dataset_info(config.data.dataset), model=runs.build_model(config),
-            invocation=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", logp_fn=logp_fn)
+            invocation=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", logp_fn=logp_fn,
+            checkpoint_file=checkpoint_file)
+  if checkpoint_file:       # read and matched against the network before any compute
+    job.cache["checkpoint_file_params"] = _load_file(job)
   if settings.needs_fid(mode):
     setup_features(job, feature_fn, feature_id)
   ref = load_reference(job) if mode in ("fid", "all") else None
@@ -459,8 +472,30 @@ def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] 
 
 
 def _load(job: Job, step: int, ema: str):
+  if job.checkpoint_file:
+    return job.cache["checkpoint_file_params"]
   params, _, _ = runs.load_params(job.config, job.workdir, step, ema, mesh=job.mesh)
   return params
+
+
+def file_ema_name(path: str) -> str:
+  """The EMA label of an official checkpoint file's results: `file-<its name>`."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return "file-" + re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
+
+
+def _load_file(job: Job):
+  """The run network's parameters from job.checkpoint_file (torch names; every tensor used)."""
+  from ctm_jax import official_weights
+  from ctm_jax.nets import torch_port
+  sd = official_weights.load_state_dict_file(job.checkpoint_file)
+  try:
+    params = torch_port.load_torch_state_dict(job.model.net, sd)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"--checkpoint={job.checkpoint_file}: not the network the run "
+                                 f"config describes: {e}") from None
+  logging.info("eval: parameters from %s (%d tensors)", job.checkpoint_file, len(sd))
+  return _put_replicated(job.mesh, params)
 
 
 def _toy_ode_error(job: Job, params, step, ema):
