@@ -20,7 +20,7 @@ import pytest
 from configs import base, toy_ctm
 from ctm_jax import config_lib, metric_io, parallel, runs, train
 from ctm_jax import data as data_lib
-from ctm_jax.evaljob import jobs, report, settings, shards
+from ctm_jax.evaljob import common, jobs, report, settings, shards
 from launch_utils import ROOT, set_fields, subprocess_env
 from test_ctm_images import tiny_edm
 from test_train import tiny_config
@@ -670,7 +670,7 @@ def test_paper_config_settings_validate_and_exact_trace_is_refused_in_high_dimen
   ev = settings.merge_eval(base.eval_block(), c, {"eval.nll_divergence": "exact"})
   with pytest.raises(config_lib.ConfigError, match=r"nll_divergence = 'exact' .* 3072 x 3072 .*'hutchinson'"):
     settings.validate(ev, c, mode="nll", num_devices=8, process_count=1)
-  assert settings.nll_split(ev, imagenet64_edm.get_config()) == "validation"
+  assert common.nll_split(ev, imagenet64_edm.get_config()) == "validation"
 
 
 @pytest.mark.slow
@@ -686,7 +686,7 @@ def test_nll_of_images_gives_the_three_labelled_quantities(digits_run, tmp_path)
   ev, config = eval_settings(wd, nll_num_examples=4, nll_batch_size=4, batch_size=4,
                              shard_size=4, nll_elbo_samples=3, nll_rtol=1e-3, nll_atol=1e-3)
   recs = {r["metric"]: r for r in jobs.run(wd, "nll", ev, config, devices=jax.devices()[:1])["records"]}
-  assert set(recs) == set(nll.IMAGE_METRICS)
+  assert set(recs) == set(common.IMAGE_METRICS)
   u8 = np.rint((data_lib.load_split("digits", "test", max_examples=4)["x"] + 1) * 127.5)
   k_deq, k_est = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
   deq = (u8 + np.asarray(jax.random.uniform(k_deq, u8.shape))) / 128.0 - 1.0
@@ -740,7 +740,7 @@ def test_nll_of_images_labels_inputs_and_bits_per_dim_with_a_closed_form_logp(di
 
   recs = {r["metric"]: r for r in jobs.run(wd, "nll", ev, config, logp_fn=logp_fn,
                                            devices=jax.devices()[:1])["records"]}
-  assert set(recs) == set(nll.IMAGE_METRICS)
+  assert set(recs) == set(common.IMAGE_METRICS)
   u8 = np.rint((data_lib.load_split("digits", "test", max_examples=6)["x"] + 1) * 127.5)
   u8 = np.concatenate([u8, u8[-1:].repeat(2, 0)])          # the job pads its batch of 8
   k_deq, k_est = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))

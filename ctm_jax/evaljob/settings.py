@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from ctm_jax import config_lib, data, evaluate, methods, runs
+from ctm_jax.evaljob.common import ODE_METRICS, check_metrics, metrics_for, split_list
 
 MODES = ("sample", "fid", "nll", "fid_stats", "all")
 FEATURE_DIM = 2048                     # ctm_jax.nets.inception.FEATURE_DIM (pool3)
@@ -52,10 +53,6 @@ def check_override_names(argv: Sequence[str], defaults) -> None:
                                      f"set here (the run's own config is fixed)")
       if parts[1] not in defaults:
         raise config_lib.ConfigError(unknown_field_message(parts[1], defaults.keys()))
-
-
-def split_list(value: str) -> List[str]:
-  return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def default_samplers(config) -> str:
@@ -124,11 +121,6 @@ def default_stats_path(config, ev) -> str:
   data_dir = ev.data_dir or config.data.data_dir or builders.default_data_dir()
   name = config.data.dataset.replace("/", "_")
   return os.path.join(data_dir, STATS_DIR_NAME, f"{name}-{ev.fid_split}.npz")
-
-
-def nll_split(ev, config) -> str:
-  """config.eval.nll_split, '' meaning the data set's test (or validation) split."""
-  return ev.nll_split or data.dataset_info(config.data.dataset).eval_split
 
 
 def stats_path(config, ev) -> str:
@@ -200,12 +192,11 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
     if shard % nb:
       raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
                                    f"config.eval.nll_batch_size = {nb}")
-    from ctm_jax.evaljob import nll
     from ctm_jax.metrics import likelihood
-    nll.check_metrics(ev, info)
+    check_metrics(ev, info)
     config_lib.check_choice(c, "eval.nll_divergence", likelihood.DIVERGENCES)
     dim = int(np.prod(info.shape))
-    uses_ode = any(m in nll.ODE_METRICS for m in nll.metrics_for(ev, info))
+    uses_ode = any(m in ODE_METRICS for m in metrics_for(ev, info))
     if uses_ode and ev.nll_divergence == "exact" and dim > likelihood.EXACT_MAX_DIM:
       raise config_lib.ConfigError(
           f"config.eval.nll_divergence = 'exact' builds a {dim} x {dim} jacobian per example; "
