@@ -9,8 +9,6 @@ under DIR/eval/ and resumes from them when re-run with the same command; results
 DIR/eval/results.jsonl (docs/eval_jobs.md).  A mistake in the settings ends in one line on
 stderr and exit status 2 (--verbose shows the traceback).
 """
-import importlib.util
-import os
 import sys
 
 import ml_collections
@@ -54,13 +52,7 @@ def load_run_config(workdir: str, run_config: str):
   from ctm_jax import config_lib, runs
   if not run_config:
     return runs.load_run_config(workdir)
-  path, _, arg = run_config.partition(":")
-  if not os.path.isfile(path):
-    raise config_lib.UserError(f"--run_config={run_config}: no such file {path!r}")
-  spec = importlib.util.spec_from_file_location("run_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return config_lib.load_config_file(run_config, "--run_config")
 
 
 def main(argv):
