@@ -17,12 +17,11 @@ reused unless config.eval.recompute.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,49 +30,14 @@ import numpy as np
 from absl import logging
 
 from ctm_jax import config_lib, data, evaluate, parallel, runs, samplers, visualize
-from ctm_jax.evaljob import report, settings
-from ctm_jax.evaljob.shards import (ShardStore, file_sha256, read_json, settings_hash,
-                                    write_json_atomic)
+from ctm_jax.evaljob import nll, report, settings
+from ctm_jax.evaljob.common import (FeatureFn, Job, LogpFn, base_record, batch_keys, finish,
+                                    global_batch, reuse)
+from ctm_jax.evaljob.shards import ShardStore, file_sha256, settings_hash, write_json_atomic
 from ctm_jax.progress import format_duration
 
 NETWORK = "Inception-v3 2015-12-05 (FID), pool3 2048-d"
 RESIZE = "299x299 bilinear (TF1 legacy resize), (x - 128) / 128, gray -> 3 channels"
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]     # uint8 NHWC -> (B, 2048)
-LogpFn = Callable[..., Dict[str, Any]]             # (params, x, key, labels) -> {'logp', ...}
-
-
-@dataclasses.dataclass
-class Job:
-  workdir: str
-  config: ml_collections.ConfigDict       # the run's config
-  ev: ml_collections.ConfigDict           # the merged config.eval
-  mode: str
-  mesh: Any
-  info: Any
-  model: Any
-  invocation: str
-  records: List[dict] = dataclasses.field(default_factory=list)   # this invocation's
-  files: List[str] = dataclasses.field(default_factory=list)
-  feature_fn: Optional[FeatureFn] = None
-  feature_id: str = ""                     # sha256 of the Inception weights
-  logp_fn: Optional[LogpFn] = None
-  checkpoint_file: str = ""                # an official-format state dict instead of the run's
-  _teacher: Any = None
-  _refs: Dict = dataclasses.field(default_factory=dict)    # 2-D references, per sampler kind
-  cache: Dict = dataclasses.field(default_factory=dict)    # jitted functions built once per job
-
-  def reference(self, name: str, fn, *args):
-    """A 2-D reference computed once per invocation."""
-    key = (name,) + args
-    if key not in self._refs:
-      self._refs[key] = fn(self.config, *args)
-    return self._refs[key]
-
-  @property
-  def num_classes(self) -> int:
-    return self.info.num_classes if self.config.data.class_conditional else 0
-
 
 def eval_mesh(config, devices=None):
   """Every device on the data axis; the run's fsdp axis kept when it divides the count."""
@@ -84,21 +48,11 @@ def eval_mesh(config, devices=None):
   return parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
 
 
-def _global(mesh, arr: np.ndarray):
-  """A host array (the same on every process) as a batch-sharded global jax.Array."""
-  sh = parallel.batch_sharding(mesh)
-  return jax.make_array_from_callback(arr.shape, sh, lambda idx: arr[idx])
-
-
 def _put_replicated(mesh, tree):
   return jax.device_put(tree, parallel.replicated(mesh))
 
 
 # ----------------------------------------------------------------------------- sampling
-
-def _batch_keys(seed: int, shard: int, batch: int):
-  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), shard), batch)
-
 
 def make_batch_sampler(job: Job, fn):
   """jit(params, key, labels) -> one global batch of samples, batch-sharded: x_T from the
@@ -156,7 +110,7 @@ def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
     xs, ys = [], []
     for b in range(-(-count // bs)):
       lab = _labels(job, start + b * bs, bs)
-      out = run(params, _batch_keys(ev.seed, i, b), None if lab is None else _global(job.mesh, lab))
+      out = run(params, batch_keys(ev.seed, i, b), None if lab is None else global_batch(job.mesh, lab))
       xs.append(np.asarray(parallel.to_host(out)))
       if lab is not None:
         ys.append(lab)
@@ -175,54 +129,6 @@ def job_teacher(job: Job):
     t = teacher_lib.Teacher(job.config)
     job._teacher = (t, _put_replicated(job.mesh, t.params()))
   return job._teacher
-
-
-# ----------------------------------------------------------------------------- records
-
-def base_record(job: Job, spec=None, step=None, ema=None) -> dict:
-  r = {"workdir": os.path.abspath(job.workdir), "invocation": job.invocation,
-       "dataset": job.config.data.dataset, "method": job.config.method,
-       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  if spec is not None:
-    r.update(sampler=spec.name, kind=spec.kind, nfe=spec.nfe,
-             gamma=spec.gamma if spec.kind == "gamma" else None, seed=job.ev.seed)
-    if spec.kind == "teacher_heun":
-      step, ema = None, "teacher"
-  r.update(step=step, ema=ema)
-  if job.checkpoint_file and ema != "teacher":
-    r["checkpoint_file"] = os.path.abspath(job.checkpoint_file)
-  return r
-
-
-def finish(job: Job, result_path: str, records: List[dict], files: List[str]) -> List[dict]:
-  """Write a setting's result file (its records and files), then append the records."""
-  if jax.process_index() == 0:
-    write_json_atomic(result_path, {"records": records, "files": files})
-  report.append_records(job.workdir, records)
-  job.records.extend(records)
-  job.files.extend(files + [result_path])
-  for r in records:
-    logging.info("%s = %s%s  [%s]", r["metric"], _fmt(r["value"]),
-                 f" +- {_fmt(r['stderr'])}" if r.get("stderr") is not None else "",
-                 ", ".join(f"{k}={r[k]}" for k in ("sampler", "split", "step", "ema",
-                                                    "num_samples", "num_examples") if r.get(k) is not None))
-  return records
-
-
-def _fmt(v):
-  return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def reuse(job: Job, result_path: str) -> Optional[List[dict]]:
-  """The records of a finished setting (not recomputed unless config.eval.recompute)."""
-  if job.ev.recompute or not os.path.exists(result_path):
-    return None
-  got = read_json(result_path)
-  logging.info("already evaluated (config.eval.recompute=True redoes it): %s", result_path)
-  for r in got["records"]:
-    job.records.append(dict(r, reused=True))
-  job.files.extend(got["files"] + [result_path])
-  return got["records"]
 
 
 def save_grid(job: Job, x: np.ndarray, path: str) -> str:
@@ -342,7 +248,7 @@ def fid_stats(job: Job) -> List[dict]:
   the FID / KID of one half of the split against the other (the data's own level)."""
   from ctm_jax.metrics import fid
   ev, t0 = job.ev, time.time()
-  path = settings.stats_path(job.config, ev)
+  path = settings.stats_path(job.config, ev, job.workdir)
   if os.path.exists(path) and not ev.recompute:
     logging.info("reference statistics exist (config.eval.recompute=True redoes them): %s", path)
     job.files.append(path)
@@ -380,7 +286,7 @@ def fid_stats(job: Job) -> List[dict]:
 
 def load_reference(job: Job) -> dict:
   from ctm_jax.metrics import fid
-  path = settings.stats_path(job.config, job.ev)
+  path = settings.stats_path(job.config, job.ev, job.workdir)
   stats = fid.load_stats(path, feature_dim=None)
   settings.check_reference_stats(path, job.config, job.ev, stats)
   feats = stats.get("features")
@@ -421,7 +327,7 @@ def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] 
   t_start = time.time()
   mesh = eval_mesh(config, devices)
   settings.validate(ev, config, mode=mode, num_devices=mesh.size,
-                    process_count=jax.process_count())
+                    process_count=jax.process_count(), workdir=workdir)
   if checkpoint_file:
     steps, emas = [0], [file_ema_name(checkpoint_file)]
   else:
@@ -456,7 +362,6 @@ def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] 
         else:
           fid_setting(job, spec, params, step, ema, ref, t0)
       if settings.needs_nll(mode):
-        from ctm_jax.evaljob import nll
         params = params if params is not None else _load(job, step, ema)
         nll.nll_setting(job, params, step, ema)
       if (mode == "sample" and config.data.dataset == "toy_gmm"

@@ -29,12 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import data, parallel
-from ctm_jax.evaljob import jobs, report, settings
+from ctm_jax.evaljob import report
+from ctm_jax.evaljob.common import (ODE_METRICS, base_record, batch_keys, finish, global_batch,
+                                    metrics_for, nll_split, reuse)
 from ctm_jax.evaljob.shards import ShardStore, settings_hash
-
-IMAGE_METRICS = ("bpd_ode_uniform_dequant", "bpd_ode_pixel_centres", "bpd_elbo")
-POINT_METRICS = ("nll_ode",)
-ODE_METRICS = ("bpd_ode_uniform_dequant", "bpd_ode_pixel_centres", "nll_ode")
 
 LABELS = {
     "bpd_ode_uniform_dequant": (
@@ -57,27 +55,10 @@ LABELS = {
 }
 
 
-def metrics_for(ev, info) -> List[str]:
-  """config.eval.nll_metrics as a list; '' = every quantity for the data kind."""
-  names = settings.split_list(ev.nll_metrics)
-  return names or list(IMAGE_METRICS if info.kind == "image" else POINT_METRICS)
-
-
-def check_metrics(ev, info) -> None:
-  allowed = IMAGE_METRICS if info.kind == "image" else POINT_METRICS
-  names = metrics_for(ev, info)
-  bad = [n for n in names if n not in allowed]
-  if bad or len(set(names)) != len(names):
-    from ctm_jax import config_lib
-    raise config_lib.ConfigError(
-        f"config.eval.nll_metrics = {ev.nll_metrics!r}: {info.kind} data accepts a comma list "
-        f"of {allowed} without repeats ('' = all)")
-
-
 def nll_data(job):
   """The NLL split's examples: uint8 images (or float points) and labels."""
   ev = job.ev
-  got = data.load_split(job.config.data.dataset, settings.nll_split(ev, job.config),
+  got = data.load_split(job.config.data.dataset, nll_split(ev, job.config),
                         ev.data_dir or job.config.data.data_dir or None,
                         max_examples=ev.nll_num_examples or None)
   x = got["x"]
@@ -176,9 +157,9 @@ def per_example(job, metric: str, params, x_all, y_all, store: ShardStore,
     for b in range(-(-count // nb)):
       lo = start + b * nb
       idx = np.minimum(np.arange(lo, lo + nb), start + count - 1)   # pad the last batch, cut
-      labels = jobs._global(job.mesh, y_all[idx].astype(np.int32)) if cond else None
-      out = parallel.to_host(batch(params, jobs._global(job.mesh, x_all[idx]),
-                                   jobs._batch_keys(ev.seed, i, b), labels))
+      labels = global_batch(job.mesh, y_all[idx].astype(np.int32)) if cond else None
+      out = parallel.to_host(batch(params, global_batch(job.mesh, x_all[idx]),
+                                   batch_keys(ev.seed, i, b), labels))
       n = min(nb, start + count - lo)
       for k, v in out.items():
         v = np.asarray(v)
@@ -236,7 +217,7 @@ def nll_setting(job, params, step, ema) -> List[dict]:
   """Every quantity of config.eval.nll_metrics for one checkpoint and EMA."""
   ev = job.ev
   x_all, y_all = nll_data(job)
-  split = settings.nll_split(ev, job.config)
+  split = nll_split(ev, job.config)
   recs = []
   for metric in metrics_for(ev, job.info):
     t0 = time.time()
@@ -244,14 +225,14 @@ def nll_setting(job, params, step, ema) -> List[dict]:
     d = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
                      f"{metric}_{split}-{settings_hash(s)}")
     result = os.path.join(d, "nll.json")
-    got = jobs.reuse(job, result)
+    got = reuse(job, result)
     if got is not None:
       recs.extend(got)
       continue
     store = ShardStore(d, s, len(x_all), ev.shard_size)
     out = per_example(job, metric, params, x_all, y_all, store,
                       f"{metric} {split} (step {step}, {ema})")
-    base = dict(jobs.base_record(job, None, step, ema), split=split, shards=d)
+    base = dict(base_record(job, None, step, ema), split=split, shards=d)
     new = [dict(r, seconds=time.time() - t0) for r in metric_records(job, metric, out, base)]
-    recs.extend(jobs.finish(job, result, new, []))
+    recs.extend(finish(job, result, new, []))
   return recs

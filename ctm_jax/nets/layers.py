@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax.nets import REMAT_MODES
+# config.model.remat's values (songunet and adm): what each keeps for the backward pass is
+# described in unet_block_class.
+REMAT_MODES = ("none", "blocks", "blocks_save_dots")
 
 Dtype = Any
 
