@@ -60,12 +60,13 @@ def make_batch_sampler(job: Job, fn):
   sigma_max = job.config.diffusion.sigma_max
   sh = parallel.batch_sharding(job.mesh)
   image = job.info.kind == "image"
+  rule = settings.uint8_rule(job.ev, job.config) if image else None
 
   def run(params, key, labels):
     k_x, k_s = jax.random.split(key)
     x = jax.lax.with_sharding_constraint(samplers.initial_noise(k_x, shape, sigma_max), sh)
     out = fn(params, x, k_s, labels)
-    return samplers.to_uint8(out) if image else out.astype(jnp.float32)
+    return samplers.to_uint8(out, rule) if image else out.astype(jnp.float32)
 
   return jax.jit(run, out_shardings=sh)
 
@@ -79,10 +80,13 @@ def _labels(job: Job, start: int, n: int) -> Optional[np.ndarray]:
 
 
 def sample_settings(job: Job, spec, step, ema) -> dict:
-  return {"kind": "samples", "sampler": spec.name, "seed": job.ev.seed,
-          "batch_size": job.ev.batch_size, "shard_size": job.ev.shard_size,
-          "class_label": job.ev.class_label, "step": step, "ema": ema,
-          "shape": list(job.info.shape), "dataset": job.config.data.dataset}
+  s = {"kind": "samples", "sampler": spec.name, "seed": job.ev.seed,
+       "batch_size": job.ev.batch_size, "shard_size": job.ev.shard_size,
+       "class_label": job.ev.class_label, "step": step, "ema": ema,
+       "shape": list(job.info.shape), "dataset": job.config.data.dataset}
+  if job.info.kind == "image":
+    s["uint8_rule"] = settings.uint8_rule(job.ev, job.config)
+  return s
 
 
 def setting_dir(job: Job, spec, step, ema) -> str:
@@ -155,6 +159,8 @@ def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
   rec = dict(base_record(job, spec, step, ema), num_samples=ev.num_samples,
              samples=os.path.join(d, "samples"))
   if not points:
+    rec["uint8_rule"] = settings.uint8_rule(ev, job.config)
+  if not points:
     grid = save_grid(job, out["x"], os.path.join(d, "grid.png"))
     return finish(job, result, [dict(rec, metric="samples", value=ev.num_samples,
                                      seconds=time.time() - t0, grid=grid)], [grid])
@@ -221,7 +227,7 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   feats = feature_shards(job, samples, d)
   value = fid.frechet_distance_from_features(feats, ref["mu"], ref["sigma"])
   rec = dict(base_record(job, spec, step, ema), num_samples=len(feats),
-             ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
+             uint8_rule=settings.uint8_rule(ev, job.config), ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
              weights=os.path.abspath(ev.inception_weights), weights_sha256=job.feature_id,
              network=NETWORK, resize=RESIZE, samples=os.path.join(d, "samples"), grid=grid)
   recs = [dict(rec, metric="fid", value=value, stderr=None, seconds=time.time() - t0)]
