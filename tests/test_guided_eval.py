@@ -73,6 +73,8 @@ def test_precision_recall_match_the_formula_and_closed_forms():
   assert (got["precision"], got["recall"]) == pytest.approx(want, abs=1e-12)
   assert 0.05 < got["precision"] < 0.95 and 0.05 < got["recall"] < 0.95
   assert got["precision"] != got["recall"]
+  chunked = ge.precision_recall(ref, smp, chunk=7)        # blocks of 7 rows: the same answer
+  assert (chunked["precision"], chunked["recall"]) == (got["precision"], got["recall"])
   # The same set: every point is inside its own ball -> 1, 1.  Far apart sets -> 0, 0.
   same = ge.precision_recall(ref, ref)
   assert (same["precision"], same["recall"]) == (1.0, 1.0)

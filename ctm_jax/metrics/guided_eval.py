@@ -32,6 +32,7 @@ SPATIAL_CHANNELS = 7
 SPATIAL_DIM = SPATIAL_SHAPE[0] * SPATIAL_SHAPE[1] * SPATIAL_CHANNELS     # 2023
 IS_SPLIT_SIZE = 5000
 NHOOD_SIZE = 3
+ROW_CHUNK = 1024                       # rows per distance block (1024 x 50k float64: 0.4 GB)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -87,28 +88,32 @@ def squared_distances(u, v) -> np.ndarray:
   return np.maximum(d, 0.0)
 
 
-def manifold_radii(features, k: int = NHOOD_SIZE) -> np.ndarray:
+def manifold_radii(features, k: int = NHOOD_SIZE, chunk: int = ROW_CHUNK) -> np.ndarray:
   """(n,) squared distance of each row to its k-th nearest neighbour, the row itself (distance
-  0) counted as the 0-th (the evaluator's partition at index k)."""
+  0) counted as the 0-th (the evaluator's partition at index k); `chunk` rows at a time."""
   f = np.asarray(features, np.float64)
   if f.ndim != 2 or f.shape[0] <= k:
     raise ValueError(f"manifold_radii: needs more than k = {k} rows, got shape {f.shape}")
-  return np.partition(squared_distances(f, f), k, axis=1)[:, k]
+  return np.concatenate([np.partition(squared_distances(f[i:i + chunk], f), k, axis=1)[:, k]
+                         for i in range(0, len(f), chunk)])
 
 
-def precision_recall(ref_features, sample_features, k: int = NHOOD_SIZE) -> dict:
+def precision_recall(ref_features, sample_features, k: int = NHOOD_SIZE,
+                     chunk: int = ROW_CHUNK) -> dict:
   """Improved precision and recall (the evaluator's `compute_prec_recall`): precision = the
   fraction of samples within radius_j of some reference j (squared distances, <=), recall = the
-  fraction of references within radius_i of some sample i."""
+  fraction of references within radius_i of some sample i.  Distances `chunk` rows at a time
+  (memory chunk x n)."""
   ref, smp = np.asarray(ref_features, np.float64), np.asarray(sample_features, np.float64)
   if ref.ndim != 2 or smp.ndim != 2 or ref.shape[1] != smp.shape[1]:
     raise ValueError(f"precision_recall: feature sets of one width expected, got {ref.shape} "
                      f"and {smp.shape}")
-  r_ref, r_smp = manifold_radii(ref, k), manifold_radii(smp, k)
-  d = squared_distances(ref, smp)                     # (n_ref, n_sample)
-  precision = np.mean(np.any(d <= r_ref[:, None], axis=0))
-  recall = np.mean(np.any(d <= r_smp[None, :], axis=1))
-  return dict(precision=float(precision), recall=float(recall), k=k)
+  r_ref, r_smp = manifold_radii(ref, k, chunk), manifold_radii(smp, k, chunk)
+  in_ref = np.concatenate([np.any(squared_distances(smp[i:i + chunk], ref) <= r_ref[None, :],
+                                  axis=1) for i in range(0, len(smp), chunk)])
+  in_smp = np.concatenate([np.any(squared_distances(ref[i:i + chunk], smp) <= r_smp[None, :],
+                                  axis=1) for i in range(0, len(ref), chunk)])
+  return dict(precision=float(np.mean(in_ref)), recall=float(np.mean(in_smp)), k=k)
 
 
 def load_reference_batch(path) -> dict:
