@@ -109,6 +109,10 @@ def eval_block() -> ml_collections.ConfigDict:
       ref_stats="",             # FID reference .npz; '' = <data_dir>/ctm_jax_fid_stats/<set>-<split>.npz
       fid_split="train",        # split of the FID reference (--mode=fid_stats): train, the
                                 # eval split, or both ('train+test' / 'train+validation')
+      inception_score=False,    # --mode=fid also: IS (guided-diffusion's evaluator: splits of
+                                # 5000; needs weights with the logits, from pytorch-fid's .pth)
+      precision_recall=False,   # --mode=fid also: precision / recall (k = 3) against the
+                                # reference features of ref_stats
       kid_subsets=100,          # KID: number of subsets ...
       kid_subset_size=1000,     # ... and their size (at most half of each set: disjoint blocks)
       nll_protocol="dequantized",    # images: dequantized | point | score_sde | ctm

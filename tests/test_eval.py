@@ -294,9 +294,14 @@ def fake_feature_fn(seed: int = 0):
   return fn
 
 
-def _weights_file(tmp_path):
-  p = tmp_path / "inception_standin.npz"
-  np.savez(p, w=np.zeros(3))
+def _weights_file(tmp_path, logits: bool = True):
+  """A stand-in weights file (the features come from fake_feature_fn); with a random logits
+  matrix for the Inception Score unless logits=False."""
+  from ctm_jax.nets import inception
+  p = tmp_path / ("inception_standin.npz" if logits else "inception_nologits.npz")
+  arrays = {inception.LOGITS_KEY: np.random.default_rng(3).normal(size=(2048, 1008)).astype(
+      np.float32) * 0.1} if logits else {}
+  np.savez(p, w=np.zeros(3), **arrays)
   return str(p), shards.file_sha256(str(p))
 
 
@@ -322,7 +327,7 @@ def _value(summary, metric):
   return [r["value"] for r in summary["records"] if r["metric"] == metric][0]
 
 
-FID_RUN = dict(num_samples=160, samplers="heun:2")
+FID_RUN = dict(num_samples=160, samplers="heun:2", inception_score=True, precision_recall=True)
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +404,17 @@ def test_fid_stats_and_fid_records(digits_stats, fid_runs, fid_module):
   assert glob.glob(os.path.join(wd, "eval", "events.out.tfevents.*"))
   lines = report.read_records(wd)
   assert {("fid", "heun:2"), ("kid", "heun:2")} <= {(l["metric"], l.get("sampler")) for l in lines}
+  # The evaluator's IS (pool3 @ the weights' logits matrix, one split of 160) and precision /
+  # recall (k = 3) of the cached sample features against the reference features.
+  from ctm_jax.metrics import guided_eval
+  from ctm_jax.nets import inception
+  w = inception.load_logits_weight(digits_stats["weights"])
+  assert recs["inception_score"]["value"] == pytest.approx(
+      guided_eval.inception_score(guided_eval.pool3_logits(f_s, w))["value"], rel=1e-9)
+  assert recs["inception_score"]["is_splits"] == 1 and recs["inception_score"]["value"] > 1
+  pr = guided_eval.precision_recall(st["features"], f_s)
+  assert (recs["precision"]["value"], recs["recall"]["value"]) == (pr["precision"], pr["recall"])
+  assert recs["precision"]["num_samples"] == 160 and recs["precision"]["k"] == 3
 
 
 def test_two_devices_give_the_same_fid_as_one(fid_runs):
@@ -554,6 +570,20 @@ def test_fid_inputs_are_checked(digits_run, tmp_path, fid_module):
     path = str(tmp_path / f"stats{i}.npz")
     fid_module.save_stats(path, arrays["mu"], arrays["sigma"], **meta)
     ev, _ = eval_settings(wd, **FID_COMMON, inception_weights=weights, ref_stats=path)
+    with pytest.raises(config_lib.ConfigError, match=pattern):
+      jobs.run(wd, "fid", ev, config)
+  # IS from weights without the logits layer (NVIDIA's detector), precision / recall without
+  # reference features: refused before any compute, naming the file that has what is missing.
+  nologits, _ = _weights_file(tmp_path, logits=False)
+  path = str(tmp_path / "stats_mu_sigma.npz")
+  fid_module.save_stats(path, np.zeros(2048), np.eye(2048), dataset="digits")
+  for fields, pattern in [
+      (dict(inception_weights=nologits, inception_score=True),
+       r"config\.eval\.inception_score = True: .*inception_nologits\.npz: .*lack the 1008-way "
+       r"logits layer .*pt_inception-2015-12-05"),
+      (dict(inception_weights=weights, precision_recall=True),
+       r"config\.eval\.precision_recall = True needs the reference features; .*stats_mu_sigma")]:
+    ev, _ = eval_settings(wd, **FID_COMMON, ref_stats=path, **fields)
     with pytest.raises(config_lib.ConfigError, match=pattern):
       jobs.run(wd, "fid", ev, config)
   assert not os.path.exists(os.path.join(wd, "eval"))

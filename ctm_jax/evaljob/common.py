@@ -99,7 +99,8 @@ def record_name(r: dict) -> str:
   return r["metric"]
 
 
-SAMPLE_COUNTED = ("fid", "kid", "fid_data_halves", "kid_data_halves")
+SAMPLE_COUNTED = ("fid", "kid", "fid_data_halves", "kid_data_halves", "inception_score",
+                  "precision", "recall")
 
 
 def _fmt(v):

@@ -216,8 +216,9 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   from ctm_jax.metrics import fid
   ev = job.ev
   d = setting_dir(job, spec, step, ema)
+  extra = {k: True for k in ("inception_score", "precision_recall") if ev[k]}
   key = settings_hash({"ref": ref["sha256"], "weights": job.feature_id,
-                       "kid": [ev.kid_subsets, ev.kid_subset_size]})
+                       "kid": [ev.kid_subsets, ev.kid_subset_size], **extra})
   result = os.path.join(d, f"fid-n{ev.num_samples}-{key}.json")
   got = reuse(job, result)
   if got is not None:
@@ -233,7 +234,30 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   recs = [dict(rec, metric="fid", value=value, stderr=None, seconds=time.time() - t0)]
   if ref.get("features") is not None:
     recs.append(kid_record(dict(rec, metric="kid"), feats, ref["features"], ev, t0))
+  recs.extend(guided_records(job, rec, feats, ref, t0))
   return finish(job, result, recs, [grid])
+
+
+def guided_records(job: Job, rec: dict, feats: np.ndarray, ref: dict, t0: float) -> List[dict]:
+  """config.eval.inception_score / precision_recall: guided-diffusion evaluator's IS (pool3 @
+  the logits matrix, splits of 5000) and precision / recall (k = 3) against the reference
+  features, from the samples' pool3 features (ctm_jax/metrics/guided_eval.py)."""
+  from ctm_jax.metrics import guided_eval
+  from ctm_jax.nets import inception
+  ev, out = job.ev, []
+  if ev.inception_score:
+    if "logits" not in job.cache:
+      job.cache["logits"] = inception.load_logits_weight(ev.inception_weights)
+    got = guided_eval.inception_score(guided_eval.pool3_logits(feats, job.cache["logits"]))
+    out.append(dict(rec, metric="inception_score", value=got["value"], stderr=None,
+                    is_split_std=got["std"], is_splits=got["splits"],
+                    is_split_size=guided_eval.IS_SPLIT_SIZE, seconds=time.time() - t0))
+  if ev.precision_recall:
+    got = guided_eval.precision_recall(ref["features"], feats)
+    for m in ("precision", "recall"):
+      out.append(dict(rec, metric=m, value=got[m], stderr=None, k=got["k"],
+                      seconds=time.time() - t0))
+  return out
 
 
 def kid_record(rec: dict, feats_a: np.ndarray, feats_b: np.ndarray, ev, t0: float) -> dict:

@@ -181,7 +181,7 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
   config_lib.check_number(c, "eval.kid_subset_size", 2, integer=True)
   config_lib.check_number(c, "eval.reference_seeds", 1, integer=True)
   config_lib.check_number(c, "eval.ode_error_samples", 1, integer=True)
-  for f in ("recompute",):
+  for f in ("recompute", "inception_score", "precision_recall"):
     if not isinstance(ev[f], bool):
       raise config_lib.ConfigError(f"config.eval.{f} must be True or False, got {ev[f]!r}")
   splits = ("train", info.eval_split)
@@ -243,6 +243,12 @@ def check_inception_file(ev) -> None:
         "launch/export_inception_weights.py; see docs/eval_jobs.md)")
   if not os.path.isfile(path):
     raise config_lib.ConfigError(f"config.eval.inception_weights = {path!r}: no such file")
+  if ev.inception_score:
+    from ctm_jax.nets import inception
+    try:
+      inception.load_logits_weight(path)
+    except inception.InceptionWeightsError as e:
+      raise config_lib.ConfigError(f"config.eval.inception_score = True: {e}") from None
 
 
 def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -> dict:
@@ -260,6 +266,10 @@ def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -
     except (ValueError, KeyError, OSError) as e:
       raise config_lib.ConfigError(f"{field} = {path!r} is not FID statistics: {e}") from None
   mu = stats["mu"]
+  if ev.precision_recall and stats.get("features") is None:
+    raise config_lib.ConfigError(
+        f"config.eval.precision_recall = True needs the reference features; {field} = {path!r} "
+        f"holds only mu and sigma (make it with --mode=fid_stats)")
   if mu.shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
     raise config_lib.ConfigError(f"{field} = {path!r} holds {mu.shape[-1]}-d statistics; the "
                                  f"FID network gives {FEATURE_DIM}-d features")
