@@ -5,7 +5,7 @@ import pytest
 from scipy import special, stats
 from scipy.spatial import distance
 
-from ctm_jax.metrics import guided_eval as ge
+from ctm_jax.metrics import fid, guided_eval as ge
 
 
 def _is_reference(logits, split_size):
@@ -100,6 +100,11 @@ def test_reference_batch_is_read_as_fid_and_sfid_statistics(tmp_path):
   for k, v in stats_in.items():
     assert got[k].dtype == np.float64
     np.testing.assert_array_equal(got[k], v.astype(np.float64))
+  # The FID binary's loader (config.eval.ref_stats) reads the same file's pool3 statistics.
+  st = fid.load_stats(path)
+  np.testing.assert_array_equal(st["mu"], stats_in["mu"].astype(np.float64))
+  np.testing.assert_array_equal(st["sigma"], stats_in["sigma"].astype(np.float64))
+  assert st["features"] is None and st["meta"] == {}
   bad = tmp_path / "bad.npz"
   np.savez(bad, arr_0=images, mu=stats_in["mu"], sigma=stats_in["sigma"])
   with pytest.raises(ValueError, match=r"lacks \['mu_s', 'sigma_s'\]"):
