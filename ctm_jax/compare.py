@@ -105,7 +105,7 @@ def eval_settings(cmp, config):
   over = dict(cmp.eval)
   over["seed"] = int(config.seed)
   over["samplers"] = ",".join(s for _, _, s in samplers_of(cmp, config.method))
-  return settings.merge_eval(config.eval, None, over)
+  return settings.merge_eval(config.eval, None, over, dataset=config.data.dataset)
 
 
 def run_dir(cmp, method: str, seed: int) -> str:

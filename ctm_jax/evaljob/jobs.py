@@ -61,12 +61,13 @@ def make_batch_sampler(job: Job, fn):
   sigma_max = job.config.diffusion.sigma_max
   sh = parallel.batch_sharding(job.mesh)
   image = job.info.kind == "image"
+  rule = settings.uint8_rule(job.ev, job.config) if image else None
 
   def run(params, key, labels):
     k_x, k_s = jax.random.split(key)
     x = jax.lax.with_sharding_constraint(samplers.initial_noise(k_x, shape, sigma_max), sh)
     out = fn(params, x, k_s, labels)
-    return samplers.to_uint8(out) if image else out.astype(jnp.float32)
+    return samplers.to_uint8(out, rule) if image else out.astype(jnp.float32)
 
   return jax.jit(run, out_shardings=sh)
 
@@ -80,10 +81,13 @@ def _labels(job: Job, start: int, n: int) -> Optional[np.ndarray]:
 
 
 def sample_settings(job: Job, spec, step, ema) -> dict:
-  return {"kind": "samples", "sampler": spec.name, "seed": job.ev.seed,
-          "batch_size": job.ev.batch_size, "shard_size": job.ev.shard_size,
-          "class_label": job.ev.class_label, "step": step, "ema": ema,
-          "shape": list(job.info.shape), "dataset": job.config.data.dataset}
+  s = {"kind": "samples", "sampler": spec.name, "seed": job.ev.seed,
+       "batch_size": job.ev.batch_size, "shard_size": job.ev.shard_size,
+       "class_label": job.ev.class_label, "step": step, "ema": ema,
+       "shape": list(job.info.shape), "dataset": job.config.data.dataset}
+  if job.info.kind == "image":
+    s["uint8_rule"] = settings.uint8_rule(job.ev, job.config)
+  return s
 
 
 def setting_dir(job: Job, spec, step, ema) -> str:
@@ -156,6 +160,8 @@ def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
   rec = dict(base_record(job, spec, step, ema), num_samples=ev.num_samples,
              samples=os.path.join(d, "samples"))
   if not points:
+    rec["uint8_rule"] = settings.uint8_rule(ev, job.config)
+  if not points:
     grid = save_grid(job, out["x"], os.path.join(d, "grid.png"))
     return finish(job, result, [dict(rec, metric="samples", value=ev.num_samples,
                                      seconds=time.time() - t0, grid=grid)], [grid])
@@ -211,8 +217,9 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   from ctm_jax.metrics import fid
   ev = job.ev
   d = setting_dir(job, spec, step, ema)
+  extra = {k: True for k in ("inception_score", "precision_recall") if ev[k]}
   key = settings_hash({"ref": ref["sha256"], "weights": job.feature_id,
-                       "kid": [ev.kid_subsets, ev.kid_subset_size]})
+                       "kid": [ev.kid_subsets, ev.kid_subset_size], **extra})
   result = os.path.join(d, f"fid-n{ev.num_samples}-{key}.json")
   got = reuse(job, result)
   if got is not None:
@@ -222,13 +229,36 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   feats = feature_shards(job, samples, d)
   value = fid.frechet_distance_from_features(feats, ref["mu"], ref["sigma"])
   rec = dict(base_record(job, spec, step, ema), num_samples=len(feats),
-             ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
+             uint8_rule=settings.uint8_rule(ev, job.config), ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
              weights=os.path.abspath(ev.inception_weights), weights_sha256=job.feature_id,
              network=NETWORK, resize=RESIZE, samples=os.path.join(d, "samples"), grid=grid)
   recs = [dict(rec, metric="fid", value=value, stderr=None, seconds=time.time() - t0)]
   if ref.get("features") is not None:
     recs.append(kid_record(dict(rec, metric="kid"), feats, ref["features"], ev, t0))
+  recs.extend(guided_records(job, rec, feats, ref, t0))
   return finish(job, result, recs, [grid])
+
+
+def guided_records(job: Job, rec: dict, feats: np.ndarray, ref: dict, t0: float) -> List[dict]:
+  """config.eval.inception_score / precision_recall: guided-diffusion evaluator's IS (pool3 @
+  the logits matrix, splits of 5000) and precision / recall (k = 3) against the reference
+  features, from the samples' pool3 features (ctm_jax/metrics/guided_eval.py)."""
+  from ctm_jax.metrics import guided_eval
+  from ctm_jax.nets import inception
+  ev, out = job.ev, []
+  if ev.inception_score:
+    if "logits" not in job.cache:
+      job.cache["logits"] = inception.load_logits_weight(ev.inception_weights)
+    got = guided_eval.inception_score(guided_eval.pool3_logits(feats, job.cache["logits"]))
+    out.append(dict(rec, metric="inception_score", value=got["value"], stderr=None,
+                    is_split_std=got["std"], is_splits=got["splits"],
+                    is_split_size=guided_eval.IS_SPLIT_SIZE, seconds=time.time() - t0))
+  if ev.precision_recall:
+    got = guided_eval.precision_recall(ref["features"], feats)
+    for m in ("precision", "recall"):
+      out.append(dict(rec, metric=m, value=got[m], stderr=None, k=got["k"],
+                      seconds=time.time() - t0))
+  return out
 
 
 def kid_record(rec: dict, feats_a: np.ndarray, feats_b: np.ndarray, ev, t0: float) -> dict:
