@@ -1,7 +1,7 @@
 """sCD on CIFAR-10 (Lu & Song 2024), distilling the EDM DDPM++ teacher through TrigFlow.
 
   python -m launch.train --config=configs/cifar10_scd.py --workdir=$WORKDIR \
-      --config.teacher.npz_path=edm-cifar10-32x32-uncond-vp.npz
+      --config.teacher.path=edm-cifar10-32x32-uncond-vp.pkl
 
 As configs/cifar10_sct.py, with dx_t/dt from the teacher's PF-ODE mapped to TrigFlow
 (dx_t/dt = (x - D(x, sigma)) / sin t - sin t x, x = x_t / cos t), tau ~ N(-0.8, 1.6^2), and the
@@ -20,7 +20,7 @@ def get_config():
   c.scd = cm_common.scm_block(distil=True, sigma_data=0.5, init_from_teacher=True)
   c.scd.weight_lr = c.sct.weight_lr
   del c["sct"]
-  c.teacher = ctm_common.teacher_block(cifar10_edm.get_config(), source="torch_npz")
+  c.teacher = ctm_common.teacher_block(cifar10_edm.get_config(), source="edm_pkl")
   c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.2)   # the teacher's network (augment_dim 9)
   c.lock()
   return c
