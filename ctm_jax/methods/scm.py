@@ -82,7 +82,8 @@ def validate_scd_config(config):
 
 def trig_velocity_from_denoiser(x_t, t, denoised):
   """dx_t/dt of the PF-ODE in TrigFlow from an EDM denoiser D(x, sigma), x = x_t / cos(t):
-  dx_t/dt = (x - D) / sin(t) - sin(t) x  (x_t = cos(t) x, sigma = sd tan(t), dx/dsigma = (x - D)/sigma)."""
+  dx_t/dt = (x - D) / sin(t) - sin(t) x  (x_t = cos(t) x, sigma = sd tan(t),
+  dx/dsigma = (x - D) / sigma)."""
   tb = append_dims(t, x_t.ndim)
   x = x_t / jnp.cos(tb)
   return (x - denoised) / jnp.sin(tb) - jnp.sin(tb) * x
