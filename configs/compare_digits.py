@@ -14,7 +14,8 @@ Sized so that it and configs/compare_toy.py together run in under an hour on a 2
 (README) with the six methods of issue 10 (MeanFlow, sCT and sCD, added since, make it
 longer; each JVP step costs about a third of CTM's k = 1 step: docs/flow_maps.md), 600 steps
 each, one seed, FID / KID of 128 samples per setting at NFE 1, 2, 4, 8 (Inception runs at
-a few images/s here).  FID of 128 samples carries a large bias (compare rows with each other, never with published numbers); KID is unbiased but noisy.
+a few images/s here).  FID of 128 samples carries a large bias (compare rows with each
+other, never with published numbers); KID is unbiased but noisy.
 CTM is also sampled with gamma 1 (CM multistep through its own G) and TCD's SSS at gamma 0
 and 0.3, for the papers' contrasts; MeanFlow by chains of its jumps, sCT / sCD by CM
 multistep.  XLA_FLAGS above turns XLA:CPU's YNNPACK fusions off, which makes these small
