@@ -6,6 +6,7 @@ iCT: Song & Dhariwal 2023, Direct CD: layer6ai-labs/direct-cms, TCD: jabir-zheng
 diffusers' TCDScheduler); the experiment files override what differs.
 """
 import ml_collections
+import numpy as np
 
 
 def _family(distance: str = "l2", weighting: str = "uniform", **fields) -> ml_collections.ConfigDict:
@@ -61,6 +62,51 @@ def tcd_block(num_points: int = 18, sigma_min: float = 0.002) -> ml_collections.
                  **_teacher_fields(num_points))
 
 
+def meanflow_block() -> ml_collections.ConfigDict:
+  """MeanFlow (Gsunshine/py-meanflow's CIFAR-10 script): t ~ logit-normal(-0.6, 1.6),
+  r ~ logit-normal(-4.0, 1.6), r != t for 75% of the batch, adaptive weight power 0.75
+  (norm_eps 1e-3, the paper's c); samplers: chains of jumps, two steps through t = 0.5."""
+  return ml_collections.ConfigDict(dict(
+      p_mean_t=-0.6, p_std_t=1.6, p_mean_r=-4.0, p_std_r=1.6,
+      ratio=0.75,                   # fraction of the batch with r != t
+      norm_p=0.75, norm_eps=1e-3,   # w = 1 / (||u - u_tgt||^2 + norm_eps)^norm_p
+      sample_nfes=(1, 2),
+      sample_times=(1.0,)))         # sigma = 1 is the rectified-flow t = 0.5
+
+
+def scm_block(distil: bool, sigma_data: float = 0.5,
+              init_from_teacher: bool = False) -> ml_collections.ConfigDict:
+  """sCT / sCD (Lu & Song 2024, CIFAR-10): tau ~ N(-1.0, 1.4^2) (sCT; sCD -0.8, 1.6), tangent
+  normalisation c = 0.1, warm-up H = 10k steps, adaptive weighting, TrigFlow t as the time
+  input (c_noise(sigma) when starting from an EDM teacher); two-step sampling through TrigFlow
+  t = 1.1 (sigma = sd tan 1.1)."""
+  return ml_collections.ConfigDict(dict(
+      p_mean=-0.8 if distil else -1.0, p_std=1.6 if distil else 1.4,
+      tangent_c=0.1,
+      warmup_steps=10_000,          # H: r = min(1, k / H) on the tangent's sin(t) terms
+      adaptive_weighting=True,      # learned w_phi(t)
+      weight_lr=1e-4,               # Adam lr of w_phi
+      prior_weighting=False,        # x 1 / (sd tan t) (off: see ctm_jax/methods/scm.py)
+      time_input="c_noise" if init_from_teacher else "trigflow",   # trigflow | c_noise
+      init_from_teacher=init_from_teacher,   # sCD from an EDM teacher's weights
+      sample_nfes=(1, 2),
+      sample_times=scm_mid_time(sigma_data)))
+
+
+def scm_mid_time(sigma_data: float):
+  """sCM's two-step intermediate time, TrigFlow t = 1.1, as an EDM sigma = sd tan(1.1)."""
+  return (round(sigma_data * float(np.tan(1.1)), 6),)
+
+
+def _flow_map_fields(c, method: str, steps: int):
+  """The toy / digits adjustments of MeanFlow and sCM: the warm-up scaled to the run's length
+  (the paper's H = 10k of 400k steps), w_phi at the run's lr, sCM's mid time at its sigma_data."""
+  if method in ("sct", "scd"):
+    c[method].warmup_steps = steps // 10
+    c[method].weight_lr = c.optim.lr
+    c[method].sample_times = scm_mid_time(c.diffusion.sigma_data)
+
+
 def family_config(base, method: str, block, teacher=None):
   """`base` (an EDM config: data, model, training) turned into a `method` run with `block`;
   `teacher` (a teacher block) for the distillation methods."""
@@ -81,13 +127,15 @@ def toy_config(method: str, block, *, distil: bool):
   from configs import ctm_common, toy_edm
   teacher = ctm_common.teacher_block(toy_edm.get_config(), source="oracle") if distil else None
   c = family_config(toy_edm.get_config(), method, block, teacher)
-  c[method].distance = "l2" if method != "ict" else c[method].distance
+  if "distance" in c[method]:
+    c[method].distance = "l2" if method != "ict" else c[method].distance
   c[method].sample_nfes = (1, 2, 4, 8)
   if method == "cd":
     c.cd.target_ema = 0.95       # mu = 0 (the CIFAR-10 LPIPS setting) converges far slower here
   if method == "ct":
     c.ct.s1 = 50                 # s1 = 150 is sized for 800k steps: at 3k steps mu(k) -> 0.9986
   c.optim.lr = 1e-3
+  _flow_map_fields(c, method, 3000)
   # At 3k steps the 0.999 EMA still averages early iterates (the raw weights sampled 2-3x
   # better in MMD for CD, Direct CD and TCD): sample the 0.99 EMA, as the digits runs do.
   c.ema.rates = (0.99, 0.999)
@@ -110,12 +158,14 @@ def digits_config(method: str, block, *, distil: bool, steps: int):
     teacher = ctm_common.teacher_block(digits_edm.get_config(), source="checkpoint")
     teacher.workdir = "workdirs/digits_edm"
   c = family_config(digits_edm.get_config(), method, block, teacher)
-  c[method].distance = "pseudo_huber"      # LPIPS needs 224-pixel VGG inputs: too slow here
+  if "distance" in c[method]:
+    c[method].distance = "pseudo_huber"    # LPIPS needs 224-pixel VGG inputs: too slow here
   if method == "cd":
     c.cd.target_ema = 0.95
   if method == "ct":
     c.ct.s1 = 50
   c.optim.lr = 4e-4
+  _flow_map_fields(c, method, steps)
   c.ema.rates = (0.99, 0.999)              # a short run: sample the faster EMA
   c.sampling.eval_ema = "rate_0p99"
   c.training.batch_size = 32

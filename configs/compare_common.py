@@ -2,7 +2,7 @@
 import ml_collections
 
 
-METHODS = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd")
+METHODS = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "meanflow", "sct", "scd")
 
 
 def compare_block(name: str, config_prefix: str) -> ml_collections.ConfigDict:
@@ -20,7 +20,8 @@ def compare_block(name: str, config_prefix: str) -> ml_collections.ConfigDict:
       nfes=(1, 2, 4, 8),
       # method -> comma list of sampler templates, '{n}' the NFE (NFE 1 is always onestep)
       samplers={"ctm": "gamma:0:{n}", "cd": "cm:{n}", "ct": "cm:{n}", "ict": "cm:{n}",
-                "direct_cd": "cm:{n}", "tcd": "sss:0.3:{n}"},
+                "direct_cd": "cm:{n}", "tcd": "sss:0.3:{n}", "meanflow": "gamma:0:{n}",
+                "sct": "cm:{n}", "scd": "cm:{n}"},
       mode="sample",                          # sample (2-D metrics) | fid (images: FID / KID)
       eval={},                                # config.eval fields for the evaluation jobs
       ode_error_samples=64,                   # images: x_T's of E against the teacher's ODE

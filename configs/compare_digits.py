@@ -11,12 +11,15 @@ that teacher run's evaluation writes:
       --config.eval.fid_split=train+test --config.eval.inception_weights=workdirs/inception_fid.npz
 
 Sized so that it and configs/compare_toy.py together run in under an hour on a 2-core CPU
-(README): all six methods, 600 steps each, one seed, FID / KID of 128 samples per setting at
-NFE 1, 2, 4, 8 (Inception runs at a few images/s here).  FID of 128 samples carries a large
-bias (compare rows with each other, never with published numbers); KID is unbiased but noisy.
+(README) with the six methods of issue 10 (MeanFlow, sCT and sCD, added since, make it
+longer; each JVP step costs about a third of CTM's k = 1 step: docs/flow_maps.md), 600 steps
+each, one seed, FID / KID of 128 samples per setting at NFE 1, 2, 4, 8 (Inception runs at
+a few images/s here).  FID of 128 samples carries a large bias (compare rows with each
+other, never with published numbers); KID is unbiased but noisy.
 CTM is also sampled with gamma 1 (CM multistep through its own G) and TCD's SSS at gamma 0
-and 0.3, for the papers' contrasts.  XLA_FLAGS above turns XLA:CPU's YNNPACK fusions off,
-which makes these small networks and Inception faster on a CPU (docs/performance.md).
+and 0.3, for the papers' contrasts; MeanFlow by chains of its jumps, sCT / sCD by CM
+multistep.  XLA_FLAGS above turns XLA:CPU's YNNPACK fusions off, which makes these small
+networks and Inception faster on a CPU (docs/performance.md).
 """
 from configs import compare_common
 
@@ -28,7 +31,8 @@ def get_config():
   c.teacher_workdir = "workdirs/digits_edm"
   c.overrides = {"training": {"sample_every": 0, "checkpoint_every": 600, "log_every": 50}}
   c.samplers = {"ctm": "gamma:0:{n},cm:{n}", "cd": "cm:{n}", "ct": "cm:{n}", "ict": "cm:{n}",
-                "direct_cd": "cm:{n}", "tcd": "sss:0:{n},sss:0.3:{n}"}
+                "direct_cd": "cm:{n}", "tcd": "sss:0:{n},sss:0.3:{n}",
+                "meanflow": "gamma:0:{n}", "sct": "cm:{n}", "scd": "cm:{n}"}
   c.mode = "fid"
   c.eval = {"num_samples": 128, "batch_size": 128, "shard_size": 128, "kid_subsets": 50,
             "kid_subset_size": 64,

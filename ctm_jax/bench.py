@@ -34,6 +34,7 @@ import numpy as np
 
 from ctm_jax import config_lib, parallel, train
 
+JVP_METHODS = ("meanflow", "sct", "scd")   # steps with a forward-mode pass through the network
 LOOP_CALLS = 4        # teacher calls chained inside one while loop (per-call time = total / n)
 
 
@@ -48,7 +49,7 @@ def bench_config(config, batch: int, scratch_dir: str):
   cfg.unlock()
   notes = []
   cfg.training.batch_size = int(batch)
-  if cfg.method == "ctm":
+  if "teacher" in cfg:
     tc = cfg.teacher
     where = {"checkpoint": tc.workdir, "torch_npz": tc.npz_path}.get(tc.source,
                                                                        tc.get("path", ""))
@@ -58,6 +59,7 @@ def bench_config(config, batch: int, scratch_dir: str):
     if missing:
       notes.append(f"teacher: random weights (no {tc.source} at {where!r})")
       tc.source = "random"
+  if cfg.method == "ctm":
     needs = []
     if cfg.ctm.distance == "lpips":
       needs.append("ctm.lpips_weights")
@@ -88,6 +90,14 @@ def network_calls(config, k: int) -> Dict[str, int]:
   the CTM grid never takes).  The GAN's discriminator and the LPIPS network are not counted."""
   if config.method == "edm":
     return {"student_forward_backward": 1}
+  if config.method in JVP_METHODS:
+    # MeanFlow: u and du/dt by one JVP (its primal output is also the forward whose backward
+    # is taken: counted once more here, an upper bound).  sCM: (F_{theta^-}, dF/dt) by one JVP,
+    # F_theta forward + backward; sCD one teacher call for dx_t/dt.
+    calls = {"student_jvp": 1, "student_forward_backward": 1}
+    if config.method == "scd":
+      calls["teacher_forward"] = 1
+    return calls
   fb = 2 + (0 if config.ctm.dsm_weight_mode == "off" else 1)
   return {"student_forward": 2, "student_forward_backward": fb, "teacher_forward_in_loop": 2 * k}
 
@@ -176,9 +186,15 @@ class Variant:
     def fwd_bwd(params, x):
       return jax.grad(lambda p: jnp.sum(student(p, x)))(params)
 
+    def jvp(params, x):     # forward mode along (x, t): the tangent of a JVP step
+      return jax.jvp(lambda xx, tt: model.denoiser(params, xx, tt, s, labels, train=True, rng=key),
+                     (x, t), (x, jnp.ones_like(t)))
+
     params = jax.tree_util.tree_map(jnp.copy, self.state.params)   # the step donates its own
     calls = {"student_forward": (jax.jit(student), (params, x)),
              "student_forward_backward": (jax.jit(fwd_bwd), (params, x))}
+    if cfg.method in JVP_METHODS:
+      calls["student_jvp"] = (jax.jit(jvp), (params, x))
     teacher = getattr(self.method, "teacher", None)
     if teacher is not None:
       tp = self.frozen["teacher"]
@@ -324,16 +340,19 @@ def table(results: Dict[str, Any]) -> str:
   rows = []
   vs = results["variants"]
   first = vs[names[0]]
-  for c in first["network_calls_ms"]:
+  union = lambda field: list(dict.fromkeys(c for n in names for c in vs[n][field]))
+  for c in union("network_calls_ms"):
     rows.append((c.replace("_", " ") + " (ms)",
                  [f"{vs[n]['network_calls_ms'][c]['median_ms']:,.1f}"
                   if c in vs[n]["network_calls_ms"] else "-" for n in names]))
-  for k in [k for k in first["step_ms"] if all(k in vs[n]["step_ms"] for n in names)]:
+  cell = lambda n, field, k, fmt: fmt(vs[n][field][k]) if k in vs[n][field] else "-"
+  for k in union("step_ms"):       # k = 'None': a step without a teacher-step count
     label = "step" + (f" k={k}" if k != "None" else "")
-    rows.append((label + " (ms)", [f"{vs[n]['step_ms'][k]['median_ms']:,.1f}" for n in names]))
+    rows.append((label + " (ms)", [cell(n, "step_ms", k, lambda v: f"{v['median_ms']:,.1f}")
+                                   for n in names]))
     rows.append((label + " / sum of its network calls",
-                 [f"{vs[n]['step_over_calls'][k]:.2f}" for n in names]))
-    rows.append((label + " GFLOP/s", [f"{vs[n]['step_flops_per_s'][k] / 1e9:.1f}"
+                 [cell(n, "step_over_calls", k, lambda v: f"{v:.2f}") for n in names]))
+    rows.append((label + " GFLOP/s", [cell(n, "step_flops_per_s", k, lambda v: f"{v / 1e9:.1f}")
                                       for n in names]))
   rows.append(("XLA step FLOPs per device (loop once)",
                [f"{vs[n]['step_flops_xla'] / 1e9:.1f} G" for n in names]))

@@ -1,6 +1,6 @@
-"""The few-step family side by side (issue 10): CTM, CD, CT, iCT, Direct CD and TCD trained
-from ONE teacher in the same loop, evaluated by the evaluation jobs (ctm_jax.evaljob), and one
-table (markdown + JSON) and plots.
+"""The few-step family side by side (issue 10): CTM, CD, CT, iCT, Direct CD, TCD, MeanFlow, sCT
+and sCD trained from ONE teacher in the same loop, evaluated by the evaluation jobs
+(ctm_jax.evaljob), and one table (markdown + JSON) and plots.
 
 Per method and seed: the ODE error E = mean |one-step map(x_T) - x_exact|^2 / dim against the
 teacher's PF-ODE solution from the same x_T (Vouitsis et al. 2024: the exact mixture ODE on
@@ -32,7 +32,7 @@ from absl import logging
 
 from ctm_jax import config_lib, evaluate, progress, runs, samplers
 
-FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd")
+FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "meanflow", "sct", "scd")
 MODES = ("sample", "fid")
 
 

@@ -45,17 +45,21 @@ def schedule_from_config(config) -> diffusion.Schedule:
 def uses_s(config) -> bool:
   """Whether the run's network takes the second time input s: CTM's, and TCD's unless
   config.tcd.s_input is False (the TCD paper's network, where s enters only by DDIM)."""
-  return config.method == "ctm" or (config.method == "tcd" and bool(config.tcd.s_input))
+  return (config.method in ("ctm", "meanflow")
+          or (config.method == "tcd" and bool(config.tcd.s_input)))
 
 
 def build_model(config, *, use_s: Optional[bool] = None) -> flow_map.FlowModel:
-  """The FlowModel (network + EDM preconditioning) that config describes."""
+  """The FlowModel (network + the method's preconditioning, flow_map.PRECONDS) that config
+  describes."""
   info = data.dataset_info(config.data.dataset)
   label_dim = info.num_classes if config.data.class_conditional else 0
   net = nets.build_net(config.model, use_s=uses_s(config) if use_s is None else use_s,
                        label_dim=label_dim, data_shape=info.shape,
                        compute_dtype=config.training.compute_dtype)
-  return flow_map.FlowModel(net, schedule_from_config(config), config.diffusion.c_noise)
+  from ctm_jax import methods
+  precond = methods.method_class(config.method).precond_of(config)
+  return flow_map.FlowModel(net, schedule_from_config(config), config.diffusion.c_noise, precond)
 
 
 def example_input(config, batch: int = 1):

@@ -23,6 +23,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (after one warm-up 
 _DTYPES = flags.DEFINE_string(
     "compute_dtypes", "", "Comma list of training.compute_dtype values to compare in one "
     "process ('' = the config's).")
+_ALSO = flags.DEFINE_string(
+    "also", "", "Comma list of more config files (configs/<name>.py) measured in the same "
+    "process, interleaved, each a column named by its file (e.g. MeanFlow / sCM beside CTM on "
+    "the same network).")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here ('' = do not).")
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", "", "JAX persistent compilation cache for this run ('' = none: "
@@ -32,6 +36,12 @@ _COMPILE_ONLY = flags.DEFINE_bool(
     "allocated, nothing timed): compile time, FLOPs and XLA's memory analysis, e.g. to find "
     "the largest batch that fits.")
 flags.mark_flags_as_required(["config"])
+
+
+def _also_config(path):
+  """A config file (path[:arg]) loaded as --config loads one."""
+  from ml_collections.config_flags import config_flags as cf
+  return cf.ConfigFileFlagParser("also").parse(path)
 
 
 def _parse_ints(name, text):
@@ -66,6 +76,11 @@ def main(argv):
     cfg.unlock()
     cfg.training.compute_dtype = d
     configs[d] = cfg
+  for path in [p for p in _ALSO.value.split(",") if p.strip()]:
+    name = os.path.splitext(os.path.basename(path.strip()))[0]
+    if not os.path.isfile(path.strip()) or name in configs:
+      raise app.UsageError(f"--also: {path!r} is not a config file, or is given twice")
+    configs[name] = _also_config(path.strip())
   results = bench.measure(configs, ks, repeats=_REPEATS.value, batch=_BATCH.value,
                           log=lambda m: print(m, flush=True), compile_only=_COMPILE_ONLY.value)
   results["config"] = config_flags.get_config_filename(flags.FLAGS["config"])

@@ -90,6 +90,23 @@ def set_fields(config, overrides):
   return config
 
 
+def assert_refused(cfg, change, message):
+  """validate_config refuses cfg after `change` (dotted fields; 'teacher': add the toy oracle
+  teacher; 'no_teacher': remove config.teacher) with a ConfigError matching `message`."""
+  import pytest
+  from ctm_jax import config_lib, train
+  cfg.unlock()
+  if change == "teacher":
+    from configs import ctm_common, toy_edm
+    cfg.teacher = ctm_common.teacher_block(toy_edm.get_config(), source="oracle")
+  elif change == "no_teacher":
+    del cfg["teacher"]
+  else:
+    set_fields(cfg, change)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train.validate_config(cfg, num_devices=8, process_count=1)
+
+
 def tiny_toy_edm(**overrides):
   """configs/toy_edm.py with TINY_TOY_FIELDS, then `overrides` (dotted fields)."""
   from configs import toy_edm

@@ -15,7 +15,8 @@ from ctm_jax.nets import lpips
 CONFIGS = [("cifar10_edm", ""), ("cifar10_edm", "cond"), ("cifar10_ctm", ""),
            ("cifar10_ctm", "cond"), ("cifar10_ctm", "gan"), ("cifar10_ctm", "cond_gan"),
            ("imagenet64_edm", ""), ("imagenet64_ctm", ""), ("imagenet64_ctm", "gan"),
-           ("cifar10_cd", ""), ("cifar10_ict", "")]
+           ("cifar10_cd", ""), ("cifar10_ict", ""), ("cifar10_meanflow", ""), ("cifar10_sct", ""),
+           ("cifar10_scd", "")]
 
 # Student / teacher parameter counts: layer-by-layer counts of the torch constructors
 # (tests/test_nets.py derives them independently; EDM reports 56M for DDPM++ and ~296M for ADM).
@@ -26,7 +27,11 @@ PARAMS = {("cifar10_edm", ""): 55_733_891, ("cifar10_edm", "cond"): 55_735_299,
           ("imagenet64_ctm", "gan"): 324_100_611,
           # CD: the teacher's DDPM++; iCT: NCSN++ without augment labels
           # (tests/test_nets.py _torch_count_song(cmn=2, enc='residual')).
-          ("cifar10_cd", ""): 55_733_891, ("cifar10_ict", ""): 56_395_651}
+          ("cifar10_cd", ""): 55_733_891, ("cifar10_ict", ""): 56_395_651,
+          # MeanFlow: CTM's DDPM++ with the s path (carrying t - r), no augment labels; sCT: the
+          # DDPM++ without them; sCD: the teacher's DDPM++.
+          ("cifar10_meanflow", ""): 60_395_267, ("cifar10_sct", ""): 55_733_891 - 9 * 128,
+          ("cifar10_scd", ""): 55_733_891}
 
 
 def load(name, arg):
@@ -50,6 +55,8 @@ def _fill_paths(cfg, lpips_path):
     cfg.teacher.npz_path = cfg.teacher.path = "teacher.file"
   if cfg.method == "cd":
     cfg.cd.lpips_weights = lpips_path
+    cfg.teacher.npz_path = cfg.teacher.path = "teacher.file"
+  if cfg.method == "scd":
     cfg.teacher.npz_path = cfg.teacher.path = "teacher.file"
   return cfg
 
@@ -132,6 +139,17 @@ def test_paper_settings_values():
     assert e.data.random_flip is False and (e.edm.augment.p, e.edm.augment.xflip) == (0.12, 1e8)
   e = load("imagenet64_edm", "")
   assert e.data.random_flip is False and e.edm.augment.p == 0.0
+  m = load("cifar10_meanflow", "")  # Gsunshine/py-meanflow's CIFAR-10 script
+  assert (m.meanflow.p_mean_t, m.meanflow.p_std_t, m.meanflow.p_mean_r, m.meanflow.p_std_r) == (
+      -0.6, 1.6, -4.0, 1.6)
+  assert (m.meanflow.ratio, m.meanflow.norm_p, m.model.dropout, m.optim.lr) == (0.75, 0.75, 0.2, 6e-4)
+  for name, pm, ps in (("cifar10_sct", -1.0, 1.4), ("cifar10_scd", -0.8, 1.6)):   # Lu & Song 2024
+    s = load(name, "")
+    b = s[s.method]
+    assert (b.p_mean, b.p_std, b.tangent_c, b.warmup_steps) == (pm, ps, 0.1, 10_000)
+    assert b.adaptive_weighting and b.init_from_teacher == (name == "cifar10_scd")
+    assert b.time_input == ("c_noise" if name == "cifar10_scd" else "trigflow")
+    np.testing.assert_allclose(np.arctan(b.sample_times[0] / s.diffusion.sigma_data), 1.1, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name,arg", [("cifar10_ctm", "cond_gan"), ("imagenet64_ctm", "gan")])
@@ -184,7 +202,9 @@ def _one_device_steps(cfg, batch_size=2):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,arg", [("cifar10_edm", ""), ("cifar10_ctm", ""), ("cifar10_ctm", "gan"),
                                       ("imagenet64_edm", ""), ("imagenet64_ctm", ""),
-                                      ("cifar10_cd", ""), ("cifar10_ict", "")])
+                                      ("cifar10_cd", ""), ("cifar10_ict", ""),
+                                      ("cifar10_meanflow", ""), ("cifar10_sct", ""),
+                                      ("cifar10_scd", "")])
 def test_paper_config_trains_a_step_at_tiny_batch(name, arg, weight_files, random_teacher):
   cfg = _fill_paths(load(name, arg), weight_files)
   if cfg.method == "ctm":

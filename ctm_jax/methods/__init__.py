@@ -6,7 +6,7 @@ import dataclasses
 from typing import Callable, Dict, Type
 
 from ctm_jax import config_lib
-from ctm_jax.methods import cm, ctm, direct_cd, edm, tcd
+from ctm_jax.methods import cm, ctm, direct_cd, edm, meanflow, scm, tcd
 from ctm_jax.methods.base import Method
 
 
@@ -24,6 +24,9 @@ METHODS: Dict[str, Registered] = {
     "ict": Registered(cm.ICT, cm.validate_ict_config),
     "direct_cd": Registered(direct_cd.DirectCD, direct_cd.validate_direct_cd_config),
     "tcd": Registered(tcd.TCD, tcd.validate_tcd_config),
+    "meanflow": Registered(meanflow.MeanFlow, meanflow.validate_meanflow_config),
+    "sct": Registered(scm.SCT, scm.validate_sct_config),
+    "scd": Registered(scm.SCD, scm.validate_scd_config),
 }
 
 

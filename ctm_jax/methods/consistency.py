@@ -85,15 +85,7 @@ def validate_family_config(config, section: str, *, teacher: bool):
   validate_distance(config, section)
   config_lib.check_choice(config, f"{section}.weighting", WEIGHTINGS)
   validate_nfes(config, section)
-  times = config[section].sample_times
-  d = config.diffusion
-  if not isinstance(times, (tuple, list)) or any(
-      isinstance(v, bool) or not isinstance(v, (int, float)) for v in times) or (
-      times and (np.any(np.diff(times) >= 0) or not d.sigma_min < min(times) <= max(times) < d.sigma_max)):
-    raise config_lib.ConfigError(
-        f"config.{section}.sample_times must be a tuple of strictly decreasing times in "
-        f"(sigma_min, sigma_max) = ({d.sigma_min}, {d.sigma_max}) (the intermediate times of a "
-        f"multistep sampler), got {times!r}")
+  validate_sample_times(config, section)
   if teacher:
     if "teacher" not in config:
       raise config_lib.ConfigError(f"config.method = {config.method!r} distils a teacher: "
@@ -105,6 +97,19 @@ def validate_family_config(config, section: str, *, teacher: bool):
         f"config.teacher is set (source {config.teacher.source!r}) but config.method = "
         f"{config.method!r} is consistency TRAINING, which uses no teacher (the pair shares its "
         f"noise); remove config.teacher, or distil with method 'cd'")
+
+
+def validate_sample_times(config, section: str):
+  """config.<section>.sample_times: the intermediate times of one more multistep sampler."""
+  times = config[section].sample_times
+  d = config.diffusion
+  if not isinstance(times, (tuple, list)) or any(
+      isinstance(v, bool) or not isinstance(v, (int, float)) for v in times) or (
+      times and (np.any(np.diff(times) >= 0) or not d.sigma_min < min(times) <= max(times) < d.sigma_max)):
+    raise config_lib.ConfigError(
+        f"config.{section}.sample_times must be a tuple of strictly decreasing times in "
+        f"(sigma_min, sigma_max) = ({d.sigma_min}, {d.sigma_max}) (the intermediate times of a "
+        f"multistep sampler), got {times!r}")
 
 
 def validate_teacher_solver(config, section: str):
@@ -137,8 +142,9 @@ class ConsistencyMethod(Method):
     self.c = config[self.section]
     self.teacher = Teacher(config) if self.needs_teacher else None
     self.data_shape = tuple(data.dataset_info(config.data.dataset).shape)
-    self.distance = distance_fn(self.c.distance, int(np.prod(self.data_shape)), self.c.huber_c,
-                                self.c.lpips_pooling)
+    # Sections without a distance (MeanFlow, sCM: their own squared-error losses) get None.
+    self.distance = (distance_fn(self.c.distance, int(np.prod(self.data_shape)), self.c.huber_c,
+                                 self.c.lpips_pooling) if "distance" in self.c else None)
     self._frozen = None
 
   # ------------------------------------------------------------------------- state
@@ -156,7 +162,7 @@ class ConsistencyMethod(Method):
       fr = {}
       if self.teacher is not None:
         fr["teacher"] = self.teacher.params()
-      if self.c.distance == "lpips":
+      if self.c.get("distance") == "lpips":
         from ctm_jax.nets import lpips
         fr["lpips"] = lpips.load_lpips_params(self.c.lpips_weights)
       self._frozen = fr
