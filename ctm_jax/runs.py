@@ -49,6 +49,18 @@ def uses_s(config) -> bool:
           or (config.method == "tcd" and bool(config.tcd.s_input)))
 
 
+def precond_of(config) -> str:
+  """The network's preconditioning (flow_map.PRECONDS) for config.method: MeanFlow's rectified
+  flow 'rf'; sCT / sCD's TrigFlow 'trig', or 'trig_edm' when config.<method>.time_input keeps
+  EDM's c_noise (a network started from an EDM teacher); EDM's 'edm' for every other method.
+  One table here, below the methods, so that loading a run needs no method class."""
+  if config.method == "meanflow":
+    return "rf"
+  if config.method in ("sct", "scd"):
+    return "trig" if config[config.method].time_input == "trigflow" else "trig_edm"
+  return "edm"
+
+
 def build_model(config, *, use_s: Optional[bool] = None) -> flow_map.FlowModel:
   """The FlowModel (network + the method's preconditioning, flow_map.PRECONDS) that config
   describes."""
@@ -57,9 +69,8 @@ def build_model(config, *, use_s: Optional[bool] = None) -> flow_map.FlowModel:
   net = nets.build_net(config.model, use_s=uses_s(config) if use_s is None else use_s,
                        label_dim=label_dim, data_shape=info.shape,
                        compute_dtype=config.training.compute_dtype)
-  from ctm_jax import methods
-  precond = methods.method_class(config.method).precond_of(config)
-  return flow_map.FlowModel(net, schedule_from_config(config), config.diffusion.c_noise, precond)
+  return flow_map.FlowModel(net, schedule_from_config(config), config.diffusion.c_noise,
+                            precond_of(config))
 
 
 def example_input(config, batch: int = 1):

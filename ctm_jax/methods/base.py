@@ -36,14 +36,8 @@ class Method:
   # PF-ODE and the Heun samplers need it.  EDM and CTM (trained with DSM) have one; the
   # consistency family (no DSM term) does not.
   has_score_head: bool = True
-  # The network's parameterisation in the EDM frame (flow_map.PRECONDS): 'edm', MeanFlow's
-  # rectified-flow average velocity 'rf', sCM's TrigFlow consistency function 'trig'.
-  precond: str = "edm"
-
-  @classmethod
-  def precond_of(cls, config) -> str:
-    """The preconditioning of this config's network (default: the class's)."""
-    return cls.precond
+  # The network's parameterisation in the EDM frame (flow_map.PRECONDS) is
+  # runs.precond_of(config): 'edm', MeanFlow's 'rf', sCM's 'trig' / 'trig_edm'.
 
   def __init__(self, config, model: flow_map.FlowModel):
     self.config = config

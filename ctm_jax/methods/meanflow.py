@@ -75,7 +75,6 @@ class MeanFlow(consistency.ConsistencyMethod):
   generator_kind = "jump"
   trains_jump = True
   has_score_head = True       # g(x, sigma, sigma) = z - t v(z, t): a flow-matching denoiser
-  precond = "rf"
 
   def loss(self, params, extra, frozen, batch, rng, step):
     x0, labels = batch["x"], self.labels(batch)

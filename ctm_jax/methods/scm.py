@@ -109,11 +109,6 @@ class _SCM(consistency.ConsistencyMethod):
   """The shared sCT / sCD step; subclasses give dx_t/dt."""
   generator_kind = "cm_f"
   has_score_head = False
-  precond = "trig"
-
-  @classmethod
-  def precond_of(cls, config):
-    return "trig" if config[cls.section].time_input == "trigflow" else "trig_edm"
 
   def __init__(self, config, model):
     super().__init__(config, model)
