@@ -56,8 +56,9 @@ def direct_cd_block(num_points: int = 18) -> ml_collections.ConfigDict:
 
 def tcd_block(num_points: int = 18, sigma_min: float = 0.002) -> ml_collections.ConfigDict:
   """TCD: skip k, s on the grid in [s_min, t_{i+k}], theta^- = EMA(0.95) (TCD / LCM default),
-  SSS sampling with gamma 0.3 (diffusers' default eta)."""
-  return _family(skip=1, s_min=sigma_min, s_input=True, target_ema=0.95, sample_gamma=0.3,
+  SSS sampling with gamma 0.3 (diffusers' default eta).  s_input False: TCD's network (no s
+  input; s enters only through a_s x0_hat + sigma_s eps_hat); True: CTM's (x, t, s) network."""
+  return _family(skip=1, s_min=sigma_min, s_input=False, target_ema=0.95, sample_gamma=0.3,
                  **_teacher_fields(num_points))
 
 

@@ -6,7 +6,8 @@ Sampler specs (strings, as in config.eval.samplers of python -m launch.eval):
   gamma:<gamma>:<nfe>:<t,...>  the same through explicit times (T first, sigma_min last)
   gamma_shift:<gamma>:<nfe>    the reference code's s = sqrt(1-g^2)(t' - sigma_min) + sigma_min
   cm:<nfe>                     CM multistep (gamma = 1, sigma_min shift)
-  sss:<gamma>:<nfe>            TCD's strategic stochastic sampling, s_n = (1 - gamma) t_{n+1}
+  sss:<gamma>:<nfe>            TCD's strategic stochastic sampling: s_n at the DDPM timestep
+                               floor((1 - gamma) k(t_{n+1})) (samplers.sss_s_values)
   heun:<steps>                 EDM Heun on the denoiser head g(x, t, t)    NFE 2 steps - 1
   teacher_heun:<steps>         distilled runs: EDM Heun on the run's teacher     NFE 2 steps - 1
 The jump samplers (onestep, gamma, gamma_shift, cm, sss) need a trained one-step map: CTM's or
