@@ -23,7 +23,7 @@ def _family(distance: str = "l2", weighting: str = "uniform", **fields) -> ml_co
 def _teacher_fields(num_points: int):
   return dict(
       num_points=num_points,        # N: Karras grid points
-      teacher_solver="heun",        # heun | euler | ddim (deterministic PF-ODE solvers)
+      teacher_solver="heun",        # heun | euler (DDIM is euler in this VE frame)
       teacher_last_step="heun",     # a step into sigma_min: full Heun (CM code) or Euler
       init_from_teacher=True,       # copy the teacher's weights where names and shapes match
   )

@@ -482,6 +482,7 @@ REFUSALS = [
     ("direct_cd", {"teacher.source": "checkpoint", "teacher.workdir": "x",
                    "teacher.config.method": "ctm"}, r"teacher\.config\.method"),
     ("cd", {"cd.teacher_solver": "dpm"}, r"cd\.teacher_solver"),
+    ("cd", {"cd.teacher_solver": "ddim"}, r"cd\.teacher_solver = 'ddim' is the same update as 'euler'"),
     ("tcd", {"tcd.s_min": 0.001}, r"tcd\.s_min .*outside \[sigma_min, t\]"),
     ("tcd", {"tcd.s_min": 80.0}, r"tcd\.s_min"),
     ("tcd", {"tcd.skip": 18}, r"tcd\.skip"),

@@ -24,7 +24,7 @@ from ctm_jax.methods.base import Method
 DISTANCES = ("l2", "pseudo_huber", "lpips")
 WEIGHTINGS = ("uniform", "ict", "snr", "snrp1", "truncated_snr")
 # Deterministic probability-flow ODE solvers: what counts as an ODE teacher.
-TEACHER_SOLVERS = ("heun", "euler", "ddim")
+TEACHER_SOLVERS = solvers.METHODS
 
 
 def distance_fn(kind: str, dim: int, huber_c: float = 0.0, lpips_pooling: str = "avg"):
@@ -108,6 +108,8 @@ def validate_family_config(config, section: str, *, teacher: bool):
 
 
 def validate_teacher_solver(config, section: str):
+  if config[section].teacher_solver == "ddim":
+    raise config_lib.ConfigError(f"config.{section}.teacher_solver = {solvers.DDIM_NOTE}")
   config_lib.check_choice(config, f"{section}.teacher_solver", TEACHER_SOLVERS)
   config_lib.check_choice(config, f"{section}.teacher_last_step", solvers.LAST_STEP)
 
