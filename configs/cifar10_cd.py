@@ -16,6 +16,7 @@ from it.  The teacher may instead be a cifar10_edm run:
   --config.teacher.source=checkpoint --config.teacher.workdir=$EDM_WORKDIR
 """
 from configs import cifar10_edm, cm_common, ctm_common
+from ctm_jax.diffusion import karras_curve
 
 
 def get_config():
@@ -24,6 +25,9 @@ def get_config():
                               ctm_common.teacher_block(teacher, source="torch_npz"))
   c.cd.distance = "lpips"
   c.cd.target_ema = 0.0
+  # Two-step sampling through the openai notebook's (editing_multistep_sampling.ipynb) grid
+  # indices 0, 11, 17 of the 18-point Karras grid: tau = t_11 = 0.5853.
+  c.cd.sample_times = (float(karras_curve(11 / 17)),)
   c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.0)   # the teacher's network (augment_dim 9 kept)
   c.data.random_flip = True
   c.optim.lr = 4e-4

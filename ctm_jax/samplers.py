@@ -158,19 +158,31 @@ def onestep(jump_fn: JumpFn, x_init, schedule: diffusion.Schedule = diffusion.Sc
                  jnp.full((b,), schedule.sigma_min, x_init.dtype))
 
 
+def karras_interior(nfe: int, schedule: diffusion.Schedule = diffusion.Schedule()):
+  """The nfe - 1 interior points of the Karras grid of nfe + 1 points (host floats)."""
+  if nfe < 2:
+    return ()
+  grid = np.asarray(diffusion.karras_sigmas(nfe + 1, schedule.sigma_min, schedule.sigma_max,
+                                            schedule.rho))
+  return tuple(float(v) for v in grid[1:-1])
+
+
 def cm_multistep(f_fn, x_init, key, taus: Sequence[float],
-                 schedule: diffusion.Schedule = diffusion.Schedule()):
+                 schedule: diffusion.Schedule = diffusion.Schedule(), clip_x0: bool = False):
   """Consistency-model multistep sampling (Song et al. 2023, Alg. 1).
 
   x <- f(x_T, T); for each tau (descending, in (sigma_min, T)):
-  x <- f(x + sqrt(tau^2 - sigma_min^2) z, tau).  f_fn(x, t) is the endpoint map.
+  x <- f(x + sqrt(tau^2 - sigma_min^2) z, tau).  f_fn(x, t) is the endpoint map.  clip_x0:
+  every f output is clipped to [-1, 1] (image data; both reference samplers clamp the
+  denoised image: openai/consistency_models' stochastic_iterative_sampler and the JAX code).
   """
+  clip = (lambda v: jnp.clip(v, -1.0, 1.0)) if clip_x0 else (lambda v: v)
   b = x_init.shape[0]
-  x = f_fn(x_init, jnp.full((b,), schedule.sigma_max, x_init.dtype))
+  x = clip(f_fn(x_init, jnp.full((b,), schedule.sigma_max, x_init.dtype)))
   for n, tau in enumerate(taus):
     z = jax.random.normal(jax.random.fold_in(key, n), x.shape, x.dtype)
     x = x + float(np.sqrt(tau ** 2 - schedule.sigma_min ** 2)) * z
-    x = f_fn(x, jnp.full((b,), tau, x.dtype))
+    x = clip(f_fn(x, jnp.full((b,), tau, x.dtype)))
   return x
 
 

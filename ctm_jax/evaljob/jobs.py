@@ -127,7 +127,8 @@ def sample_settings(job: Job, spec, step, ema) -> dict:
   return {"kind": "samples", "sampler": spec.name, "seed": job.ev.seed,
           "batch_size": job.ev.batch_size, "shard_size": job.ev.shard_size,
           "class_label": job.ev.class_label, "step": step, "ema": ema,
-          "shape": list(job.info.shape), "dataset": job.config.data.dataset}
+          "shape": list(job.info.shape), "dataset": job.config.data.dataset,
+          **({"clip_x0": evaluate.clips_x0(job.config)} if getattr(spec, "cm", False) else {})}
 
 
 def setting_dir(job: Job, spec, step, ema) -> str:
@@ -143,7 +144,8 @@ def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
     teacher, params = job_teacher(job)
     fn = evaluate.teacher_sampler_fn(teacher, spec, job.model.schedule)
   else:
-    fn = evaluate.sampler_fn(job.model, spec, evaluate.generator_kind(job.config))
+    fn = evaluate.sampler_fn(job.model, spec, evaluate.generator_kind(job.config),
+                             evaluate.clips_x0(job.config))
   run = make_batch_sampler(job, fn)
   ev = job.ev
   bs = ev.batch_size
