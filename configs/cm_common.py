@@ -36,11 +36,12 @@ def cd_block(num_points: int = 18) -> ml_collections.ConfigDict:
 
 
 def ct_block() -> ml_collections.ConfigDict:
-  """CT: s0 = 2, s1 = 150, mu0 = 0.9 (CIFAR-10)."""
+  """CT: s0 = 2, s1 = 150, mu0 = 0.9 (CIFAR-10); mu(k) with N(k) - 1 as the reference codes."""
   return _family(
       s0=2, s1=150, mu0=0.9,
       curriculum_steps=0,           # K of N(k) (0 = training.num_train_steps)
-      mu_form="paper")              # paper: exp(s0 ln mu0 / N) | code: ... / (N - 1)
+      mu_form="code")               # code: exp(s0 ln mu0 / (N - 1)) (both reference codes, whose
+                                    # numbers are reported) | paper: ... / N (the paper's text)
 
 
 def ict_block() -> ml_collections.ConfigDict:

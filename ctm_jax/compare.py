@@ -33,7 +33,8 @@ from absl import logging
 
 from ctm_jax import config_lib, evaluate, runs, samplers
 
-FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd")
+# An entry is configs/<prefix>_<entry>.py; tcd_s is TCD with CTM's s-input network (tcd.s_input).
+FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "tcd_s")
 MODES = ("sample", "fid")
 
 
@@ -103,14 +104,14 @@ def sampler_labels(cmp, method: str) -> List[str]:
   return list(dict.fromkeys(label for label, _, _ in samplers_of(cmp, method)))
 
 
-def eval_settings(cmp, config):
-  """The merged config.eval of one run for the comparison (base < run < config.eval); the
-  evaluation seed is the run's seed."""
+def eval_settings(cmp, config, method: str):
+  """The merged config.eval of one run (comparison entry `method`) for the comparison
+  (base < run < config.eval); the evaluation seed is the run's seed."""
   from configs import base
   from ctm_jax.evaljob import settings
   over = dict(cmp.eval)
   over["seed"] = int(config.seed)
-  over["samplers"] = ",".join(s for _, _, s in samplers_of(cmp, config.method))
+  over["samplers"] = ",".join(s for _, _, s in samplers_of(cmp, method))
   return settings.merge_eval(base.eval_block(), config, over)
 
 
@@ -152,7 +153,7 @@ def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
       if c.data.dataset != dataset:
         raise config_lib.ConfigError(f"configs/{cmp.config_prefix}_{method}.py trains on "
                                      f"{c.data.dataset}, the others on {dataset}")
-      ev = eval_settings(cmp, c)
+      ev = eval_settings(cmp, c, method)
       try:
         settings.validate(ev, c, mode=cmp.mode, num_devices=jax.device_count(),
                           process_count=jax.process_count())

@@ -456,8 +456,11 @@ def test_ct_target_is_an_ema_with_the_curriculum_rate():
     state, met = fns["train"](state, parallel.global_batch(pipe.batch_at(s), exp.mesh), frozen)
     new = jax.device_get(state)
     s0, s1, mu0 = cfg.ct.s0, cfg.ct.s1, cfg.ct.mu0
-    n = math.ceil(math.sqrt(s / 50 * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
-    mu = math.exp(s0 * math.log(mu0) / n)
+    # openai/consistency_models cm/script_util.py (adaptive / progressive), written out:
+    # scales = max(ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1), 1); mu = exp(ln(mu0) s0 / scales);
+    # N = scales + 1 grid points.
+    scales = max(math.ceil(math.sqrt(s / 50 * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1), 1)
+    mu = math.exp(math.log(mu0) * s0 / scales)
     rates.append(mu)
     np.testing.assert_allclose(float(met["target_ema"]), mu, rtol=1e-6)
     expect = jax.tree_util.tree_map(lambda a, b: mu * a + (1 - mu) * b, prev, new.params)
