@@ -8,8 +8,10 @@ configs/cifar10_ve_cd.py), distilling the EDM DDPM++ teacher.
 The official settings: N = 18, one Heun step of the teacher per pair (a full Heun step into
 sigma_min), LPIPS on 224-pixel bilinear upsamples, uniform lambda, no target network (the
 'consistency' loss of the official code evaluates theta^- = sg(theta), i.e. mu = 0), student
-initialised from the teacher, RAdam lr 4e-4 with a linear warm-up over 10M images, no gradient
-clipping, batch 512, 800k iterations, evaluation EMA 0.9999, dropout 0, random x-flips.
+initialised from the teacher, RAdam lr 4e-4 (the JAX code's RAdam path chains scale_by_radam and
+scale(-lr): its config's 10M-image warm-up is never applied), no gradient clipping, batch 512,
+800k iterations, evaluation EMA 0.9999, dropout 0, random x-flips; LPIPS with VGG16's max
+pooling (the JAX code's flaxmodels VGG16; CTM's piq LPIPS averages).
 Deviation: the official teacher and student are their own NCSN++ (VE) network; here both are
 EDM's DDPM++ (the project's CIFAR-10 teacher, configs/cifar10_edm.py), so the student can start
 from it.  The teacher may instead be a cifar10_edm run:
@@ -24,6 +26,7 @@ def get_config():
   c = cm_common.family_config(cifar10_edm.get_config(), "cd", cm_common.cd_block(num_points=18),
                               ctm_common.teacher_block(teacher, source="torch_npz"))
   c.cd.distance = "lpips"
+  c.cd.lpips_pooling = "max"             # jcm/models/lpips.py: flaxmodels VGG16 (max pools)
   c.cd.target_ema = 0.0
   # Two-step sampling through the openai notebook's (editing_multistep_sampling.ipynb) grid
   # indices 0, 11, 17 of the 18-point Karras grid: tau = t_11 = 0.5853.
@@ -32,7 +35,7 @@ def get_config():
   c.data.random_flip = True
   c.optim.lr = 4e-4
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-  c.optim.warmup_steps = 19_531          # int(1e7 / 512)
+  c.optim.warmup_steps = 0               # the RAdam path applies no warm-up
   c.optim.grad_clip = 0.0
   c.ema.rates = (0.9999,)
   c.ema.halflife_kimg = 0.0
