@@ -17,7 +17,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.init_from_step = -1       # its checkpoint step (-1 = newest)
 
   c.data = ml_collections.ConfigDict(dict(
-      dataset="toy_gmm",        # toy_gmm | checkerboard | digits | mnist_local | cifar10 | imagenet64
+      dataset="toy_gmm",        # toy_gmm | checkerboard | digits | mnist_local | cifar10 | imagenet64_adm | imagenet64
       data_dir="",              # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
       split="train",
       random_flip=False,

@@ -32,18 +32,6 @@ def get_config():
   # indices 0, 11, 17 of the 18-point Karras grid: tau = t_11 = 0.5853.
   c.cd.sample_times = (float(karras_curve(11 / 17)),)
   c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.0)   # the teacher's network (augment_dim 9 kept)
-  c.data.random_flip = True
-  c.optim.lr = 4e-4
-  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-  c.optim.warmup_steps = 0               # the RAdam path applies no warm-up
-  c.optim.grad_clip = 0.0
-  c.ema.rates = (0.9999,)
-  c.ema.halflife_kimg = 0.0
-  c.sampling.eval_ema = "rate_0p9999"
-  c.training.batch_size = 512
-  c.training.num_train_steps = 800_000
-  c.training.checkpoint_every = 5_000
-  c.training.keep_every = 50_000
-  c.training.sample_every = 10_000
+  cm_common.cifar10_schedule(c, lr=4e-4, ema_rate=0.9999, batch_size=512, num_train_steps=800_000)
   c.lock()
   return c

@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
   c.ctm = ctm_common.ctm_block(num_points=18)             # N = 18, K = 17, LPIPS
   c.ctm.target_ema = 0.9999 if (gan and not cond) else 0.999
   c.gan = ctm_common.gan_block()
-  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz")
+  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz", label_order="standard")
   c.optim.name = "radam"
   c.optim.lr = 4e-4
   c.optim.warmup_steps = 0

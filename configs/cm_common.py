@@ -78,6 +78,26 @@ def family_config(base, method: str, block, teacher=None):
   return c
 
 
+def cifar10_schedule(c, *, lr: float, ema_rate: float, batch_size: int, num_train_steps: int):
+  """The CIFAR-10 CM papers' optimisation: RAdam(0.9, 0.999, 1e-8) at lr with no warm-up and no
+  gradient clipping (the CM code's RAdam path: scale_by_radam then scale(-lr)), one evaluation
+  EMA, random x-flips, checkpoints every 5k steps (kept every 50k), samples every 10k."""
+  c.data.random_flip = True
+  c.optim.lr = lr
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+  c.optim.warmup_steps = 0
+  c.optim.grad_clip = 0.0
+  c.ema.rates = (ema_rate,)
+  c.ema.halflife_kimg = 0.0
+  c.sampling.eval_ema = "rate_" + repr(float(ema_rate)).replace(".", "p")
+  c.training.batch_size = batch_size
+  c.training.num_train_steps = num_train_steps
+  c.training.checkpoint_every = 5_000
+  c.training.keep_every = 50_000
+  c.training.sample_every = 10_000
+  return c
+
+
 def toy_config(method: str, block, *, distil: bool):
   """The 2-D mixture with the exact oracle teacher (distil); the toy_ctm budget and samplers."""
   from configs import ctm_common, toy_edm

@@ -13,6 +13,7 @@ import numpy as np
 from absl import logging
 
 SOURCES = ("oracle", "checkpoint", "torch_npz", "random")
+LABEL_ORDERS = ("standard",)      # config.teacher.label_order of a class-conditional torch_npz
 # 'random': N(0, 0.02^2) weights of the teacher network's shapes (seed 0).  Not a teacher: for
 # timing and memory measurements (launch.bench) and shape tests, where no weights are at hand.
 
@@ -33,6 +34,14 @@ def validate_teacher_config(config):
   if config.teacher.source == "torch_npz" and not config.teacher.npz_path:
     raise config_lib.ConfigError("config.teacher.npz_path must be set when "
                                  "config.teacher.source = 'torch_npz'")
+  if (config.teacher.source == "torch_npz" and config.teacher.config.data.class_conditional
+      and config.teacher.get("label_order", "") not in LABEL_ORDERS):
+    raise config_lib.ConfigError(
+        f"config.teacher.label_order = {config.teacher.get('label_order', '')!r}: a "
+        f"class-conditional torch_npz teacher must state the class order it was trained on, one "
+        f"of {LABEL_ORDERS} ('standard': the data set's standard order, ImageNet's sorted "
+        f"WordNet ids, as openai's and EDM's weights); otherwise every class is conditioned on "
+        f"another class's label")
   if config.teacher.source != "oracle":
     tcfg = config.teacher.config
     if tcfg.method != "edm":

@@ -249,3 +249,19 @@ def test_mnist_configs_validate_and_build_without_the_data(name, random_teacher)
   assert ev.num_samples >= 10000          # the issue's minimum for the MNIST FID
   for mode in ("sample", "nll"):        # fid / fid_stats also need the Inception weights file
     settings.validate(ev, cfg, mode=mode, num_devices=8, process_count=1)
+
+
+@pytest.mark.parametrize("name,arg", [("cifar10_ctm", "cond"), ("imagenet64_ctm", "")])
+def test_class_conditional_torch_teacher_must_state_its_label_order(name, arg):
+  """Official class-conditional weights know classes by index: a torch_npz teacher whose
+  class order is not stated is refused (it would condition on another class's label)."""
+  cfg = load(name, arg)
+  assert cfg.teacher.label_order == "standard" and cfg.teacher.config.data.class_conditional
+  cfg.unlock()
+  cfg.teacher.npz_path = "teacher.npz"
+  teacher_lib.validate_teacher_config(cfg)
+  cfg.teacher.label_order = ""
+  with pytest.raises(config_lib.ConfigError, match=r"config\.teacher\.label_order = ''"):
+    teacher_lib.validate_teacher_config(cfg)
+  cfg.teacher.config.data.class_conditional = False          # unconditional: no labels, no order
+  teacher_lib.validate_teacher_config(cfg)
