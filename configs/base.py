@@ -98,18 +98,28 @@ def eval_block() -> ml_collections.ConfigDict:
       checkpoints="latest",     # latest | all | comma list of steps
       ema="",                   # '' = sampling.eval_ema or the first EMA | comma list | all | params
       samplers="",              # comma list of sampler specs; '' = the method's default
-      num_samples=10000,        # samples per setting (FID: the paper configs use 50000)
+      num_samples=0,            # samples per setting; 0 = 50000 on cifar10 / imagenet64 (the
+                                # papers' FID count), 10000 elsewhere
+      uint8_rule="",            # samples -> uint8: truncate (CTM, CM) | round (EDM); '' = the
+                                # method's (edm, tcd: round; others: truncate)
       batch_size=256,           # global sampling batch (divisible by the device count)
       shard_size=2048,          # examples per shard file (a multiple of batch_size)
       seed=0,                   # x_T and sampler noise: fold_in(fold_in(key(seed), shard), batch)
       class_label=-1,           # class-conditional runs: -1 cycles the classes
       inception_weights="",     # the FID Inception-v3 .npz (docs/eval_jobs.md: how to make it)
-      ref_stats="",             # FID reference .npz; '' = <data_dir>/ctm_jax_fid_stats/<set>-<split>.npz
+      ref_stats="",             # FID reference .npz; '' = <workdir>/eval/fid_stats/<set>-<split>.npz
       fid_split="train",        # split of the FID reference (--mode=fid_stats): train, the
                                 # eval split, or both ('train+test' / 'train+validation')
+      inception_score=False,    # --mode=fid also: IS (guided-diffusion's evaluator: splits of
+                                # 5000; needs weights with the logits, from pytorch-fid's .pth)
+      precision_recall=False,   # --mode=fid also: precision / recall (k = 3) against the
+                                # reference features of ref_stats
       kid_subsets=100,          # KID: number of subsets ...
       kid_subset_size=1000,     # ... and their size (at most half of each set: disjoint blocks)
-      nll_split="",             # split of --mode=nll; '' = the data set's test/validation split
+      nll_protocol="dequantized",    # images: dequantized | point | score_sde | ctm
+                                # (ctm_jax/metrics/likelihood.py PROTOCOLS, docs/evaluation.md)
+      nll_split="",             # split of --mode=nll; '' = the protocol's (ctm: train), else the
+                                # data set's test/validation split
       nll_num_examples=0,       # examples of that split (0 = all)
       nll_batch_size=256,       # global batch of the NLL solves
       nll_divergence="hutchinson",   # hutchinson | exact (the trace of the jacobian; low dim.)
@@ -118,8 +128,8 @@ def eval_block() -> ml_collections.ConfigDict:
       nll_rtol=1e-5,
       nll_atol=1e-5,
       nll_max_steps=4096,
-      nll_metrics="",           # comma list ('' = all): images bpd_ode_uniform_dequant,
-                                # bpd_ode_pixel_centres, bpd_elbo; 2-D points nll_ode
+      nll_metrics="",           # comma list ('' = all): images bpd_ode, bpd_elbo (inputs as
+                                # the protocol says); 2-D points nll_ode
       nll_elbo_samples=16,      # bpd_elbo: Monte Carlo draws (t, noise, probe) per example
       nll_elbo_form="implicit",  # bpd_elbo: implicit (CTM's eval_bpd.py) | dsm
       reference_seeds=5,        # 2-D data: seeds of the exact-denoiser / two-sample references

@@ -2,8 +2,11 @@
 configs/cifar10_ve_cd.py), distilling the EDM DDPM++ teacher.
 
   python -m launch.train --config=configs/cifar10_cd.py --workdir=$WORKDIR \
-      --config.teacher.npz_path=edm-cifar10-32x32-uncond-vp.npz \
+      --config.teacher.path=edm-cifar10-32x32-uncond-vp.pkl \
       --config.cd.lpips_weights=lpips_vgg.npz
+
+(NVlabs/edm's network pickle, read without torch and without running its code; an .npz export
+is taken with --config.teacher.source=torch_npz --config.teacher.npz_path=...)
 
 The official settings: N = 18, one Heun step of the teacher per pair (a full Heun step into
 sigma_min), LPIPS on 224-pixel bilinear upsamples, uniform lambda, no target network (the
@@ -24,7 +27,7 @@ from ctm_jax.diffusion import karras_curve
 def get_config():
   teacher = cifar10_edm.get_config()
   c = cm_common.family_config(cifar10_edm.get_config(), "cd", cm_common.cd_block(num_points=18),
-                              ctm_common.teacher_block(teacher, source="torch_npz"))
+                              ctm_common.teacher_block(teacher, source="edm_pkl"))
   c.cd.distance = "lpips"
   c.cd.lpips_pooling = "max"             # jcm/models/lpips.py: flaxmodels VGG16 (max pools)
   c.cd.target_ema = 0.0

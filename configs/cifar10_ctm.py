@@ -2,14 +2,16 @@
 
 Phase 1, CTM + DSM (from the EDM teacher):
   python -m launch.train --config=configs/cifar10_ctm.py --workdir=$W1 \
-      --config.teacher.npz_path=edm-cifar10-32x32-uncond-vp.npz \
+      --config.teacher.path=edm-cifar10-32x32-uncond-vp.pkl \
       --config.ctm.lpips_weights=lpips_vgg.npz
 Phase 2, + GAN (a new run started from phase 1's checkpoint, as the reference resumes):
   python -m launch.train --config=configs/cifar10_ctm.py:gan --workdir=$W2 \
-      --config.init_from=$W1 --config.teacher.npz_path=... --config.ctm.lpips_weights=... \
+      --config.init_from=$W1 --config.teacher.path=... --config.ctm.lpips_weights=... \
       --config.gan.feature_weights=lpips_vgg.npz
 `:cond` / `:cond_gan` give the class-conditional runs (teacher edm-cifar10-32x32-cond-vp).
-The teacher may instead be a run of configs/cifar10_edm.py:
+The teacher is NVlabs/edm's network pickle, read without torch and without running its code
+(an .npz export: --config.teacher.source=torch_npz --config.teacher.npz_path=...), or a run of
+configs/cifar10_edm.py:
   --config.teacher.source=checkpoint --config.teacher.workdir=$EDM_WORKDIR
 """
 from configs import cifar10_edm, ctm_common
@@ -20,19 +22,15 @@ def get_config(arg: str = ""):
     raise ValueError(f"configs/cifar10_ctm.py takes '', 'cond', 'gan' or 'cond_gan', got {arg!r}")
   cond = arg.startswith("cond")
   gan = arg.endswith("gan")
-  teacher = cifar10_edm.get_config("cond" if cond else "")
-  c = cifar10_edm.get_config("cond" if cond else "")
-  c.unlock()
-  c.method = "ctm"
-  del c["edm"]
-  c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.13)     # the student: DDPM++ + s path
-  c.ctm = ctm_common.ctm_block(num_points=18)             # N = 18, K = 17, LPIPS
+  c = ctm_common.student_of(cifar10_edm, num_points=18, teacher_source="edm_pkl",
+                            arg="cond" if cond else "")      # N = 18, K = 17, LPIPS
+  c.teacher.label_order = "standard"     # the official weights' class order
+  # The student: DDPM++ + s path, without the teacher's augment input (map_augment): the official
+  # CTM students (cm.networks.EDMPrecond_CTM) have none, so their checkpoints load here.
+  c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.13)
+  c.model.augment_dim = 0
   c.ctm.target_ema = 0.9999 if (gan and not cond) else 0.999
-  c.gan = ctm_common.gan_block()
-  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz", label_order="standard")
-  c.optim.name = "radam"
   c.optim.lr = 4e-4
-  c.optim.warmup_steps = 0
   c.optim.grad_clip = 0.0
   c.ema.rates = (0.999, 0.9999)
   c.ema.halflife_kimg = 0.0

@@ -2,12 +2,16 @@
 import ml_collections
 
 
+METHODS = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd")
+
+
 def compare_block(name: str, config_prefix: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name=name,
       workdir=f"workdirs/compare_{name}",      # runs/, table.md, table.json, plots/
-      config_prefix=config_prefix,            # the runs are configs/<prefix>_<method>.py
-      methods=("ctm", "cd", "ct", "ict", "direct_cd", "tcd"),
+      methods=METHODS,
+      # method -> its run config file, as launch.train's --config takes it (FILE.py[:arg])
+      run_configs={m: f"configs/{config_prefix}_{m}.py" for m in METHODS},
       seeds=(0, 1),
       num_train_steps=1500,                   # the same for every method
       teacher_workdir="",                     # '' = the configs' teacher (toy: the oracle)

@@ -14,6 +14,7 @@ from configs import compare_common
 def get_config():
   c = compare_common.compare_block("toy", "toy")
   c.methods = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "tcd_s")
+  c.run_configs.tcd_s = "configs/toy_tcd_s.py"           # TCD's loss on CTM's s-input network
   c.num_train_steps = 1500
   c.seeds = (0, 1)
   c.overrides = {"training": {"sample_every": 0, "checkpoint_every": 1500}}

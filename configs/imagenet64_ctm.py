@@ -1,11 +1,12 @@
 """CTM on ImageNet 64x64, class-conditional (Kim et al. 2024; reference sony/ctm).
 
   python -m launch.train --config=configs/imagenet64_ctm.py --workdir=$W1 \
-      --config.teacher.npz_path=edm_imagenet64_ema.npz --config.ctm.lpips_weights=lpips_vgg.npz
+      --config.teacher.path=edm_imagenet64_ema.pt --config.ctm.lpips_weights=lpips_vgg.npz
   python -m launch.train --config=configs/imagenet64_ctm.py:gan --workdir=$W2 --config.init_from=$W1 ...
 
-The teacher is openai's EDM ImageNet-64 ADM (consistency_models' edm_imagenet64_ema.pt, exported
-with launch/export_torch_weights.py), which takes c_noise = 250 ln(t); the student uses the same.
+The teacher is openai's EDM ImageNet-64 ADM (consistency_models' edm_imagenet64_ema.pt, a torch.save
+state dict read without torch: teacher.source = 'torch_pt'), which takes c_noise = 250 ln(t); the
+student uses the same.
 """
 from configs import ctm_common, imagenet64_edm
 
@@ -13,24 +14,15 @@ from configs import ctm_common, imagenet64_edm
 def get_config(arg: str = ""):
   if arg not in ("", "gan"):
     raise ValueError(f"configs/imagenet64_ctm.py takes '' or 'gan', got {arg!r}")
-  teacher = imagenet64_edm.get_config()
-  teacher.unlock()
-  teacher.diffusion.c_noise = "250log"
-  teacher.model.dropout = 0.1            # teacher_dropout (evaluated without dropout)
-  teacher.lock()
-  c = imagenet64_edm.get_config()
-  c.unlock()
-  c.method = "ctm"
-  del c["edm"]
+  c = ctm_common.student_of(imagenet64_edm, num_points=40,          # N = 40, K = 39
+                            teacher_source="torch_pt")
+  c.teacher.label_order = "standard"     # the official weights' class order
+  c.teacher.config.diffusion.c_noise = "250log"
+  c.teacher.config.model.dropout = 0.1   # teacher_dropout (evaluated without dropout)
   c.diffusion.c_noise = "250log"
   c.model = imagenet64_edm.adm_imagenet64(dropout=0.0)
-  c.ctm = ctm_common.ctm_block(num_points=40)             # N = 40, K = 39
   c.ctm.target_ema = 0.999
-  c.gan = ctm_common.gan_block()
-  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz", label_order="standard")
-  c.optim.name = "radam"
   c.optim.lr = 4e-4
-  c.optim.warmup_steps = 0
   c.ema.rates = (0.999, 0.9999, 0.9999432189950708)
   c.ema.halflife_kimg = 0.0
   c.sampling.eval_ema = "rate_0p999"

@@ -50,11 +50,13 @@ def bench_config(config, batch: int, scratch_dir: str):
   cfg.training.batch_size = int(batch)
   if cfg.method == "ctm":
     tc = cfg.teacher
-    missing = ((tc.source == "checkpoint" and not os.path.isdir(tc.workdir or "/nonexistent"))
-               or (tc.source == "torch_npz" and not os.path.isfile(tc.npz_path or "/nonexistent")))
+    where = {"checkpoint": tc.workdir, "torch_npz": tc.npz_path}.get(tc.source,
+                                                                       tc.get("path", ""))
+    missing = ((tc.source == "checkpoint" and not os.path.isdir(where or "/nonexistent"))
+               or (tc.source in ("torch_npz", "edm_pkl", "torch_pt")
+                   and not os.path.isfile(where or "/nonexistent")))
     if missing:
-      notes.append(f"teacher: random weights (no {tc.source} at "
-                   f"{tc.workdir if tc.source == 'checkpoint' else tc.npz_path!r})")
+      notes.append(f"teacher: random weights (no {tc.source} at {where!r})")
       tc.source = "random"
     needs = []
     if cfg.ctm.distance == "lpips":

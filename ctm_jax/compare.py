@@ -19,7 +19,6 @@ A re-run skips finished trainings (a checkpoint at num_train_steps) and finished
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import time
@@ -31,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import config_lib, evaluate, runs, samplers
+from ctm_jax import config_lib, evaluate, progress, runs, samplers
 
 # An entry is configs/<prefix>_<entry>.py; tcd_s is TCD with CTM's s-input network (tcd.s_input).
 FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "tcd_s")
@@ -41,13 +40,9 @@ MODES = ("sample", "fid")
 # ----------------------------------------------------------------------------- the plan
 
 def run_config(cmp, method: str, seed: int) -> ml_collections.ConfigDict:
-  """configs/<prefix>_<method>.py with the comparison's overrides, steps, seed and teacher."""
-  try:
-    module = importlib.import_module(f"configs.{cmp.config_prefix}_{method}")
-  except ModuleNotFoundError:
-    raise config_lib.ConfigError(f"config.config_prefix = {cmp.config_prefix!r}: there is no "
-                                 f"configs/{cmp.config_prefix}_{method}.py") from None
-  c = module.get_config()
+  """The method's config file (config.run_configs[method], FILE.py or FILE.py:arg, loaded as
+  launch.train loads --config) with the comparison's overrides, steps, seed and teacher."""
+  c = config_lib.load_config_file(cmp.run_configs[method], f"config.run_configs.{method}")
   c.unlock()
   fields = flatten(cmp.overrides)
   fields.update(flatten(cmp.method_overrides.get(method, {})))
@@ -105,14 +100,13 @@ def sampler_labels(cmp, method: str) -> List[str]:
 
 
 def eval_settings(cmp, config, method: str):
-  """The merged config.eval of one run (comparison entry `method`) for the comparison
-  (base < run < config.eval); the evaluation seed is the run's seed."""
-  from configs import base
+  """The merged config.eval of one run (comparison entry `method`) for the comparison (the run config's eval block <
+  config.eval); the evaluation seed is the run's seed."""
   from ctm_jax.evaljob import settings
   over = dict(cmp.eval)
   over["seed"] = int(config.seed)
   over["samplers"] = ",".join(s for _, _, s in samplers_of(cmp, method))
-  return settings.merge_eval(base.eval_block(), config, over)
+  return settings.merge_eval(config.eval, None, over, dataset=config.data.dataset)
 
 
 def run_dir(cmp, method: str, seed: int) -> str:
@@ -125,13 +119,16 @@ def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
   plan [(method, seed, run config, eval settings)]."""
   from ctm_jax import train
   from ctm_jax.evaljob import settings
-  for f in ("workdir", "config_prefix"):
-    if not cmp.get(f):
-      raise config_lib.ConfigError(f"config.{f} must be set")
+  if not cmp.get("workdir"):
+    raise config_lib.ConfigError("config.workdir must be set")
   methods = list(cmp.methods)
   bad = [m for m in methods if m not in FAMILY]
   if bad or not methods or len(set(methods)) != len(methods):
     raise config_lib.ConfigError(f"config.methods = {tuple(methods)}: each once, from {FAMILY}")
+  missing = [m for m in methods if not cmp.run_configs.get(m)]
+  if missing:
+    raise config_lib.ConfigError(f"config.run_configs has no config file for {missing} "
+                                 f"(method -> 'configs/FILE.py' or 'FILE.py:arg')")
   missing = [m for m in methods if m not in cmp.samplers]
   if missing:
     raise config_lib.ConfigError(f"config.samplers has no entry for {missing} (a comma list of "
@@ -151,12 +148,14 @@ def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
       c = run_config(cmp, method, seed)
       train.validate_config(c, num_devices=jax.device_count(), process_count=jax.process_count())
       if c.data.dataset != dataset:
-        raise config_lib.ConfigError(f"configs/{cmp.config_prefix}_{method}.py trains on "
-                                     f"{c.data.dataset}, the others on {dataset}")
+        raise config_lib.ConfigError(f"config.run_configs.{method} = "
+                                     f"{cmp.run_configs[method]!r} trains on {c.data.dataset}, "
+                                     f"the others on {dataset}")
       ev = eval_settings(cmp, c, method)
       try:
         settings.validate(ev, c, mode=cmp.mode, num_devices=jax.device_count(),
-                          process_count=jax.process_count())
+                          process_count=jax.process_count(),
+                          workdir=run_dir(cmp, method, seed))
         settings.sampler_specs(ev, c)
       except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"{method}: {e}") from None
@@ -219,9 +218,9 @@ def train_run(method: str, seed: int, config, workdir: str) -> Dict[str, Any]:
   received = summary.get("stop_reason") or summary.get("signal")
   if received:
     how = "interrupted" if summary.get("stop_reason") else "finished"
-    raise KeyboardInterrupt(
-        f"stopped by {train.STOP_REASONS.get(received, received)} while training {method} "
-        f"seed {seed} ({how} at step {summary['step']} of {steps}, checkpoint written)")
+    raise KeyboardInterrupt(progress.stopped_by(
+        received, f" while training {method} seed {seed} ({how} at step {summary['step']} of "
+                  f"{steps}, checkpoint written)"))
   return {"trained_now": True, "train_seconds": time.time() - t0, **train_cost(workdir)}
 
 
@@ -234,7 +233,7 @@ def _ctrl_c_context(doing: str, kept: str):
   except KeyboardInterrupt as e:
     if str(e):
       raise
-    raise KeyboardInterrupt(f"stopped by Ctrl-C (SIGINT) while {doing} ({kept})") from None
+    raise KeyboardInterrupt(progress.stopped_by("SIGINT", f" while {doing} ({kept})")) from None
 
 
 # ----------------------------------------------------------------------------- evaluation

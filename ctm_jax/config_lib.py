@@ -83,6 +83,17 @@ def check_workdir(workdir: str):
                     f"directory or an earlier run's directory (to resume it)")
 
 
+def load_config_file(spec: str, field: str):
+  """The config of `FILE.py` or `FILE.py:arg` (FILE's get_config(arg)), loaded as the launch
+  binaries load --config (ml_collections' ConfigFileFlagParser; FILE relative to the working
+  directory); a missing FILE is a ConfigError naming `field`."""
+  path = str(spec).split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f"{field}={spec}: no such config file {path!r}")
+  from ml_collections.config_flags import config_flags
+  return config_flags.ConfigFileFlagParser("config", lock_config=False).parse(str(spec))
+
+
 def validate_common(config, *, num_devices: int, process_count: int):
   """Checks of the fields every method has (not config.method itself, which the method
   registry checks). num_devices / process_count: the run's (global) counts."""

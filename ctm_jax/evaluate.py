@@ -162,18 +162,11 @@ def run_jump_fn(model: flow_map.FlowModel, params, labels=None, kind: str = "jum
   return model.cm_jump_fn(params, labels) if kind == "cm_f" else model.jump_fn(params, labels)
 
 
-def clips_x0(config) -> bool:
-  """Whether CM multistep clips each x0 estimate to the data range [-1, 1]: image data and
-  config.sampling.cm_clip_x0 (both reference samplers clamp the denoised image)."""
-  return bool(config.sampling.get("cm_clip_x0", True)) and data.dataset_info(
-      config.data.dataset).kind == "image"
-
-
 def sampler_fn(model: flow_map.FlowModel, spec: SamplerSpec, kind: str = "jump",
                clip_x0: bool = False):
   """fn(params, x_init, key, labels) -> samples for a spec of the run's own model; `kind` is
   the run's generator_kind (a consistency model's jump is f(x, t)); clip_x0: CM multistep
-  clips its x0 estimates to [-1, 1] (clips_x0)."""
+  clips its x0 estimates to [-1, 1] (samplers.clips_x0)."""
   sch = model.schedule
   if spec.cm:
     taus = spec.times if spec.times is not None else samplers.karras_interior(spec.steps, sch)

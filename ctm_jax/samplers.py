@@ -158,6 +158,14 @@ def onestep(jump_fn: JumpFn, x_init, schedule: diffusion.Schedule = diffusion.Sc
                  jnp.full((b,), schedule.sigma_min, x_init.dtype))
 
 
+def clips_x0(config) -> bool:
+  """Whether CM multistep clips each x0 estimate to the data range [-1, 1]: image data and
+  config.sampling.cm_clip_x0 (both reference samplers clamp the denoised image)."""
+  from ctm_jax import data
+  return bool(config.sampling.get("cm_clip_x0", True)) and data.dataset_info(
+      config.data.dataset).kind == "image"
+
+
 def karras_interior(nfe: int, schedule: diffusion.Schedule = diffusion.Schedule()):
   """The nfe - 1 interior points of the Karras grid of nfe + 1 points (host floats)."""
   if nfe < 2:
@@ -186,7 +194,15 @@ def cm_multistep(f_fn, x_init, key, taus: Sequence[float],
   return x
 
 
-def to_uint8(x):
-  """[-1, 1] samples to uint8 images: clip, then truncate (x + 1) * 127.5 as the references do."""
-  x = jnp.clip(x, -1.0, 1.0)
-  return ((x + 1.0) * 127.5).astype(jnp.uint8)
+UINT8_RULES = ("truncate", "round")
+
+
+def to_uint8(x, rule: str = "truncate"):
+  """[-1, 1] samples to uint8 images.  'truncate': floor((clip(x, -1, 1) + 1) 127.5), as CTM's,
+  CM's and score_sde's sampling scripts do; 'round': floor(clip(x 127.5 + 128, 0, 255)), i.e.
+  (x + 1) 127.5 rounded half up, as EDM's generate.py and StyleGAN do."""
+  if rule == "truncate":
+    return ((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+  if rule == "round":
+    return jnp.clip(x * 127.5 + 128.0, 0.0, 255.0).astype(jnp.uint8)
+  raise ValueError(f"rule must be one of {UINT8_RULES}, got {rule!r}")

@@ -12,8 +12,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 from absl import logging
 
-SOURCES = ("oracle", "checkpoint", "torch_npz", "random")
-LABEL_ORDERS = ("standard",)      # config.teacher.label_order of a class-conditional torch_npz
+SOURCES = ("oracle", "checkpoint", "torch_npz", "edm_pkl", "torch_pt", "random")
+# 'edm_pkl': an NVlabs/edm network pickle (teacher.path, entry teacher.pickle_key), read torch-free
+# without running its code; 'torch_pt': a torch.save state dict (.pt/.pth, e.g. consistency_models'
+# edm_imagenet64_ema.pt) at teacher.path, read the same way.
+LABEL_ORDERS = ("standard",)      # config.teacher.label_order of a class-conditional weight file
 # 'random': N(0, 0.02^2) weights of the teacher network's shapes (seed 0).  Not a teacher: for
 # timing and memory measurements (launch.bench) and shape tests, where no weights are at hand.
 
@@ -34,11 +37,12 @@ def validate_teacher_config(config):
   if config.teacher.source == "torch_npz" and not config.teacher.npz_path:
     raise config_lib.ConfigError("config.teacher.npz_path must be set when "
                                  "config.teacher.source = 'torch_npz'")
-  if (config.teacher.source == "torch_npz" and config.teacher.config.data.class_conditional
+  _validate_file_source(config)
+  if (config.teacher.source in ("torch_npz", "edm_pkl", "torch_pt") and config.teacher.config.data.class_conditional
       and config.teacher.get("label_order", "") not in LABEL_ORDERS):
     raise config_lib.ConfigError(
         f"config.teacher.label_order = {config.teacher.get('label_order', '')!r}: a "
-        f"class-conditional torch_npz teacher must state the class order it was trained on, one "
+        f"class-conditional teacher from official weights must state the class order it was trained on, one "
         f"of {LABEL_ORDERS} ('standard': the data set's standard order, ImageNet's sorted "
         f"WordNet ids, as openai's and EDM's weights); otherwise every class is conditioned on "
         f"another class's label")
@@ -56,6 +60,71 @@ def validate_teacher_config(config):
       if tcfg.diffusion[f] != config.diffusion[f]:
         raise config_lib.ConfigError(f"config.teacher.config.diffusion.{f} must equal "
                                      f"config.diffusion.{f}")
+
+
+FILE_SOURCES = ("edm_pkl", "torch_pt")
+
+
+def _validate_file_source(config):
+  """teacher.source edm_pkl / torch_pt: teacher.path is set (the file is read when the teacher's
+  parameters are first needed; a finished run stays evaluable without it)."""
+  from ctm_jax import config_lib
+  tc = config.teacher
+  if tc.source not in FILE_SOURCES:
+    return
+  path = tc.get("path", "")
+  if not path:
+    raise config_lib.ConfigError(f"config.teacher.path must name the teacher's weight file when "
+                                 f"config.teacher.source = {tc.source!r}")
+
+
+def check_network_matches(module, expected, what: str):
+  """Raise naming every constructor field in which the file's network `module` differs from
+  the config's network `expected` (dropout, dtype and rematerialisation are the run's choice)."""
+  import dataclasses
+  from ctm_jax import config_lib
+  if type(module) is not type(expected):
+    raise config_lib.ConfigError(f"{what} holds a {type(module).__name__}, but "
+                                 f"config.teacher.config.model builds a {type(expected).__name__}")
+  skip = {"parent", "name", "dropout", "label_dropout", "dtype", "remat"}
+
+  def value(net, field):
+    v = getattr(net, field)
+    if field == "out_channels" and v is None:     # None: as many as the input
+      v = net.in_channels
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+  diffs = [f"{f.name}: file {value(module, f.name)!r}, config {value(expected, f.name)!r}"
+           for f in dataclasses.fields(module)
+           if f.name not in skip and value(module, f.name) != value(expected, f.name)]
+  if diffs:
+    raise config_lib.ConfigError(f"{what} is not the network config.teacher.config describes "
+                                 f"(set config.teacher.config.model to match): " + "; ".join(diffs))
+
+
+def load_edm_pickle_teacher(config, net):
+  """Teacher params from an EDM network pickle (config.teacher.path), checked against the
+  config: the pickle's class, init_kwargs and sigma_data must describe `net` and the config's
+  preconditioning."""
+  from ctm_jax import config_lib, official_weights
+  from ctm_jax.nets import torch_port
+  tc = config.teacher
+  key = tc.get("pickle_key", "ema")
+  edm = official_weights.read_edm_pickle(tc.path, key)
+  module, precond = official_weights.edm_network_module(edm)
+  what = f"the EDM pickle {tc.path!r}[{key!r}]"
+  check_network_matches(module, net, what)
+  sigma_data = float(tc.config.diffusion.sigma_data)
+  if abs(precond["sigma_data"] - sigma_data) > 1e-9:
+    raise config_lib.ConfigError(f"{what} has sigma_data {precond['sigma_data']}, "
+                                 f"config.teacher.config.diffusion.sigma_data is {sigma_data}")
+  if tc.config.diffusion.get("c_noise", "log4") != "log4":
+    raise config_lib.ConfigError(
+        f"{what} is an EDMPrecond (c_noise = ln(sigma)/4), but config.teacher.config."
+        f"diffusion.c_noise = {tc.config.diffusion.c_noise!r}")
+  logging.info("Teacher: source=edm_pkl path=%s entry=%s (%s/%s)", tc.path, key,
+               edm.class_name, edm.inner_class)
+  return torch_port.load_torch_state_dict(net, edm.state_dict)
 
 
 class Teacher:
@@ -118,7 +187,11 @@ class Teacher:
                                             field=field)
       logging.info("Teacher: source=checkpoint workdir=%s step=%d ema=%s", tc.workdir, step, name)
       return params
+    if self.source == "edm_pkl":
+      return load_edm_pickle_teacher(self.config, self.model.net)
+    from ctm_jax import official_weights
     from ctm_jax.nets import torch_port
-    sd = torch_port.load_npz_state_dict(tc.npz_path)
+    sd = official_weights.load_state_dict_file(tc.path if self.source == "torch_pt"
+                                               else tc.npz_path)
     return torch_port.load_torch_state_dict(self.model.net, sd)
 

@@ -189,12 +189,7 @@ class NonFiniteError(FloatingPointError):
   """The training metrics turned non-finite; the state of that step is not saved."""
 
 
-# Why a run stopped before num_train_steps (summary["stop_reason"]) -> how the log says it.
-STOP_REASONS = {
-    "SIGINT": "Ctrl-C (SIGINT)",
-    "SIGTERM": "SIGTERM",
-    "preemption": "a pre-emption notice",
-}
+STOP_REASONS = progress_lib.STOP_REASONS   # summary["stop_reason"] -> how the log says it
 
 
 class PreemptionFlag:
@@ -256,6 +251,33 @@ def _write_config(workdir: str, config, step: int):
     os.replace(path + ".tmp", path)
 
 
+def _finished_summary(workdir: str, total_steps: int) -> Optional[Dict[str, Any]]:
+  """The saved summary.json of a run that already trained to total_steps (its newest
+  checkpoint is that summary's step, at or past total_steps), else None."""
+  path = os.path.join(workdir, "summary.json")
+  steps = runs.checkpoint_steps(workdir) if os.path.isfile(path) else []
+  if not steps or steps[-1] < total_steps:
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  return summary if summary.get("step") == steps[-1] else None
+
+
+def _config_changes(workdir: str, config) -> list:
+  """'field old -> new' for each field of config that differs from the run's newest saved
+  config (config.json or the last config_resume_<step>.json): what a resume changes."""
+  saved = sorted(n for n in os.listdir(workdir) if n.startswith("config_resume_")
+                 and n.endswith(".json")) if os.path.isdir(workdir) else []
+  path = os.path.join(workdir, saved[-1] if saved else "config.json")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    old = _flatten(json.load(f))
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  return [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int):
   """Every config check: the fields all methods share, then the chosen method's own section
   (raises config_lib.ConfigError naming the field and what is accepted)."""
@@ -310,6 +332,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   config_lib.check_workdir(workdir)
   tcfg = config.training
+  done = _finished_summary(workdir, tcfg.num_train_steps)
+  if done is not None:                       # a re-run of a finished run changes nothing
+    logging.info("Already trained to step %d (training.num_train_steps = %d): nothing to do; "
+                 "%s is kept", done["step"], tcfg.num_train_steps,
+                 os.path.join(workdir, "summary.json"))
+    return done
   cache_dir = compile_cache.setup(tcfg.get("compilation_cache_dir", compile_cache.AUTO), workdir)
   exp = Experiment(config)
   method = exp.method
@@ -343,7 +371,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if dropped:
       logging.info("Dropped %d metrics.jsonl rows past step %d (they are computed again)",
                    dropped, step)
+  changes = _config_changes(workdir, config) if latest is not None else []
   _write_config(workdir, config, step)
+  if changes:
+    logging.info("Resuming with changed settings (recorded in config_resume_%08d.json): %s",
+                 step, "; ".join(changes))
 
   writer = metric_io.create_writer(workdir)
   if step == 0:

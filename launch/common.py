@@ -21,7 +21,9 @@ libraries' INFO logs that are otherwise dropped.
 The quiet log: TF_CPP_MIN_LOG_LEVEL=1 and TF_ENABLE_ONEDNN_OPTS=0 (no oneDNN / CPU feature /
 CUDA notices of TensorFlow's and XLA's C++ start-up), the `jax` loggers at WARNING (no "Unable to initialize backend 'tpu'"), and
 the INFO records of Orbax and the INFO / WARNING records of TFDS dropped (no "Load dataset
-info from ...", no "Variant folder ... has no dataset_info.json").  Set before jax / TensorFlow are imported,
+info from ...", no "Variant folder ... has no dataset_info.json"), and Orbax's three
+warnings on a checkpoint opened to read ("Given directory is read only", "read_only=True,
+setting ...").  Set before jax / TensorFlow are imported,
 which launch binaries do inside main.
 """
 from __future__ import annotations
@@ -51,6 +53,10 @@ USER_ERRORS = (("ctm_jax.config_lib", "UserError", 2),
 
 # Log records from these library paths below these levels are dropped unless --verbose.
 _QUIET_BELOW = {"tensorflow_datasets": py_logging.ERROR, "orbax": py_logging.WARNING}
+# ... and these records of theirs at any level: Orbax's three notes on every checkpoint opened
+# to read (the evaluation opens checkpoints read-only).
+_QUIET_MESSAGES = {"orbax": ("Given directory is read only",
+                             "CheckpointManagerOptions.read_only=True")}
 
 
 class FlagMistake(Exception):
@@ -60,10 +66,15 @@ class FlagMistake(Exception):
 # ----------------------------------------------------------------------------- entry point
 
 def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = (),
-        on_ctrl_c: str = ""):
+        on_ctrl_c: str = "", rename: Sequence[Tuple[str, str]] = ()):
   """app.run(main) with one-line errors (see the module docstring).  extra_errors: more
   (exception class, exit status) pairs a binary reports in one line.  on_ctrl_c: what the
-  Ctrl-C line adds, e.g. 're-run the same command to resume'."""
+  Ctrl-C line adds, e.g. 're-run the same command to resume'.  rename: (name, flag) pairs
+  for a binary whose flags stand for other names (launch.sample's --samplers for
+  config.eval.samplers): the error line says the flag the user typed (rename_flags)."""
+  def _fail(prog, message, status, argv):
+    _fail_line(prog, rename_flags(message, rename), status, argv)
+
   def parse(argv):
     try:
       _check_config_files(argv)
@@ -97,13 +108,39 @@ def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = ()
 def ctrl_c_message(e: KeyboardInterrupt, on_ctrl_c: str = "") -> str:
   """'stopped by Ctrl-C (SIGINT)', or the interrupt's own 'stopped by ...' message (where
   the library says what it was doing), then '; <on_ctrl_c>'."""
+  from ctm_jax import progress
   text = " ".join(str(e).split())
-  if not text.startswith("stopped by"):
-    text = "stopped by Ctrl-C (SIGINT)" + (f": {text}" if text else "")
+  if not text.startswith(progress.stopped_by("")):
+    text = progress.stopped_by("SIGINT", f": {text}" if text else "")
   return text + (f"; {on_ctrl_c}" if on_ctrl_c else "")
 
 
-def _fail(prog: str, message: str, status: int, argv):
+def fake_cpu_devices_flag():
+  """Define --fake_cpu_devices (testing: run on N fake CPU devices); start() applies it."""
+  return flags.DEFINE_integer(
+      "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
+
+
+def start(argv, how_to_set: str = "", fake_cpu_devices=None):
+  """The first lines of a binary's main: a positional argument is refused in one line
+  ('unexpected arguments [...]: <how_to_set>'), then --fake_cpu_devices is applied before
+  JAX starts (fake_cpu_devices: the holder fake_cpu_devices_flag() returned)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}" + (f": {how_to_set}" if how_to_set
+                                                                else ""))
+  if fake_cpu_devices is not None and fake_cpu_devices.value:
+    from ctm_jax import parallel
+    parallel.configure_fake_cpu_devices(fake_cpu_devices.value)
+
+
+def rename_flags(message: str, rename: Sequence[Tuple[str, str]]) -> str:
+  """message with each `name` (or `--name`) of the (name, flag) pairs written as `flag`."""
+  for name, flag in rename:
+    message = re.sub(rf"(?<![\w.-])(?:--)?{re.escape(name)}(?![\w])", flag, message)
+  return message
+
+
+def _fail_line(prog: str, message: str, status: int, argv):
   if verbose(argv):
     traceback.print_exc()
   sys.stderr.write(f"{prog}: error: {message}\n" if status != 130 else f"{prog}: {message}\n")
@@ -156,6 +193,9 @@ def quiet_environment():
 class _DropLibraryInfo(py_logging.Filter):
   def filter(self, record):
     path = record.pathname.replace("\\", "/")
+    if any(f"/{p}/" in path and str(record.msg).startswith(m)
+           for p, msgs in _QUIET_MESSAGES.items() for m in msgs):
+      return False
     return not any(f"/{p}/" in path and record.levelno < level
                    for p, level in _QUIET_BELOW.items())
 

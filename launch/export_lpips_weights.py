@@ -1,7 +1,14 @@
 r"""Export VGG16 + LPIPS heads to the .npz read by `ctm_jax.nets.lpips.load_lpips_params`.
 
-Run on a machine with torch, torchvision and the `lpips` package (pip install lpips), and
-internet access for torchvision's download (or its weights already in the torch hub cache):
+Without torch, from the original files (read by ctm_jax.torch_archive, nothing in them is run):
+
+  python -m launch.export_lpips_weights --out lpips_vgg16.npz \
+      --vgg_pth vgg16-397923af.pth --heads_pth vgg.pth           # or piq's lpips_weights.pt
+
+(`vgg16-397923af.pth`: torchvision's IMAGENET1K_V1 VGG16 weights; `vgg.pth`: the lpips package's
+`lpips/weights/v0.1/vgg.pth`.)  Optionally, on a machine with torch, torchvision and the `lpips`
+package, and internet access for torchvision's download (or its weights already in the torch hub
+cache):
 
   python -m launch.export_lpips_weights --out lpips_vgg16.npz
   python -m launch.export_lpips_weights --out lpips_vgg16.npz --heads piq   # piq's head file
@@ -73,6 +80,10 @@ def main(argv=None):
   parser.add_argument('--out', required=True, help='output .npz path')
   parser.add_argument('--heads', choices=('lpips', 'piq'), default='lpips',
                       help="LPIPS v0.1 'vgg' heads from the lpips package, or piq's head file")
+  parser.add_argument('--vgg_pth', default=None,
+                      help="torchvision's VGG16 state dict file; with --heads_pth: no torch needed")
+  parser.add_argument('--heads_pth', default=None,
+                      help="LPIPS heads: lpips' weights/v0.1/vgg.pth or piq's lpips_weights.pt")
   parser.add_argument('--check', action='store_true',
                       help='compare with piq.LPIPS(replace_pooling=True) on random images')
   args = parser.parse_args(argv)
@@ -80,12 +91,21 @@ def main(argv=None):
   import numpy as np
   from ctm_jax.nets import lpips as jlpips
 
-  sd = _vgg16_features_state_dict()
-  sd.update(_lpips_heads() if args.heads == 'lpips' else _piq_heads())
-  sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
-  jlpips.lpips_params_from_state_dict(sd)       # names, shapes and non-negative heads
+  if (args.vgg_pth is None) != (args.heads_pth is None):
+    parser.error('--vgg_pth and --heads_pth go together')
+  if args.vgg_pth:
+    sd = jlpips.lpips_state_dict_from_torch_files(args.vgg_pth, args.heads_pth)
+    source = f'{args.vgg_pth} + {args.heads_pth}'
+  else:
+    sd = _vgg16_features_state_dict()
+    sd.update(_lpips_heads() if args.heads == 'lpips' else _piq_heads())
+    sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
+    jlpips.lpips_params_from_state_dict(sd)       # names, shapes and non-negative heads
+    source = f'torchvision + {args.heads}'
+  if os.path.exists(args.out):
+    parser.error(f'--out {args.out} exists; not overwriting it')
   np.savez(args.out, **sd)
-  print(f'wrote {args.out}: {len(sd)} arrays, heads from {args.heads}')
+  print(f'wrote {args.out}: {len(sd)} arrays, from {source}')
   if args.check:
     _check_against_piq(args.out)
 

@@ -122,7 +122,7 @@ def teacher_restored_once():
 
   def load(self):
     tc = self.config.teacher
-    key = (tc.source, str(tc.workdir), tc.step, tc.ema, tc.npz_path)
+    key = (tc.source, str(tc.workdir), tc.step, tc.ema, tc.npz_path, tc.get("path", ""))
     if key not in cache:
       loads.append(key)
       cache[key] = real(self)

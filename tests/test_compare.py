@@ -192,6 +192,11 @@ def _sample_dir(workdir, safe_name):
     ("overrides", {"training": {"batch_sise": 64}}, "no field 'batch_sise'"),
     ("nfes", (0, 2), "config.nfes"),
     ("mode", "nll", "config.mode"),
+    ("run_configs", {"ctm": "configs/toy_ctm.py", "cd": "configs/toy_dc.py",
+                     "tcd": "configs/toy_tcd.py"},
+     r"config.run_configs.cd=configs/toy_dc.py: no such config file"),
+    ("run_configs", {"ctm": "configs/toy_ctm.py", "tcd": "configs/toy_tcd.py"},
+     r"config.run_configs has no config file for \['cd'\]"),
 ])
 def test_bad_comparison_settings_are_refused_before_training(tmp_path, field, value, message):
   cmp = small(tmp_path / "cmp")
@@ -211,6 +216,22 @@ def test_tcd_and_its_s_input_variant_are_two_entries_with_their_own_samplers(tmp
   assert plan["tcd"][0].tcd.s_input is False and plan["tcd_s"][0].tcd.s_input is True
   assert "sss:0.3:2" in plan["tcd"][1].samplers and "sss:0.6:2" in plan["tcd_s"][1].samplers
   assert "sss:0.3" not in plan["tcd_s"][1].samplers
+
+
+def test_run_configs_are_config_files_loaded_like_launch_train(tmp_path):
+  """config.run_configs names files (FILE.py[:arg]) anywhere, as --config does: a file
+  outside configs/ whose get_config(arg) changes one field of configs/toy_cd.py."""
+  mine = tmp_path / "my_cd.py"
+  mine.write_text("from configs import toy_cd\n\n\ndef get_config(arg):\n"
+                  "  c = toy_cd.get_config()\n  c.sampling.heun_steps = int(arg)\n  return c\n")
+  cmp = small(tmp_path / "cmp")
+  cmp.run_configs.cd = f"{mine}:7"
+  got = compare.run_config(cmp, "cd", 3).to_dict()
+  want = compare.run_config(small(tmp_path / "cmp"), "cd", 3).to_dict()
+  assert got["sampling"].pop("heun_steps") == 7 != want["sampling"].pop("heun_steps")
+  assert got == want and got["seed"] == 3 and got["method"] == "cd"
+  cmp.run_configs.cd = "configs/toy_tcd.py"              # the file decides the method
+  assert compare.run_config(cmp, "cd", 0).method == "tcd"
 
 
 def test_launch_compare_bad_setting_is_one_line_exit_2(tmp_path):
@@ -304,10 +325,10 @@ def test_image_ode_error_reference_is_the_comparisons_teacher_also_for_ct(tmp_pa
   from configs import compare_digits
   cmp = compare_digits.get_config()
   cmp.workdir = str(tmp_path / "cmp")
-  cmp.teacher_workdir = "/some/digits_edm"
+  cmp.teacher_workdir = "workdirs/some_digits_edm"
   cmp.methods = ("ct", "ict", "tcd", "cd")
   ref = compare.reference_config(cmp, 0)
-  assert ref.method == "tcd" and ref.teacher.workdir == "/some/digits_edm"
+  assert ref.method == "tcd" and ref.teacher.workdir == "workdirs/some_digits_edm"
   assert "teacher" not in compare.run_config(cmp, "ct", 0)
   cmp.methods = ("ct", "ict")
   with pytest.raises(config_lib.ConfigError, match="add a distillation method"):

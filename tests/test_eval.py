@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,9 @@ import numpy as np
 import pytest
 
 from configs import base, toy_ctm
-from ctm_jax import config_lib, metric_io, parallel, runs, train
+from ctm_jax import config_lib, evaluate, metric_io, parallel, runs, train
 from ctm_jax import data as data_lib
-from ctm_jax.evaljob import jobs, report, settings, shards
+from ctm_jax.evaljob import common, jobs, report, settings, shards
 from launch_utils import ROOT, set_fields, subprocess_env
 from test_ctm_images import tiny_edm
 from test_train import tiny_config
@@ -294,9 +295,14 @@ def fake_feature_fn(seed: int = 0):
   return fn
 
 
-def _weights_file(tmp_path):
-  p = tmp_path / "inception_standin.npz"
-  np.savez(p, w=np.zeros(3))
+def _weights_file(tmp_path, logits: bool = True):
+  """A stand-in weights file (the features come from fake_feature_fn); with a random logits
+  matrix for the Inception Score unless logits=False."""
+  from ctm_jax.nets import inception
+  p = tmp_path / ("inception_standin.npz" if logits else "inception_nologits.npz")
+  arrays = {inception.LOGITS_KEY: np.random.default_rng(3).normal(size=(2048, 1008)).astype(
+      np.float32) * 0.1} if logits else {}
+  np.savez(p, w=np.zeros(3), **arrays)
   return str(p), shards.file_sha256(str(p))
 
 
@@ -322,7 +328,7 @@ def _value(summary, metric):
   return [r["value"] for r in summary["records"] if r["metric"] == metric][0]
 
 
-FID_RUN = dict(num_samples=160, samplers="heun:2")
+FID_RUN = dict(num_samples=160, samplers="heun:2", inception_score=True, precision_recall=True)
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +376,19 @@ def test_fid_stats_and_fid_records(digits_stats, fid_runs, fid_module):
   x_s = np.concatenate([np.load(f)["x"] for f in sorted(glob.glob(os.path.join(r["samples"], "shard_*.npz")))])
   assert x_s.dtype == np.uint8 and x_s.shape == (160, 8, 8, 1)
   np.testing.assert_allclose(f_s, feat(x_s), rtol=1e-6)
+  # An EDM run: its samples become uint8 by EDM's generate.py rule, (x 127.5 + 128).clip(0, 255)
+  # cast, written out here on the first batch redrawn from its documented keys.
+  assert r["uint8_rule"] == "round"
+  config = runs.load_run_config(wd)
+  model = runs.build_model(config)
+  params = runs.load_params(config, wd, 2, "rate_0p999")[0]
+  k_x, k_s = jax.random.split(common.batch_keys(0, 0, 0))
+  x_T = 80.0 * jax.random.normal(k_x, (32, 8, 8, 1))
+  x = np.asarray(evaluate.sampler_fn(model, evaluate.parse_sampler("heun:2"))(
+      params, x_T, k_s, None), np.float32)
+  edm = np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8)
+  assert np.sum(edm != np.clip((x + 1) * 127.5, 0, 255).astype(np.uint8)) >= 10   # (most saturate)
+  np.testing.assert_array_equal(x_s[:32], edm)
   # The FID of the cached features against the statistics of freshly computed data features,
   # by the d x d route (the job takes the n x n one; both are tested in test_fid.py).
   f64 = f_s.astype(np.float64)
@@ -386,6 +405,17 @@ def test_fid_stats_and_fid_records(digits_stats, fid_runs, fid_module):
   assert glob.glob(os.path.join(wd, "eval", "events.out.tfevents.*"))
   lines = report.read_records(wd)
   assert {("fid", "heun:2"), ("kid", "heun:2")} <= {(l["metric"], l.get("sampler")) for l in lines}
+  # The evaluator's IS (pool3 @ the weights' logits matrix, one split of 160) and precision /
+  # recall (k = 3) of the cached sample features against the reference features.
+  from ctm_jax.metrics import guided_eval
+  from ctm_jax.nets import inception
+  w = inception.load_logits_weight(digits_stats["weights"])
+  assert recs["inception_score"]["value"] == pytest.approx(
+      guided_eval.inception_score(guided_eval.pool3_logits(f_s, w))["value"], rel=1e-9)
+  assert recs["inception_score"]["is_splits"] == 1 and recs["inception_score"]["value"] > 1
+  pr = guided_eval.precision_recall(st["features"], f_s)
+  assert (recs["precision"]["value"], recs["recall"]["value"]) == (pr["precision"], pr["recall"])
+  assert recs["precision"]["num_samples"] == 160 and recs["precision"]["k"] == 3
 
 
 def test_two_devices_give_the_same_fid_as_one(fid_runs):
@@ -500,13 +530,15 @@ def test_nll_job_with_a_closed_form_logp(toy_run, tmp_path):
     (dict(ema="rate_0p5"), "sample", r"config\.eval\.ema = 'rate_0p5' is not an EMA.*rate_0p9"),
     (dict(checkpoints="5"), "sample", r"config\.eval\.checkpoints: steps \[5\] .*\[2, 3\]"),
     (dict(checkpoints="newest"), "sample", r"config\.eval\.checkpoints must be 'latest', 'all'"),
-    (dict(num_samples=0), "sample", r"config\.eval\.num_samples must be in \[1, inf\)"),
+    (dict(num_samples=-1), "sample", r"config\.eval\.num_samples must be in \[1, inf\)"),
     (dict(nll_divergence="exactly"), "nll", r"config\.eval\.nll_divergence must be one of"),
     (dict(nll_probes=0), "nll", r"config\.eval\.nll_probes must be in \[1, inf\)"),
     (dict(nll_rtol=0.0), "nll", r"config\.eval\.nll_rtol must be in \(0"),
     (dict(nll_split="val"), "nll", r"config\.eval\.nll_split must be one of \('', 'train', 'test'\)"),
     (dict(nll_metrics="nll_ode,bpd_elbo"), "nll", r"config\.eval\.nll_metrics = 'nll_ode,bpd_elbo': points data accepts .*'nll_ode'"),
     (dict(nll_elbo_samples=0), "nll", r"config\.eval\.nll_elbo_samples must be in \[1, inf\)"),
+    (dict(nll_protocol="vdm"), "nll", r"config\.eval\.nll_protocol must be one of \('dequantized', 'point', 'score_sde', 'ctm'\)"),
+    (dict(nll_protocol="ctm"), "nll", r"config\.eval\.nll_protocol = 'ctm': the protocols are for 8-bit images"),
     (dict(fid_split="all"), "sample", r"config\.eval\.fid_split must be one of \('train', 'test', 'train\+test'\)"),
     (dict(), "fid", r"--mode=fid needs an image data set"),
 ])
@@ -516,6 +548,103 @@ def test_bad_settings_are_refused_before_any_compute(toy_run, tmp_path, fields, 
   with pytest.raises(config_lib.ConfigError, match=pattern):
     jobs.run(wd, mode, ev, config)
   assert not os.path.exists(os.path.join(wd, "eval"))
+
+
+def test_ema_mean_age_and_the_lag_warning(toy_run, caplog):
+  """runs.ema_mean_age against the EMA of theta_t = t run step by step (age = t - EMA) with
+  the decays written out (a fixed rate; EDM's half-life 0.5^(B / min(h, ratio * t * B))),
+  and against r (1 - r^s) / (1 - r); load_params warns for a lagging EMA, not for params."""
+  from configs import cifar10_edm
+  def simulated(betas):
+    avg = 0.0
+    for t, b in enumerate(betas):
+      avg = b * avg + (1.0 - b) * (t + 1)
+    return len(betas) - avg
+  c = cifar10_edm.get_config()            # rate 0.9999 and a 500 kimg half-life, batch 512
+  s, bs = 3000, c.training.batch_size
+  halflife = [0.5 ** (bs / max(min(500e3, 0.05 * t * bs), 1e-8)) for t in range(s)]
+  np.testing.assert_allclose(runs.ema_mean_age(c, "halflife", s), simulated(halflife), rtol=1e-4)
+  np.testing.assert_allclose(runs.ema_mean_age(c, "rate_0p9999", s), simulated([0.9999] * s),
+                             rtol=1e-4)
+  np.testing.assert_allclose(runs.ema_mean_age(c, "rate_0p9999", s),
+                             0.9999 * (1 - 0.9999 ** s) / 1e-4, rtol=1e-4)
+  assert runs.ema_mean_age(c, "params", s) == 0.0
+  config, n = runs.load_run_config(toy_run), runs.checkpoint_steps(toy_run)[-1]
+  age = 0.9 * (1 - 0.9 ** n) / 0.1                     # a few steps: rate 0.9 lags
+  caplog.set_level("WARNING")
+  runs.load_params(config, toy_run, None, "rate_0p9", field="config.teacher.ema")
+  said = [r.getMessage() for r in caplog.records if "lags the trained weights" in r.getMessage()]
+  assert said == [f"config.teacher.ema = 'rate_0p9': this EMA's weights are on average "
+                  f"{age:.0f} steps old, {100 * age / n:.0f}% of the {n} steps trained, so it "
+                  f"lags the trained weights; 'params' (the trained weights) or a shorter EMA "
+                  f"may be closer"]
+  caplog.clear()
+  runs.load_params(config, toy_run, None, "params")
+  assert not [r for r in caplog.records if "lags" in r.getMessage()]
+
+
+def test_finished_setting_logs_its_picture(tmp_path, caplog):
+  """common.finish: one log line per record, naming the grid (images) or picture (2-D)."""
+  import types
+  job = types.SimpleNamespace(workdir=str(tmp_path), records=[], files=[])
+  caplog.set_level("INFO")
+  grid = str(tmp_path / "eval" / "grid.png")
+  common.finish(job, str(tmp_path / "r.json"), [{"metric": "samples", "value": 64,
+                                                 "sampler": "heun:3", "grid": grid}], [grid])
+  assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("samples")] == [
+      f"samples = 64  [sampler=heun:3, grid={grid}]"]
+  assert json.load(open(tmp_path / "r.json"))["files"] == [grid]
+
+
+def test_each_mode_checks_the_batch_it_uses():
+  """--mode=nll checks shard_size against nll_batch_size only: the sampling batch_size (a
+  bad one for sampling here) is not its setting; --mode=sample checks it and not the NLL's."""
+  from configs import toy_edm
+  config = toy_edm.get_config()
+  check = lambda mode, **f: settings.validate(settings.merge_eval(base.eval_block(), None, f,
+                                                                   dataset=config.data.dataset),
+                                              config, mode=mode, num_devices=4, process_count=1)
+  check("nll", shard_size=20, batch_size=500, nll_batch_size=4)
+  check("sample", shard_size=20, batch_size=4, nll_batch_size=500)
+  with pytest.raises(config_lib.ConfigError, match=r"shard_size = 20 must be a multiple of "
+                                                   r"config\.eval\.nll_batch_size = 8"):
+    check("nll", shard_size=20, batch_size=4, nll_batch_size=8)
+  with pytest.raises(config_lib.ConfigError, match=r"shard_size = 20 must be a multiple of "
+                                                   r"config\.eval\.batch_size = 500"):
+    check("sample", shard_size=20, batch_size=500, nll_batch_size=4)
+  with pytest.raises(config_lib.ConfigError, match=r"batch_size = 6 must be divisible by the "
+                                                   r"device count 4"):
+    check("all", shard_size=12, batch_size=6, nll_batch_size=4)
+
+
+def test_fid_stats_default_is_in_the_run_folder_and_missing_weights_say_how(tmp_path):
+  """The default reference statistics are <workdir>/eval/fid_stats/<set>-<split>.npz; the
+  missing-weights error gives the recipe, which the doc section it names holds too."""
+  from configs import digits_edm
+  config, wd = digits_edm.get_config(), str(tmp_path / "run")
+  check = lambda mode, **f: settings.validate(settings.merge_eval(base.eval_block(), None, f,
+                                                                   dataset=config.data.dataset),
+                                              config, mode=mode, num_devices=1, process_count=1,
+                                              workdir=wd)
+  with pytest.raises(config_lib.ConfigError) as got:
+    check("fid_stats")
+  from ctm_jax.nets import inception
+  recipe = inception.CONVERT_COMMAND.format(out=settings.INCEPTION_FILE)
+  assert recipe in str(got.value) and "docs/evaluation.md" in str(got.value)
+  with pytest.raises(config_lib.ConfigError, match="no such file; make it once with `"
+                     + re.escape(recipe)):
+    check("fid_stats", inception_weights=str(tmp_path / "nope.npz"))
+  doc = " ".join(open(os.path.join(ROOT, "docs", "evaluation.md")).read().replace("\\\n", " ")
+                 .split())
+  assert " ".join(inception.CONVERT_COMMAND.format(out="inception_fid.npz").split(" && ")) in doc
+  weights = tmp_path / "inception.npz"
+  weights.write_bytes(b"")
+  check("fid_stats", inception_weights=str(weights))
+  want = os.path.join(wd, "eval", "fid_stats", "digits-train.npz")
+  assert settings.stats_path(config, base.eval_block(), wd) == want
+  with pytest.raises(config_lib.ConfigError, match="default config.eval.ref_stats = "
+                     + re.escape(repr(want)) + ": no such file"):
+    check("fid", inception_weights=str(weights))
 
 
 def test_fid_inputs_are_checked(digits_run, tmp_path, fid_module):
@@ -539,6 +668,20 @@ def test_fid_inputs_are_checked(digits_run, tmp_path, fid_module):
     path = str(tmp_path / f"stats{i}.npz")
     fid_module.save_stats(path, arrays["mu"], arrays["sigma"], **meta)
     ev, _ = eval_settings(wd, **FID_COMMON, inception_weights=weights, ref_stats=path)
+    with pytest.raises(config_lib.ConfigError, match=pattern):
+      jobs.run(wd, "fid", ev, config)
+  # IS from weights without the logits layer (NVIDIA's detector), precision / recall without
+  # reference features: refused before any compute, naming the file that has what is missing.
+  nologits, _ = _weights_file(tmp_path, logits=False)
+  path = str(tmp_path / "stats_mu_sigma.npz")
+  fid_module.save_stats(path, np.zeros(2048), np.eye(2048), dataset="digits")
+  for fields, pattern in [
+      (dict(inception_weights=nologits, inception_score=True),
+       r"config\.eval\.inception_score = True: .*inception_nologits\.npz: .*lack the 1008-way "
+       r"logits layer .*pt_inception-2015-12-05"),
+      (dict(inception_weights=weights, precision_recall=True),
+       r"config\.eval\.precision_recall = True needs the reference features; .*stats_mu_sigma")]:
+    ev, _ = eval_settings(wd, **FID_COMMON, ref_stats=path, **fields)
     with pytest.raises(config_lib.ConfigError, match=pattern):
       jobs.run(wd, "fid", ev, config)
   assert not os.path.exists(os.path.join(wd, "eval"))
@@ -572,6 +715,11 @@ def test_settings_precedence(toy_run):
   del config["eval"]                                          # a run saved before the block
   ev = settings.merge_eval(base.eval_block(), config, {})
   assert (ev.num_samples, ev.shard_size) == (10000, 2048)
+  # ... and on the data sets papers report FID on, their count: 50k.
+  for dataset, n in (("cifar10", 50_000), ("imagenet64", 50_000), ("mnist", 10_000)):
+    config.data.dataset = dataset
+    assert settings.merge_eval(base.eval_block(), config, {}).num_samples == n
+  assert settings.merge_eval(base.eval_block(), config, {"num_samples": 7}).num_samples == 7
   with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.nmu_samples; did you mean config\.eval\.num_samples"):
     settings.merge_eval(base.eval_block(), config, {"eval.nmu_samples": 3})
 
@@ -583,11 +731,43 @@ def test_cli_mistakes_end_in_one_line_and_status_2(toy_run, tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith(
       "launch.eval: error: unknown field config.eval.samplrs; did you mean config.eval.samplers?")
   assert "Traceback" not in bad.stderr
-  notrun = subprocess.run([sys.executable, "-m", "launch.sample", f"--workdir={tmp_path}",
-                           "--samplers=heun:3"], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+  nocfg = subprocess.run(_run_eval_cmd(str(tmp_path / "official"),
+                                       "--checkpoint=tests/fixtures/ctm_songunet_tiny.pt"),
+                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=300)
+  assert nocfg.returncode == 2 and "Traceback" not in nocfg.stderr
+  assert nocfg.stderr.strip().splitlines()[-1] == (
+      "launch.eval: error: --checkpoint needs --run_config (the config whose network the file "
+      "holds, e.g. configs/cifar10_ctm.py)")
+  assert not os.path.exists(tmp_path / "official")          # nothing written
+  wd = copy_run(toy_run, tmp_path / "toy_run")
+  sample = lambda *a: subprocess.run([sys.executable, "-m", "launch.sample", *a], cwd=ROOT,
+                                     env=subprocess_env(), capture_output=True, text=True,
+                                     timeout=300)
+  notrun = sample(f"--workdir={tmp_path / 'toy_rnu'}", "--samplers=heun:3")
   assert notrun.returncode == 2 and "Traceback" not in notrun.stderr
-  assert "is not a ctm-jax run directory" in notrun.stderr.strip().splitlines()[-1]
+  last = notrun.stderr.strip().splitlines()[-1]
+  assert last.startswith("launch.sample: error: ") and "is not a ctm-jax run directory" in last
+  assert last.endswith(f"; did you mean --workdir={wd}?"), last
+  bad = sample(f"--workdir={wd}", "--samplers=heun:1", "--step=-1")
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+      "launch.sample: error: --samplers: bad sampler 'heun:1'"), bad.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_launch_sample_log_is_quiet_and_names_its_picture(toy_run, tmp_path):
+  """A launch.sample run: no Orbax read-only warnings, and the log names its picture."""
+  wd = copy_run(toy_run, tmp_path / "run")
+  good = subprocess.run([sys.executable, "-m", "launch.sample", f"--workdir={wd}",
+                         "--samplers=heun:3", "--num_samples=64", "--batch_size=64",
+                         "--config.eval.shard_size=64", "--config.eval.reference_seeds=1"],
+                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                        timeout=600)
+  assert good.returncode == 0, good.stderr[-3000:]
+  for quiet in ("Given directory is read only", "read_only=True", "Traceback"):
+    assert quiet not in good.stderr, good.stderr[-3000:]
+  pics = re.findall(r"picture=(\S+\.png)", good.stderr)
+  assert pics and all(os.path.isfile(p) and p.startswith(wd) for p in pics), good.stderr[-3000:]
 
 
 def test_launch_sample_maps_its_flags_onto_eval_fields():
@@ -670,44 +850,41 @@ def test_paper_config_settings_validate_and_exact_trace_is_refused_in_high_dimen
   ev = settings.merge_eval(base.eval_block(), c, {"eval.nll_divergence": "exact"})
   with pytest.raises(config_lib.ConfigError, match=r"nll_divergence = 'exact' .* 3072 x 3072 .*'hutchinson'"):
     settings.validate(ev, c, mode="nll", num_devices=8, process_count=1)
-  assert settings.nll_split(ev, imagenet64_edm.get_config()) == "validation"
+  assert common.nll_split(ev, imagenet64_edm.get_config()) == "validation"
 
 
 @pytest.mark.slow
-def test_nll_of_images_gives_the_three_labelled_quantities(digits_run, tmp_path):
-  """--mode=nll on digits through the score head: the PF-ODE bits/dim with uniform
-  dequantization and at the pixel centres, and CTM's ELBO, each against the likelihood
-  module's estimators applied to inputs and keys built here from the documented formulas
-  (y = (x + u)/128 - 1, u ~ U[0,1) from the first half of the batch key; centres (x + 0.5)/128
-  - 1; bits/dim = -log p / (64 ln 2) + 7)."""
+def test_nll_of_images_gives_the_labelled_quantities(digits_run, tmp_path):
+  """--mode=nll on digits through the score head, protocol 'dequantized': the PF-ODE bits/dim
+  and CTM's ELBO, each against the likelihood module's estimators applied to inputs and keys
+  built here from the documented formulas (y = (x + u)/128 - 1, u ~ U[0,1) from the first half
+  of the batch key, the probes from the second of split(second half, 3); bits/dim
+  = -log p / (64 ln 2) + 7)."""
   from ctm_jax.evaljob import nll
   from ctm_jax.metrics import likelihood
   wd = copy_run(digits_run, tmp_path / "run")
   ev, config = eval_settings(wd, nll_num_examples=4, nll_batch_size=4, batch_size=4,
                              shard_size=4, nll_elbo_samples=3, nll_rtol=1e-3, nll_atol=1e-3)
   recs = {r["metric"]: r for r in jobs.run(wd, "nll", ev, config, devices=jax.devices()[:1])["records"]}
-  assert set(recs) == set(nll.IMAGE_METRICS)
+  assert set(recs) == set(common.IMAGE_METRICS)
   u8 = np.rint((data_lib.load_split("digits", "test", max_examples=4)["x"] + 1) * 127.5)
   k_deq, k_est = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
   deq = (u8 + np.asarray(jax.random.uniform(k_deq, u8.shape))) / 128.0 - 1.0
-  centres = (u8 + 0.5) / 128.0 - 1.0
   model = runs.build_model(config)
   params, _, _ = runs.load_params(config, wd)
   ode = jax.jit(lambda p, y: likelihood.pf_ode_log_likelihood(
-      model.denoise_fn(p), y, k_est, sigma_min=0.002, sigma_max=80.0, rtol=1e-3,
+      model.denoise_fn(p), y, jax.random.split(k_est, 3)[1], sigma_min=0.002, sigma_max=80.0, rtol=1e-3,
       atol=1e-3)["logp"])
   elbo = likelihood.sde_elbo(model.denoise_fn(params), jnp.asarray(deq, jnp.float32), k_est,
                              sigma_lo=likelihood.ctm_elbo_sigma_lo(), sigma_max=80.0,
                              num_samples=3)["elbo"]
-  want = {"bpd_ode_uniform_dequant": ode(params, jnp.asarray(deq, jnp.float32)),
-          "bpd_ode_pixel_centres": ode(params, jnp.asarray(centres, jnp.float32)),
-          "bpd_elbo": elbo}
+  want = {"bpd_ode": ode(params, jnp.asarray(deq, jnp.float32)), "bpd_elbo": elbo}
   for metric, logp in want.items():
     r = recs[metric]
     bpd = -np.asarray(logp, np.float64) / (64 * np.log(2.0)) + 7.0
     assert (r["unit"], r["num_examples"], r["split"], r["label"]) == (
         "bits/dim", 4, "test", nll.LABELS[metric])
-    assert r["dequantization"] == ("none" if metric == "bpd_ode_pixel_centres" else "uniform")
+    assert (r["dequantization"], r["protocol"]) == ("uniform", "dequantized")
     # ODE: within the solver's tolerance (the job compiles the solve inside its own jit, and
     # round-off may move the adaptive steps); the ELBO has no adaptive steps.
     rtol = 1e-5 if metric == "bpd_elbo" else 2e-3
@@ -718,21 +895,24 @@ def test_nll_of_images_gives_the_three_labelled_quantities(digits_run, tmp_path)
   assert recs["bpd_elbo"]["sigma_lo"] == pytest.approx(likelihood.ctm_elbo_sigma_lo())
 
 
-def test_nll_of_images_labels_inputs_and_bits_per_dim_with_a_closed_form_logp(digits_run, tmp_path):
+@pytest.mark.parametrize("protocol", [pytest.param("point", marks=pytest.mark.slow), "ctm"])
+def test_nll_of_images_labels_inputs_and_bits_per_dim_with_a_closed_form_logp(
+    digits_run, tmp_path, protocol):
   """The CI form of the test above: the PF-ODE replaced by the closed-form log-density of
-  N(0, 0.05^2 I) on its input y (so the two ODE records pin down the inputs: y = (x + u)/128 - 1 with
-  u ~ U[0,1) from the first half of the batch key, and the centres (x + 0.5)/128 - 1), bits/dim
-  = -log p / (64 ln 2) + 7, mean and standard error over examples; the ELBO through the real
-  score head with one draw, against the likelihood module called directly."""
+  N(0, 0.05^2 I) on its input y (so the ODE record pins down the protocol's input: 'point'
+  v/127.5 - 1 of the test split; 'ctm' the same values of the train split, each flipped when
+  bernoulli(fold_in(first half of the batch key, 1)) says so), bits/dim = -log p / (64 ln 2) + 7,
+  mean and standard error over examples; the ELBO through the real score head with one draw,
+  against the likelihood module called directly (for 'ctm': train mode, decoder at 0.41302,
+  one-draw prior), and the protocol written into both records."""
   from ctm_jax.evaljob import nll
   from ctm_jax.metrics import likelihood
   wd = copy_run(digits_run, tmp_path / "run")
   ev, config = eval_settings(wd, nll_num_examples=6, nll_batch_size=8, batch_size=8,
-                             shard_size=8, nll_elbo_samples=1)
+                             shard_size=8, nll_elbo_samples=1, nll_protocol=protocol)
+  split = "train" if protocol == "ctm" else "test"
 
-  # N(0, 0.05^2 I): narrow, so that the sub-bin offsets (u - 1/2)/128 between the dequantized
-  # and the centred inputs move log p by nats (N(0, I) moves it by 0.01: a swap of the two
-  # inputs passed unnoticed at rtol 1e-5).
+  # N(0, 0.05^2 I): narrow, so that sub-bin input errors move log p by nats.
   def logp_fn(params, y, key, labels):
     y = y.reshape(y.shape[0], -1)
     return {"logp": -0.5 * jnp.sum((y / 0.05) ** 2, 1) - 32.0 * jnp.log(2 * jnp.pi * 0.0025),
@@ -740,25 +920,45 @@ def test_nll_of_images_labels_inputs_and_bits_per_dim_with_a_closed_form_logp(di
 
   recs = {r["metric"]: r for r in jobs.run(wd, "nll", ev, config, logp_fn=logp_fn,
                                            devices=jax.devices()[:1])["records"]}
-  assert set(recs) == set(nll.IMAGE_METRICS)
-  u8 = np.rint((data_lib.load_split("digits", "test", max_examples=6)["x"] + 1) * 127.5)
+  assert set(recs) == set(common.IMAGE_METRICS)
+  u8 = np.rint((data_lib.load_split("digits", split, max_examples=6)["x"] + 1) * 127.5)
   u8 = np.concatenate([u8, u8[-1:].repeat(2, 0)])          # the job pads its batch of 8
   k_deq, k_est = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0))
-  deq = (u8 + np.asarray(jax.random.uniform(k_deq, u8.shape))) / 128.0 - 1.0
-  centres = (u8 + 0.5) / 128.0 - 1.0
+  y = u8 / 127.5 - 1.0
+  if protocol == "ctm":
+    flip = np.asarray(jax.random.bernoulli(jax.random.fold_in(k_deq, 1), 0.5, (8,)))
+    assert 0 < flip.sum() < 8
+    y = np.where(flip[:, None, None, None], y[:, :, ::-1], y)
   gauss = lambda y: -0.5 * np.sum((y.reshape(len(y), -1) / 0.05) ** 2, 1) - 32 * np.log(2 * np.pi * 0.0025)
   model = runs.build_model(config)
   params, _, _ = runs.load_params(config, wd)
-  elbo = likelihood.sde_elbo(model.denoise_fn(params), jnp.asarray(deq, jnp.float32), k_est,
+  if protocol == "ctm":
+    den = lambda x, t, k: model.denoiser(params, x, t, None, None, train=True, rng=k)
+    kw = dict(decoder_sigma=likelihood.ctm_decoder_sigma_as_written(), prior="sample",
+              dropout=True)
+  else:
+    den, kw = model.denoise_fn(params), {}
+  elbo = likelihood.sde_elbo(den, jnp.asarray(y, jnp.float32), k_est,
                              sigma_lo=likelihood.ctm_elbo_sigma_lo(), sigma_max=80.0,
-                             num_samples=1)["elbo"]
-  want = {"bpd_ode_uniform_dequant": gauss(deq), "bpd_ode_pixel_centres": gauss(centres),
-          "bpd_elbo": np.asarray(elbo)}
+                             num_samples=1, **kw)["elbo"]
+  want = {"bpd_ode": gauss(y), "bpd_elbo": np.asarray(elbo)}
   for metric, logp in want.items():
     r = recs[metric]
     bpd = (-np.asarray(logp, np.float64) / (64 * np.log(2.0)) + 7.0)[:6]
-    assert (r["unit"], r["num_examples"], r["label"]) == ("bits/dim", 6, nll.LABELS[metric])
-    assert r["dequantization"] == ("none" if metric == "bpd_ode_pixel_centres" else "uniform")
+    assert (r["unit"], r["num_examples"], r["label"], r["split"]) == (
+        "bits/dim", 6, nll.LABELS[metric], split)
+    assert (r["protocol"], r["dequantization"], r["flips"]) == (protocol, "none",
+                                                                protocol == "ctm")
+    assert r["protocol_label"] == likelihood.PROTOCOLS[protocol].label
     np.testing.assert_allclose(r["value"], bpd.mean(), rtol=1e-5)
     np.testing.assert_allclose(r["stderr"], bpd.std(ddof=1) / np.sqrt(6), rtol=1e-4)
-  assert recs["bpd_ode_pixel_centres"]["nfe_mean"] == 3
+  assert recs["bpd_ode"]["nfe_mean"] == 3
+  assert recs["bpd_elbo"]["train_mode"] == (protocol == "ctm")
+  assert recs["bpd_elbo"]["decoder_sigma"] == pytest.approx(
+      0.41302 if protocol == "ctm" else 2.0501e-3, rel=1e-4)
+
+
+def test_every_fid_is_named_with_its_sample_count():
+  assert common.record_name({"metric": "fid", "num_samples": 50000}) == "fid (50000 samples)"
+  assert common.record_name({"metric": "kid", "num_samples": 160}) == "kid (160 samples)"
+  assert common.record_name({"metric": "bpd_ode", "num_examples": 4}) == "bpd_ode"

@@ -166,6 +166,19 @@ def test_onestep_and_uint8():
   np.testing.assert_allclose(samplers.onestep(jump, x_T), gm.denoise(x_T, jnp.full((4,), 80.0)) * (1 - 0.002 / 80) + x_T * 0.002 / 80, rtol=1e-5, atol=1e-5)
   u8 = np.asarray(samplers.to_uint8(jnp.array([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0])))
   np.testing.assert_array_equal(u8, [0, 0, 127, 254, 255, 255])
+  # The two rules written out: CTM's sample script ((x + 1) * 127.5).clamp(0, 255).to(uint8),
+  # EDM's generate.py (x * 127.5 + 128).clip(0, 255).to(uint8); they differ on about half the
+  # values (round vs truncate), never by more than one level.
+  x = np.concatenate([np.array([-2.0, -1.0, -0.996, 0.0, 0.999, 1.0, 3.0], np.float32),
+                      np.random.default_rng(0).uniform(-1.1, 1.1, 1000).astype(np.float32)])
+  ctm = np.clip((x + 1) * 127.5, 0, 255).astype(np.uint8)
+  edm = np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(np.asarray(samplers.to_uint8(jnp.asarray(x), "truncate")), ctm)
+  np.testing.assert_array_equal(np.asarray(samplers.to_uint8(jnp.asarray(x), "round")), edm)
+  np.testing.assert_array_equal(edm[:7], [0, 0, 1, 128, 255, 255, 255])
+  assert 0.3 < np.mean(edm != ctm) < 0.7 and np.all(np.abs(edm.astype(int) - ctm) <= 1)
+  with pytest.raises(ValueError, match="rule must be one of"):
+    samplers.to_uint8(jnp.asarray(x), "floor")
 
 
 def test_sampler_argument_errors():
@@ -220,7 +233,7 @@ def test_cm_spec_times_are_checked_and_clipping_follows_the_data():
     with pytest.raises(evaluate.SamplerSpecError, match="cm:"):
       evaluate.parse_sampler(bad)
   assert evaluate.parse_sampler("cm:3").times is None
-  assert evaluate.clips_x0(cifar10_cd.get_config()) and not evaluate.clips_x0(toy_cd.get_config())
+  assert samplers.clips_x0(cifar10_cd.get_config()) and not samplers.clips_x0(toy_cd.get_config())
   from ctm_jax.evaljob import settings
   from configs import cifar10_ict
   for mod, tau in ((cifar10_cd, _karras_index(11, 18)), (cifar10_ict, 0.821)):

@@ -274,3 +274,25 @@ def test_geometry_check_catches_a_changed_stride(torchscript_tree):
       inc.check_torchscript_geometry(torchscript_tree)
   finally:
     conv.attributes['stride'] = 2
+
+
+def test_logits_layer_is_kept_from_pytorch_fid_and_refused_without(tmp_path):
+  """pytorch-fid's fc.weight (1008, 2048) becomes the (2048, 1008) logits matrix the Inception
+  Score multiplies pool3 by; weights without it (NVIDIA's detector) are refused with a message
+  naming the file that has it; the feature-network loader ignores the extra array."""
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((1008, 2048)).astype(np.float32)
+  got = inc.logits_from_torch({'fc.weight': w, 'fc.bias': np.zeros(1008, np.float32)})
+  np.testing.assert_array_equal(got, w.T)
+  assert inc.logits_from_torch({'conv.weight': np.zeros(1)}) is None
+  with pytest.raises(inc.InceptionWeightsError, match=r'fc.weight has shape \(1000, 2048\)'):
+    inc.logits_from_torch({'fc.weight': w[:1000]})
+  with_fc, without = tmp_path / 'with_fc.npz', tmp_path / 'nvidia.npz'
+  np.savez(with_fc, **{inc.LOGITS_KEY: got, 'conv/kernel': np.zeros((3, 3, 3, 32), np.float32)})
+  np.savez(without, **{'conv/kernel': np.zeros((3, 3, 3, 32), np.float32)})
+  np.testing.assert_array_equal(inc.load_logits_weight(with_fc), w.T)
+  with pytest.raises(inc.InceptionWeightsError,
+                     match=r'nvidia.npz: .*lack the 1008-way logits layer .*pt_inception-2015-12-05'):
+    inc.load_logits_weight(without)
+  with pytest.raises(inc.InceptionWeightsError, match=r'187 missing arrays .*0 unexpected arrays'):
+    inc.load_inception_params(with_fc)

@@ -17,11 +17,11 @@ reused unless config.eval.recompute.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
+import re
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,48 +30,14 @@ import numpy as np
 from absl import logging
 
 from ctm_jax import config_lib, data, evaluate, parallel, runs, samplers, visualize
-from ctm_jax.evaljob import report, settings
-from ctm_jax.evaljob.shards import (ShardStore, file_sha256, read_json, settings_hash,
-                                    write_json_atomic)
+from ctm_jax.evaljob import nll, report, settings
+from ctm_jax.evaljob.common import (FeatureFn, Job, LogpFn, base_record, batch_keys, finish,
+                                    global_batch, reuse)
+from ctm_jax.evaljob.shards import ShardStore, file_sha256, settings_hash, write_json_atomic
 from ctm_jax.progress import format_duration
 
 NETWORK = "Inception-v3 2015-12-05 (FID), pool3 2048-d"
 RESIZE = "299x299 bilinear (TF1 legacy resize), (x - 128) / 128, gray -> 3 channels"
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]     # uint8 NHWC -> (B, 2048)
-LogpFn = Callable[..., Dict[str, Any]]             # (params, x, key, labels) -> {'logp', ...}
-
-
-@dataclasses.dataclass
-class Job:
-  workdir: str
-  config: ml_collections.ConfigDict       # the run's config
-  ev: ml_collections.ConfigDict           # the merged config.eval
-  mode: str
-  mesh: Any
-  info: Any
-  model: Any
-  invocation: str
-  records: List[dict] = dataclasses.field(default_factory=list)   # this invocation's
-  files: List[str] = dataclasses.field(default_factory=list)
-  feature_fn: Optional[FeatureFn] = None
-  feature_id: str = ""                     # sha256 of the Inception weights
-  logp_fn: Optional[LogpFn] = None
-  _teacher: Any = None
-  _refs: Dict = dataclasses.field(default_factory=dict)    # 2-D references, per sampler kind
-  cache: Dict = dataclasses.field(default_factory=dict)    # jitted functions built once per job
-
-  def reference(self, name: str, fn, *args):
-    """A 2-D reference computed once per invocation."""
-    key = (name,) + args
-    if key not in self._refs:
-      self._refs[key] = fn(self.config, *args)
-    return self._refs[key]
-
-  @property
-  def num_classes(self) -> int:
-    return self.info.num_classes if self.config.data.class_conditional else 0
-
 
 def eval_mesh(config, devices=None):
   """Every device on the data axis; the run's fsdp axis kept when it divides the count."""
@@ -82,21 +48,11 @@ def eval_mesh(config, devices=None):
   return parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
 
 
-def _global(mesh, arr: np.ndarray):
-  """A host array (the same on every process) as a batch-sharded global jax.Array."""
-  sh = parallel.batch_sharding(mesh)
-  return jax.make_array_from_callback(arr.shape, sh, lambda idx: arr[idx])
-
-
 def _put_replicated(mesh, tree):
   return jax.device_put(tree, parallel.replicated(mesh))
 
 
 # ----------------------------------------------------------------------------- sampling
-
-def _batch_keys(seed: int, shard: int, batch: int):
-  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), shard), batch)
-
 
 def make_batch_sampler(job: Job, fn):
   """jit(params, key, labels) -> one global batch of samples, batch-sharded: x_T from the
@@ -105,12 +61,13 @@ def make_batch_sampler(job: Job, fn):
   sigma_max = job.config.diffusion.sigma_max
   sh = parallel.batch_sharding(job.mesh)
   image = job.info.kind == "image"
+  rule = settings.uint8_rule(job.ev, job.config) if image else None
 
   def run(params, key, labels):
     k_x, k_s = jax.random.split(key)
     x = jax.lax.with_sharding_constraint(samplers.initial_noise(k_x, shape, sigma_max), sh)
     out = fn(params, x, k_s, labels)
-    return samplers.to_uint8(out) if image else out.astype(jnp.float32)
+    return samplers.to_uint8(out, rule) if image else out.astype(jnp.float32)
 
   return jax.jit(run, out_shardings=sh)
 
@@ -124,11 +81,15 @@ def _labels(job: Job, start: int, n: int) -> Optional[np.ndarray]:
 
 
 def sample_settings(job: Job, spec, step, ema) -> dict:
-  return {"kind": "samples", "sampler": spec.name, "seed": job.ev.seed,
-          "batch_size": job.ev.batch_size, "shard_size": job.ev.shard_size,
-          "class_label": job.ev.class_label, "step": step, "ema": ema,
-          "shape": list(job.info.shape), "dataset": job.config.data.dataset,
-          **({"clip_x0": evaluate.clips_x0(job.config)} if getattr(spec, "cm", False) else {})}
+  s = {"kind": "samples", "sampler": spec.name, "seed": job.ev.seed,
+       "batch_size": job.ev.batch_size, "shard_size": job.ev.shard_size,
+       "class_label": job.ev.class_label, "step": step, "ema": ema,
+       "shape": list(job.info.shape), "dataset": job.config.data.dataset}
+  if job.info.kind == "image":
+    s["uint8_rule"] = settings.uint8_rule(job.ev, job.config)
+  if getattr(spec, "cm", False):
+    s["clip_x0"] = samplers.clips_x0(job.config)
+  return s
 
 
 def setting_dir(job: Job, spec, step, ema) -> str:
@@ -145,7 +106,7 @@ def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
     fn = evaluate.teacher_sampler_fn(teacher, spec, job.model.schedule)
   else:
     fn = evaluate.sampler_fn(job.model, spec, evaluate.generator_kind(job.config),
-                             evaluate.clips_x0(job.config))
+                             samplers.clips_x0(job.config))
   run = make_batch_sampler(job, fn)
   ev = job.ev
   bs = ev.batch_size
@@ -156,7 +117,7 @@ def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
     xs, ys = [], []
     for b in range(-(-count // bs)):
       lab = _labels(job, start + b * bs, bs)
-      out = run(params, _batch_keys(ev.seed, i, b), None if lab is None else _global(job.mesh, lab))
+      out = run(params, batch_keys(ev.seed, i, b), None if lab is None else global_batch(job.mesh, lab))
       xs.append(np.asarray(parallel.to_host(out)))
       if lab is not None:
         ys.append(lab)
@@ -175,52 +136,6 @@ def job_teacher(job: Job):
     t = teacher_lib.Teacher(job.config)
     job._teacher = (t, _put_replicated(job.mesh, t.params()))
   return job._teacher
-
-
-# ----------------------------------------------------------------------------- records
-
-def base_record(job: Job, spec=None, step=None, ema=None) -> dict:
-  r = {"workdir": os.path.abspath(job.workdir), "invocation": job.invocation,
-       "dataset": job.config.data.dataset, "method": job.config.method,
-       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  if spec is not None:
-    r.update(sampler=spec.name, kind=spec.kind, nfe=spec.nfe,
-             gamma=spec.gamma if spec.kind == "gamma" else None, seed=job.ev.seed)
-    if spec.kind == "teacher_heun":
-      step, ema = None, "teacher"
-  r.update(step=step, ema=ema)
-  return r
-
-
-def finish(job: Job, result_path: str, records: List[dict], files: List[str]) -> List[dict]:
-  """Write a setting's result file (its records and files), then append the records."""
-  if jax.process_index() == 0:
-    write_json_atomic(result_path, {"records": records, "files": files})
-  report.append_records(job.workdir, records)
-  job.records.extend(records)
-  job.files.extend(files + [result_path])
-  for r in records:
-    logging.info("%s = %s%s  [%s]", r["metric"], _fmt(r["value"]),
-                 f" +- {_fmt(r['stderr'])}" if r.get("stderr") is not None else "",
-                 ", ".join(f"{k}={r[k]}" for k in ("sampler", "split", "step", "ema",
-                                                    "num_samples", "num_examples") if r.get(k) is not None))
-  return records
-
-
-def _fmt(v):
-  return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def reuse(job: Job, result_path: str) -> Optional[List[dict]]:
-  """The records of a finished setting (not recomputed unless config.eval.recompute)."""
-  if job.ev.recompute or not os.path.exists(result_path):
-    return None
-  got = read_json(result_path)
-  logging.info("already evaluated (config.eval.recompute=True redoes it): %s", result_path)
-  for r in got["records"]:
-    job.records.append(dict(r, reused=True))
-  job.files.extend(got["files"] + [result_path])
-  return got["records"]
 
 
 def save_grid(job: Job, x: np.ndarray, path: str) -> str:
@@ -247,6 +162,8 @@ def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
   out = draw_samples(job, spec, params, step, ema)
   rec = dict(base_record(job, spec, step, ema), num_samples=ev.num_samples,
              samples=os.path.join(d, "samples"))
+  if not points:
+    rec["uint8_rule"] = settings.uint8_rule(ev, job.config)
   if not points:
     grid = save_grid(job, out["x"], os.path.join(d, "grid.png"))
     return finish(job, result, [dict(rec, metric="samples", value=ev.num_samples,
@@ -303,8 +220,9 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   from ctm_jax.metrics import fid
   ev = job.ev
   d = setting_dir(job, spec, step, ema)
+  extra = {k: True for k in ("inception_score", "precision_recall") if ev[k]}
   key = settings_hash({"ref": ref["sha256"], "weights": job.feature_id,
-                       "kid": [ev.kid_subsets, ev.kid_subset_size]})
+                       "kid": [ev.kid_subsets, ev.kid_subset_size], **extra})
   result = os.path.join(d, f"fid-n{ev.num_samples}-{key}.json")
   got = reuse(job, result)
   if got is not None:
@@ -314,13 +232,36 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   feats = feature_shards(job, samples, d)
   value = fid.frechet_distance_from_features(feats, ref["mu"], ref["sigma"])
   rec = dict(base_record(job, spec, step, ema), num_samples=len(feats),
-             ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
+             uint8_rule=settings.uint8_rule(ev, job.config), ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
              weights=os.path.abspath(ev.inception_weights), weights_sha256=job.feature_id,
              network=NETWORK, resize=RESIZE, samples=os.path.join(d, "samples"), grid=grid)
   recs = [dict(rec, metric="fid", value=value, stderr=None, seconds=time.time() - t0)]
   if ref.get("features") is not None:
     recs.append(kid_record(dict(rec, metric="kid"), feats, ref["features"], ev, t0))
+  recs.extend(guided_records(job, rec, feats, ref, t0))
   return finish(job, result, recs, [grid])
+
+
+def guided_records(job: Job, rec: dict, feats: np.ndarray, ref: dict, t0: float) -> List[dict]:
+  """config.eval.inception_score / precision_recall: guided-diffusion evaluator's IS (pool3 @
+  the logits matrix, splits of 5000) and precision / recall (k = 3) against the reference
+  features, from the samples' pool3 features (ctm_jax/metrics/guided_eval.py)."""
+  from ctm_jax.metrics import guided_eval
+  from ctm_jax.nets import inception
+  ev, out = job.ev, []
+  if ev.inception_score:
+    if "logits" not in job.cache:
+      job.cache["logits"] = inception.load_logits_weight(ev.inception_weights)
+    got = guided_eval.inception_score(guided_eval.pool3_logits(feats, job.cache["logits"]))
+    out.append(dict(rec, metric="inception_score", value=got["value"], stderr=None,
+                    is_split_std=got["std"], is_splits=got["splits"],
+                    is_split_size=guided_eval.IS_SPLIT_SIZE, seconds=time.time() - t0))
+  if ev.precision_recall:
+    got = guided_eval.precision_recall(ref["features"], feats)
+    for m in ("precision", "recall"):
+      out.append(dict(rec, metric=m, value=got[m], stderr=None, k=got["k"],
+                      seconds=time.time() - t0))
+  return out
 
 
 def kid_record(rec: dict, feats_a: np.ndarray, feats_b: np.ndarray, ev, t0: float) -> dict:
@@ -340,7 +281,7 @@ def fid_stats(job: Job) -> List[dict]:
   the FID / KID of one half of the split against the other (the data's own level)."""
   from ctm_jax.metrics import fid
   ev, t0 = job.ev, time.time()
-  path = settings.stats_path(job.config, ev)
+  path = settings.stats_path(job.config, ev, job.workdir)
   if os.path.exists(path) and not ev.recompute:
     logging.info("reference statistics exist (config.eval.recompute=True redoes them): %s", path)
     job.files.append(path)
@@ -378,7 +319,7 @@ def fid_stats(job: Job) -> List[dict]:
 
 def load_reference(job: Job) -> dict:
   from ctm_jax.metrics import fid
-  path = settings.stats_path(job.config, job.ev)
+  path = settings.stats_path(job.config, job.ev, job.workdir)
   stats = fid.load_stats(path, feature_dim=None)
   settings.check_reference_stats(path, job.config, job.ev, stats)
   feats = stats.get("features")
@@ -406,23 +347,32 @@ def setup_features(job: Job, feature_fn: Optional[FeatureFn], feature_id: Option
 
 def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] = None,
         feature_id: Optional[str] = None, logp_fn: Optional[LogpFn] = None,
-        argv: Optional[List[str]] = None, devices=None) -> Dict[str, Any]:
+        argv: Optional[List[str]] = None, devices=None,
+        checkpoint_file: str = "") -> Dict[str, Any]:
   """Run one evaluation invocation; returns its summary (records, files, paths).
 
   ev is the merged config.eval; everything is validated before any compute.  feature_fn /
   logp_fn replace the Inception network / the PF-ODE likelihood; devices, a subset of the
-  devices to use (default all).
+  devices to use (default all).  checkpoint_file: evaluate the network of an official-format
+  state dict (a CTM `ema_*.pt`, a .npz export) built as `config` describes, instead of the
+  workdir's checkpoints; its results go under workdir as step 0, EMA `file-<name>`.
   """
   t_start = time.time()
   mesh = eval_mesh(config, devices)
   settings.validate(ev, config, mode=mode, num_devices=mesh.size,
-                    process_count=jax.process_count())
-  steps = settings.checkpoint_steps(ev, workdir) if mode != "fid_stats" else []
-  emas = settings.ema_list(ev, config)
+                    process_count=jax.process_count(), workdir=workdir)
+  if checkpoint_file:
+    steps, emas = [0], [file_ema_name(checkpoint_file)]
+  else:
+    steps = settings.checkpoint_steps(ev, workdir) if mode != "fid_stats" else []
+    emas = settings.ema_list(ev, config)
   specs = settings.sampler_specs(ev, config) if mode in ("sample", "fid", "all") else []
   job = Job(workdir=workdir, config=config, ev=ev, mode=mode, mesh=mesh,
             info=data.dataset_info(config.data.dataset), model=runs.build_model(config),
-            invocation=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", logp_fn=logp_fn)
+            invocation=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", logp_fn=logp_fn,
+            checkpoint_file=checkpoint_file)
+  if checkpoint_file:       # read and matched against the network before any compute
+    job.cache["checkpoint_file_params"] = _load_file(job)
   if settings.needs_fid(mode):
     setup_features(job, feature_fn, feature_id)
   ref = load_reference(job) if mode in ("fid", "all") else None
@@ -445,7 +395,6 @@ def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] 
         else:
           fid_setting(job, spec, params, step, ema, ref, t0)
       if settings.needs_nll(mode):
-        from ctm_jax.evaljob import nll
         params = params if params is not None else _load(job, step, ema)
         nll.nll_setting(job, params, step, ema)
       if (mode == "sample" and config.data.dataset == "toy_gmm"
@@ -461,8 +410,30 @@ def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] 
 
 
 def _load(job: Job, step: int, ema: str):
+  if job.checkpoint_file:
+    return job.cache["checkpoint_file_params"]
   params, _, _ = runs.load_params(job.config, job.workdir, step, ema, mesh=job.mesh)
   return params
+
+
+def file_ema_name(path: str) -> str:
+  """The EMA label of an official checkpoint file's results: `file-<its name>`."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return "file-" + re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
+
+
+def _load_file(job: Job):
+  """The run network's parameters from job.checkpoint_file (torch names; every tensor used)."""
+  from ctm_jax import official_weights
+  from ctm_jax.nets import torch_port
+  sd = official_weights.load_state_dict_file(job.checkpoint_file)
+  try:
+    params = torch_port.load_torch_state_dict(job.model.net, sd)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"--checkpoint={job.checkpoint_file}: not the network the run "
+                                 f"config describes: {e}") from None
+  logging.info("eval: parameters from %s (%d tensors)", job.checkpoint_file, len(sd))
+  return _put_replicated(job.mesh, params)
 
 
 def _toy_ode_error(job: Job, params, step, ema):

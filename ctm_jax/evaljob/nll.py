@@ -4,13 +4,14 @@ Each quantity of config.eval.nll_metrics is its own resumable setting
 (eval/step_<N>/<ema>/<metric>_<split>-<hash>/shard_*.npz, nll.json), one record each with the
 mean and standard error over examples (ctm_jax/metrics/likelihood.py for the estimators):
 
-  images (bits/dim, 7-bit offset: data in [-1, 1] from 256 levels, METHODS.md section 8)
-    bpd_ode_uniform_dequant  PF-ODE density of y = (x + u)/128 - 1, u ~ U[0, 1)^D: an upper
-                             bound on the discrete NLL of the 8-bit data (Theis et al. 2016)
-    bpd_ode_pixel_centres    PF-ODE density at the bin centres (x + 0.5)/128 - 1 (no
-                             dequantization): a point value of the density, not a bound
+  images (bits/dim, 7-bit offset: data in [-1, 1] from 256 levels, METHODS.md section 8), the
+  inputs, split, mode and noise levels set by config.eval.nll_protocol (likelihood.PROTOCOLS:
+  dequantized, point, score_sde, ctm; written into every record)
+    bpd_ode                  PF-ODE density of the protocol's inputs (an upper bound on the
+                             discrete NLL with uniform dequantization, Theis et al. 2016; a
+                             point value without)
     bpd_elbo                 CTM's ELBO (eval_bpd.py): a variational bound through the reverse
-                             SDE and a Gaussian decoder at sigma_lo, same dequantization
+                             SDE and a Gaussian decoder
   2-D points (nats)
     nll_ode                  -log p_{sigma_min}(x) by the PF-ODE; on toy_gmm also the exact
                              mixture's -log p_{sigma_min}(x) (its cross-entropy on the split,
@@ -29,24 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import data, parallel
-from ctm_jax.evaljob import jobs, report, settings
+from ctm_jax.evaljob import report
+from ctm_jax.evaljob.common import (ODE_METRICS, base_record, batch_keys, finish, global_batch,
+                                    metrics_for, nll_split, reuse)
 from ctm_jax.evaljob.shards import ShardStore, settings_hash
 
-IMAGE_METRICS = ("bpd_ode_uniform_dequant", "bpd_ode_pixel_centres", "bpd_elbo")
-POINT_METRICS = ("nll_ode",)
-ODE_METRICS = ("bpd_ode_uniform_dequant", "bpd_ode_pixel_centres", "nll_ode")
-
 LABELS = {
-    "bpd_ode_uniform_dequant": (
-        "PF-ODE bits/dim of the uniformly dequantized 8-bit data y = (x + u)/128 - 1, "
-        "u ~ U[0,1)^D: an upper bound on the discrete NLL (Theis et al. 2016)"),
-    "bpd_ode_pixel_centres": (
-        "PF-ODE bits/dim at the pixel centres (x + 0.5)/128 - 1, no dequantization: a point "
-        "value of the model density, not a bound"),
+    "bpd_ode": "PF-ODE bits/dim of the protocol's inputs (see protocol_label)",
     "bpd_elbo": (
-        "CTM's ELBO (eval_bpd.py) in bits/dim of the uniformly dequantized data: a variational "
-        "bound through the reverse SDE from N(0, sigma_max^2 I) and a Gaussian decoder at "
-        "sigma_lo (an upper bound, in expectation, on the SDE model's NLL; Monte Carlo)"),
+        "CTM's ELBO (eval_bpd.py) in bits/dim: the reverse SDE from N(0, sigma_max^2 I) and a "
+        "Gaussian decoder at decoder_sigma (with decoder_sigma = sigma_lo an upper bound, in "
+        "expectation, on the SDE model's NLL; Monte Carlo; see protocol_label)"),
     "nll_ode": "-log p_{sigma_min}(x) of the PF-ODE model, nats per point",
     "nll_exact_mixture": (
         "-log p_{sigma_min}(x) of the exact mixture (its cross-entropy on the split: an "
@@ -57,27 +51,10 @@ LABELS = {
 }
 
 
-def metrics_for(ev, info) -> List[str]:
-  """config.eval.nll_metrics as a list; '' = every quantity for the data kind."""
-  names = settings.split_list(ev.nll_metrics)
-  return names or list(IMAGE_METRICS if info.kind == "image" else POINT_METRICS)
-
-
-def check_metrics(ev, info) -> None:
-  allowed = IMAGE_METRICS if info.kind == "image" else POINT_METRICS
-  names = metrics_for(ev, info)
-  bad = [n for n in names if n not in allowed]
-  if bad or len(set(names)) != len(names):
-    from ctm_jax import config_lib
-    raise config_lib.ConfigError(
-        f"config.eval.nll_metrics = {ev.nll_metrics!r}: {info.kind} data accepts a comma list "
-        f"of {allowed} without repeats ('' = all)")
-
-
 def nll_data(job):
   """The NLL split's examples: uint8 images (or float points) and labels."""
   ev = job.ev
-  got = data.load_split(job.config.data.dataset, settings.nll_split(ev, job.config),
+  got = data.load_split(job.config.data.dataset, nll_split(ev, job.config),
                         ev.data_dir or job.config.data.data_dir or None,
                         max_examples=ev.nll_num_examples or None)
   x = got["x"]
@@ -86,46 +63,67 @@ def nll_data(job):
   return x, got.get("label")
 
 
-def default_logp_fn(job):
-  """log p(x) by the PF-ODE of the score head g(x, t, t), sigma_min -> sigma_max (eval mode)."""
+def protocol(job):
   from ctm_jax.metrics import likelihood
-  ev, sch = job.ev, job.model.schedule
+  return likelihood.protocol(job.ev.nll_protocol)
+
+
+def noise_levels(job) -> dict:
+  from ctm_jax.metrics import likelihood
+  sch = job.model.schedule
+  return likelihood.protocol_noise_levels(protocol(job), sch.sigma_min, sch.sigma_max, sch.rho)
+
+
+def ode_settings(job) -> dict:
+  """The ODE solver settings in force: config.eval's, unless the protocol fixes them."""
+  ev, p = job.ev, protocol(job)
+  tol = p.ode_tol
+  return dict(divergence=ev.nll_divergence, probes=ev.nll_probes,
+              solver=p.ode_solver or ev.nll_solver, rtol=tol or ev.nll_rtol,
+              atol=tol or ev.nll_atol)
+
+
+def default_logp_fn(job):
+  """log p(x) by the PF-ODE of the score head g(x, t, t) under the protocol (eval mode; on
+  2-D points sigma_min -> sigma_max)."""
+  from ctm_jax.metrics import likelihood
+  ev, sch, o = job.ev, job.model.schedule, ode_settings(job)
+  p = protocol(job) if job.info.kind == "image" else likelihood.PROTOCOLS["dequantized"]
 
   def fn(params, x, key, labels):
-    return likelihood.pf_ode_log_likelihood(
-        job.model.denoise_fn(params, labels), x, key, sigma_min=sch.sigma_min,
-        sigma_max=sch.sigma_max, divergence=ev.nll_divergence, num_probes=ev.nll_probes,
-        solver=ev.nll_solver, rtol=ev.nll_rtol, atol=ev.nll_atol, max_steps=ev.nll_max_steps)
+    return likelihood.protocol_ode_logp(
+        job.model.denoise_fn(params, labels), x, key, p, sigma_min=sch.sigma_min,
+        sigma_max=sch.sigma_max, rho=sch.rho, divergence=o["divergence"],
+        num_probes=o["probes"], solver=o["solver"], rtol=o["rtol"], atol=o["atol"],
+        max_steps=ev.nll_max_steps)
   return fn
 
 
-def elbo_sigma_lo(job) -> float:
-  from ctm_jax.metrics import likelihood
-  sch = job.model.schedule
-  return float(likelihood.ctm_elbo_sigma_lo(sch.sigma_min, sch.sigma_max, sch.rho))
-
-
 def elbo_fn(job):
-  """CTM's ELBO of the score head as the 'logp' of `sde_elbo` (eval mode)."""
+  """CTM's ELBO of the score head as the 'logp' of `sde_elbo`, in the protocol's mode."""
   from ctm_jax.metrics import likelihood
-  ev, sch, lo = job.ev, job.model.schedule, elbo_sigma_lo(job)
+  ev, sch, p, lv = job.ev, job.model.schedule, protocol(job), noise_levels(job)
 
   def fn(params, x, key, labels):
-    out = likelihood.sde_elbo(job.model.denoise_fn(params, labels), x, key, sigma_lo=lo,
+    if p.train_mode:
+      den = lambda y, t, k: job.model.denoiser(params, y, t, None, labels, train=True, rng=k)
+    else:
+      den = job.model.denoise_fn(params, labels)
+    out = likelihood.sde_elbo(den, x, key, sigma_lo=lv["elbo_sigma_lo"],
                               sigma_max=sch.sigma_max, num_samples=ev.nll_elbo_samples,
-                              form=ev.nll_elbo_form)
+                              form=ev.nll_elbo_form, decoder_sigma=lv["decoder_sigma"],
+                              prior=p.elbo_prior, dropout=p.train_mode)
     return dict(out, logp=out["elbo"])
   return fn
 
 
-def _inputs(metric: str, xb, key):
-  """(model input, estimator key) of a batch: dequantized / centred images, or the points."""
+def _inputs(protocol_name: str, xb, key):
+  """(model input, estimator key) of a batch: the protocol's image inputs from the first half
+  of the key (dequantization noise, flips), or the points."""
   from ctm_jax.metrics import likelihood
   k_deq, k_est = jax.random.split(key)
-  if metric == "bpd_ode_pixel_centres":
-    return likelihood.pixel_centres(xb), k_est
-  if metric.startswith("bpd_"):
-    return likelihood.dequantize(k_deq, xb), k_est
+  if protocol_name:
+    return likelihood.protocol_inputs(likelihood.protocol(protocol_name), xb, k_deq), k_est
   return xb, k_est
 
 
@@ -133,6 +131,8 @@ def metric_settings(job, metric: str, split: str, n: int, step, ema) -> dict:
   ev = job.ev
   s = {"kind": "nll", "metric": metric, "split": split, "num_examples": n, "step": step,
        "ema": ema, "seed": ev.seed, "batch_size": ev.nll_batch_size, "shard_size": ev.shard_size}
+  if job.info.kind == "image":
+    s["protocol"] = ev.nll_protocol
   if metric in ODE_METRICS:
     s.update({k: ev[k] for k in ("nll_divergence", "nll_probes", "nll_solver", "nll_rtol",
                                  "nll_atol", "nll_max_steps")})
@@ -167,8 +167,10 @@ def per_example(job, metric: str, params, x_all, y_all, store: ShardStore,
   exact = job.config.data.dataset == "toy_gmm" and metric == "nll_ode"
   logp = estimator(job, "ode" if metric in ODE_METRICS else "elbo")
 
+  pname = ev.nll_protocol if image else ""
+
   def batch(params, xb, key, labels):
-    y, k_est = _inputs_jit(metric, xb, key)
+    y, k_est = _inputs_jit(pname, xb, key)
     return logp(params, y, k_est, labels)
 
   def compute(i, start, count):
@@ -176,9 +178,9 @@ def per_example(job, metric: str, params, x_all, y_all, store: ShardStore,
     for b in range(-(-count // nb)):
       lo = start + b * nb
       idx = np.minimum(np.arange(lo, lo + nb), start + count - 1)   # pad the last batch, cut
-      labels = jobs._global(job.mesh, y_all[idx].astype(np.int32)) if cond else None
-      out = parallel.to_host(batch(params, jobs._global(job.mesh, x_all[idx]),
-                                   jobs._batch_keys(ev.seed, i, b), labels))
+      labels = global_batch(job.mesh, y_all[idx].astype(np.int32)) if cond else None
+      out = parallel.to_host(batch(params, global_batch(job.mesh, x_all[idx]),
+                                   batch_keys(ev.seed, i, b), labels))
       n = min(nb, start + count - lo)
       for k, v in out.items():
         v = np.asarray(v)
@@ -204,15 +206,21 @@ def metric_records(job, metric: str, out: Dict[str, np.ndarray], base: dict) -> 
   image = job.info.kind == "image"
   per = out["bits_per_dim"] if image else -out["logp"].astype(np.float64)
   rec = dict(base, unit="bits/dim" if image else "nats", num_examples=int(len(per)))
+  lv = noise_levels(job)
   if image:
-    rec.update(dequantization="none" if metric == "bpd_ode_pixel_centres" else "uniform",
-               offset_bits=7.0)
+    p = protocol(job)
+    rec.update(protocol=p.name, protocol_label=p.label, inputs=p.inputs,
+               dequantization="uniform" if p.inputs == "uniform" else "none", flips=p.flips,
+               train_mode=p.train_mode and metric == "bpd_elbo", offset_bits=7.0)
   if metric in ODE_METRICS:
-    rec.update(divergence=ev.nll_divergence, probes=ev.nll_probes, solver=ev.nll_solver,
-               rtol=ev.nll_rtol, atol=ev.nll_atol)
+    rec.update(ode_settings(job), sigma_start=lv["ode_start"] if image else
+               job.model.schedule.sigma_min)
+    if image and protocol(job).ode_residual:
+      rec["decoder_sigma"] = lv["decoder_sigma"]
   else:
     rec.update(elbo_samples=ev.nll_elbo_samples, elbo_form=ev.nll_elbo_form,
-               sigma_lo=elbo_sigma_lo(job))
+               sigma_lo=lv["elbo_sigma_lo"], decoder_sigma=lv["decoder_sigma"],
+               elbo_prior=protocol(job).elbo_prior)
   if "nfe" in out:
     rec["nfe_mean"] = float(np.mean(out["nfe"]))
   recs = [dict(rec, metric=metric, label=LABELS[metric], **_value_se(per))]
@@ -236,7 +244,7 @@ def nll_setting(job, params, step, ema) -> List[dict]:
   """Every quantity of config.eval.nll_metrics for one checkpoint and EMA."""
   ev = job.ev
   x_all, y_all = nll_data(job)
-  split = settings.nll_split(ev, job.config)
+  split = nll_split(ev, job.config)
   recs = []
   for metric in metrics_for(ev, job.info):
     t0 = time.time()
@@ -244,14 +252,14 @@ def nll_setting(job, params, step, ema) -> List[dict]:
     d = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
                      f"{metric}_{split}-{settings_hash(s)}")
     result = os.path.join(d, "nll.json")
-    got = jobs.reuse(job, result)
+    got = reuse(job, result)
     if got is not None:
       recs.extend(got)
       continue
     store = ShardStore(d, s, len(x_all), ev.shard_size)
     out = per_example(job, metric, params, x_all, y_all, store,
                       f"{metric} {split} (step {step}, {ema})")
-    base = dict(jobs.base_record(job, None, step, ema), split=split, shards=d)
+    base = dict(base_record(job, None, step, ema), split=split, shards=d)
     new = [dict(r, seconds=time.time() - t0) for r in metric_records(job, metric, out, base)]
-    recs.extend(jobs.finish(job, result, new, []))
+    recs.extend(finish(job, result, new, []))
   return recs

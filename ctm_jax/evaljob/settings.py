@@ -13,15 +13,27 @@ from typing import Dict, List, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from ctm_jax import config_lib, data, evaluate, methods, runs
+from ctm_jax import config_lib, data, evaluate, methods, runs, samplers
+from ctm_jax.evaljob import report
+from ctm_jax.evaljob.common import ODE_METRICS, check_metrics, metrics_for, split_list
 
 MODES = ("sample", "fid", "nll", "fid_stats", "all")
 FEATURE_DIM = 2048                     # ctm_jax.nets.inception.FEATURE_DIM (pool3)
-STATS_DIR_NAME = "ctm_jax_fid_stats"
+INCEPTION_FILE = "workdirs/inception_fid.npz"     # where the recipe in the errors writes it
+# config.eval.num_samples = 0: 50k on the data sets whose FIDs papers report (FID at 10k sits
+# about 2 points above FID at 50k on CIFAR-10), 10k elsewhere.
+PAPER_FID_DATASETS = ("cifar10", "imagenet64")
+PAPER_FID_SAMPLES, OTHER_FID_SAMPLES = 50_000, 10_000
+# config.eval.uint8_rule = '': how each method's reference code turns samples into uint8:
+# EDM's generate.py rounds (x 127.5 + 128, clip, cast), diffusers (TCD) rounds; CTM, CM and
+# score_sde truncate ((x + 1) 127.5, cast).
+ROUNDING_METHODS = ("edm", "tcd")
 
 
-def merge_eval(defaults: ml_collections.ConfigDict, run_config, overrides: Dict) -> ml_collections.ConfigDict:
-  """defaults < run_config.eval < overrides ({'eval.FIELD': value} or {'FIELD': value})."""
+def merge_eval(defaults: ml_collections.ConfigDict, run_config, overrides: Dict,
+               dataset: Optional[str] = None) -> ml_collections.ConfigDict:
+  """defaults < run_config.eval < overrides ({'eval.FIELD': value} or {'FIELD': value}); then
+  num_samples = 0 becomes the count for the data set (dataset, else run_config's)."""
   ev = ml_collections.ConfigDict(defaults.to_dict())
   stored = run_config.get("eval") if run_config is not None else None
   for k, v in (stored.items() if stored is not None else ()):
@@ -32,7 +44,16 @@ def merge_eval(defaults: ml_collections.ConfigDict, run_config, overrides: Dict)
     if k not in ev:
       raise config_lib.ConfigError(unknown_field_message(k, ev.keys()))
     ev[k] = v
+  dataset = dataset or (run_config.data.dataset if run_config is not None else None)
+  if ev.num_samples == 0 and dataset is not None:
+    ev.num_samples = PAPER_FID_SAMPLES if dataset in PAPER_FID_DATASETS else OTHER_FID_SAMPLES
   return ev
+
+
+def uint8_rule(ev, config) -> str:
+  """config.eval.uint8_rule, '' = the rule of the method's reference code (samplers.to_uint8):
+  'round' for EDM-family runs (edm, tcd), 'truncate' for the others (CTM, CM)."""
+  return ev.uint8_rule or ("round" if config.method in ROUNDING_METHODS else "truncate")
 
 
 def unknown_field_message(name: str, known: Sequence[str]) -> str:
@@ -52,10 +73,6 @@ def check_override_names(argv: Sequence[str], defaults) -> None:
                                      f"set here (the run's own config is fixed)")
       if parts[1] not in defaults:
         raise config_lib.ConfigError(unknown_field_message(parts[1], defaults.keys()))
-
-
-def split_list(value: str) -> List[str]:
-  return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def default_samplers(config) -> str:
@@ -119,22 +136,15 @@ def ema_list(ev, config) -> List[str]:
   return chosen
 
 
-def default_stats_path(config, ev) -> str:
-  """<data_dir>/ctm_jax_fid_stats/<dataset>-<split>.npz (data_dir: eval.data_dir, else the
-  run's data.data_dir, else TFDS's default data dir)."""
-  from ctm_jax.data import builders
-  data_dir = ev.data_dir or config.data.data_dir or builders.default_data_dir()
+def default_stats_path(config, ev, workdir: str) -> str:
+  """<workdir>/eval/fid_stats/<dataset>-<fid_split>.npz: the run's own reference statistics."""
   name = config.data.dataset.replace("/", "_")
-  return os.path.join(data_dir, STATS_DIR_NAME, f"{name}-{ev.fid_split}.npz")
+  return os.path.join(report.eval_dir(workdir), "fid_stats", f"{name}-{ev.fid_split}.npz")
 
 
-def nll_split(ev, config) -> str:
-  """config.eval.nll_split, '' meaning the data set's test (or validation) split."""
-  return ev.nll_split or data.dataset_info(config.data.dataset).eval_split
-
-
-def stats_path(config, ev) -> str:
-  return ev.ref_stats or default_stats_path(config, ev)
+def stats_path(config, ev, workdir: str) -> str:
+  """config.eval.ref_stats, '' meaning default_stats_path (inside the run's folder)."""
+  return ev.ref_stats or default_stats_path(config, ev, workdir)
 
 
 def needs_fid(mode: str) -> bool:
@@ -145,33 +155,36 @@ def needs_nll(mode: str) -> bool:
   return mode in ("nll", "all")
 
 
-def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> None:
-  """Every eval field and its fit to the run and the mode; nothing is computed."""
+def validate(ev, config, *, mode: str, num_devices: int, process_count: int,
+             workdir: str = "") -> None:
+  """Every eval field and its fit to the run (in workdir) and the mode; nothing is computed."""
   c = ml_collections.ConfigDict({"eval": ev.to_dict()})
   if mode not in MODES:
     raise config_lib.ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
   info = data.dataset_info(config.data.dataset)
-  bs = config_lib.check_number(c, "eval.batch_size", 1, integer=True)
-  if bs % num_devices:
-    raise config_lib.ConfigError(f"config.eval.batch_size = {bs} must be divisible by the "
-                                 f"device count {num_devices}")
-  if bs % process_count:
-    raise config_lib.ConfigError(f"config.eval.batch_size = {bs} must be divisible by the "
-                                 f"process count {process_count}")
   shard = config_lib.check_number(c, "eval.shard_size", 1, integer=True)
-  if shard % bs:
-    raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
-                                 f"config.eval.batch_size = {bs}")
+  if mode != "nll":        # the sampling / feature batch; --mode=nll has its own below
+    bs = config_lib.check_number(c, "eval.batch_size", 1, integer=True)
+    if bs % num_devices:
+      raise config_lib.ConfigError(f"config.eval.batch_size = {bs} must be divisible by the "
+                                   f"device count {num_devices}")
+    if bs % process_count:
+      raise config_lib.ConfigError(f"config.eval.batch_size = {bs} must be divisible by the "
+                                   f"process count {process_count}")
+    if shard % bs:
+      raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
+                                   f"config.eval.batch_size = {bs}")
   # FID needs 2 samples for a covariance; KID two blocks of 2 (ctm_jax.metrics.fid.kid).
   config_lib.check_number(c, "eval.num_samples", 4 if needs_fid(mode) else 1, integer=True)
   config_lib.check_number(c, "eval.seed", 0, integer=True)
+  config_lib.check_choice(c, "eval.uint8_rule", ("",) + samplers.UINT8_RULES)
   ncls = info.num_classes if config.data.class_conditional else 0
   config_lib.check_number(c, "eval.class_label", -1, max(ncls - 1, -1), integer=True)
   config_lib.check_number(c, "eval.kid_subsets", 1, integer=True)
   config_lib.check_number(c, "eval.kid_subset_size", 2, integer=True)
   config_lib.check_number(c, "eval.reference_seeds", 1, integer=True)
   config_lib.check_number(c, "eval.ode_error_samples", 1, integer=True)
-  for f in ("recompute",):
+  for f in ("recompute", "inception_score", "precision_recall"):
     if not isinstance(ev[f], bool):
       raise config_lib.ConfigError(f"config.eval.{f} must be True or False, got {ev[f]!r}")
   splits = ("train", info.eval_split)
@@ -187,7 +200,7 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
           f"(--mode=sample reports MMD / sliced W1 for them)")
     check_inception_file(ev)
   if mode in ("fid", "all"):
-    check_reference_stats(stats_path(config, ev), config, ev)
+    check_reference_stats(stats_path(config, ev, workdir), config, ev)
   if needs_nll(mode):
     if not methods.method_class(config.method).has_score_head:
       raise config_lib.ConfigError(
@@ -202,12 +215,16 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
     if shard % nb:
       raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
                                    f"config.eval.nll_batch_size = {nb}")
-    from ctm_jax.evaljob import nll
     from ctm_jax.metrics import likelihood
-    nll.check_metrics(ev, info)
+    config_lib.check_choice(c, "eval.nll_protocol", tuple(likelihood.PROTOCOLS))
+    if info.kind != "image" and ev.nll_protocol != "dequantized":
+      raise config_lib.ConfigError(
+          f"config.eval.nll_protocol = {ev.nll_protocol!r}: the protocols are for 8-bit images; "
+          f"{config.data.dataset!r} holds 2-D points (leave it at 'dequantized')")
+    check_metrics(ev, info)
     config_lib.check_choice(c, "eval.nll_divergence", likelihood.DIVERGENCES)
     dim = int(np.prod(info.shape))
-    uses_ode = any(m in nll.ODE_METRICS for m in nll.metrics_for(ev, info))
+    uses_ode = any(m in ODE_METRICS for m in metrics_for(ev, info))
     if uses_ode and ev.nll_divergence == "exact" and dim > likelihood.EXACT_MAX_DIM:
       raise config_lib.ConfigError(
           f"config.eval.nll_divergence = 'exact' builds a {dim} x {dim} jacobian per example; "
@@ -222,13 +239,23 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
 
 
 def check_inception_file(ev) -> None:
+  from ctm_jax.nets import inception
   path = ev.inception_weights
+  make = (f"make it once with `{inception.CONVERT_COMMAND.format(out=INCEPTION_FILE)}` and "
+          f"pass --config.eval.inception_weights={INCEPTION_FILE} (docs/evaluation.md, "
+          f"'Weights')")
   if not path:
     raise config_lib.ConfigError(
-        "config.eval.inception_weights must name the FID Inception-v3 weights (.npz made by "
-        "launch/export_inception_weights.py; see docs/eval_jobs.md)")
+        f"config.eval.inception_weights must name the FID Inception-v3 weights .npz: {make}")
   if not os.path.isfile(path):
-    raise config_lib.ConfigError(f"config.eval.inception_weights = {path!r}: no such file")
+    raise config_lib.ConfigError(f"config.eval.inception_weights = {path!r}: no such file; "
+                                 f"{make}")
+  if ev.inception_score:
+    from ctm_jax.nets import inception
+    try:
+      inception.load_logits_weight(path)
+    except inception.InceptionWeightsError as e:
+      raise config_lib.ConfigError(f"config.eval.inception_score = True: {e}") from None
 
 
 def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -> dict:
@@ -246,6 +273,10 @@ def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -
     except (ValueError, KeyError, OSError) as e:
       raise config_lib.ConfigError(f"{field} = {path!r} is not FID statistics: {e}") from None
   mu = stats["mu"]
+  if ev.precision_recall and stats.get("features") is None:
+    raise config_lib.ConfigError(
+        f"config.eval.precision_recall = True needs the reference features; {field} = {path!r} "
+        f"holds only mu and sigma (make it with --mode=fid_stats)")
   if mu.shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
     raise config_lib.ConfigError(f"{field} = {path!r} holds {mu.shape[-1]}-d statistics; the "
                                  f"FID network gives {FEATURE_DIM}-d features")

@@ -237,9 +237,8 @@ class ConsistencyMethod(Method):
   def sample_fns(self) -> Dict[str, Any]:
     """CM multistep sampling (Song et al. 2023, Alg. 1): f(x_T, T), then for each tau
     f(x + sqrt(tau^2 - sigma_min^2) z, tau); NFE 1 is one-step generation.  Image data clip
-    each f to [-1, 1] (evaluate.clips_x0)."""
-    from ctm_jax import evaluate
-    clip = evaluate.clips_x0(self.config)
+    each f to [-1, 1] (samplers.clips_x0)."""
+    clip = samplers.clips_x0(self.config)
     fns = {}
     for name, taus in self.multistep_times().items():
       def fn(params, x_init, key, labels, taus=taus):

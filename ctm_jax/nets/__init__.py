@@ -5,11 +5,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from ctm_jax.nets.layers import REMAT_MODES   # config.model.remat's values (songunet, adm)
+
 ARCHS = ("mlp", "songunet", "adm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# config.model.remat's values (songunet and adm): what each keeps for the backward pass is
-# described in layers.unet_block_class.
-REMAT_MODES = ("none", "blocks", "blocks_save_dots")
 
 
 def net_class(arch: str):

@@ -83,6 +83,7 @@ class DhariwalUNet(nn.Module):
   dropout: float = 0.10
   label_dropout: float = 0.0
   channels_per_head: int = 64
+  norm_groups: int = 0           # GroupNorm groups; 0: EDM's min(32, C // 4); openai: 32
   use_s: bool = False
   remat: str = 'none'            # none | blocks | blocks_save_dots (layers.unet_block_class)
   dtype: Dtype = jnp.float32
@@ -94,7 +95,8 @@ class DhariwalUNet(nn.Module):
   def _block(self, name, cout, **kw):
     return unet_block_class(self.remat)(
         out_channels=cout, channels_per_head=self.channels_per_head, dropout=self.dropout,
-        skip_scale=1.0, eps=1e-5, resample_filter=(1, 1), resample_proj=False,
+        skip_scale=1.0, eps=1e-5, norm_groups=self.norm_groups, resample_filter=(1, 1),
+        resample_proj=False,
         adaptive_scale=True, use_s=self.use_s, init_kw=_INIT, init_zero_kw=_INIT_ZERO,
         dtype=self.dtype, name=name, **kw)
 
@@ -151,7 +153,7 @@ class DhariwalUNet(nn.Module):
         x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = call_block(self._block(f'dec_{name}', ch, up=(kind == 'up'), attention=attn),
                      x, emb, emb_s, train, self.remat)
-    x = nn.silu(group_norm(x.shape[-1], 1e-5, self.dtype, 'out_norm')(x))
+    x = nn.silu(group_norm(x.shape[-1], 1e-5, self.dtype, 'out_norm', self.norm_groups)(x))
     x = Conv2d(self.out_ch, 3, init_kw=_INIT_ZERO, dtype=self.dtype, name='out_conv')(x)
     return x.astype(jnp.float32)
 

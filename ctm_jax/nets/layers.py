@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax.nets import REMAT_MODES
+# config.model.remat's values (songunet and adm): what each keeps for the backward pass is
+# described in unet_block_class.
+REMAT_MODES = ("none", "blocks", "blocks_save_dots")
 
 Dtype = Any
 
@@ -203,9 +205,11 @@ class Conv2d(nn.Module):
     return x
 
 
-def group_norm(channels: int, eps: float, dtype: Optional[Dtype], name: str) -> nn.GroupNorm:
-  """EDM GroupNorm: min(32, C // 4) groups; statistics in float32 (two-pass variance)."""
-  return nn.GroupNorm(num_groups=min(32, channels // 4), epsilon=eps, dtype=dtype,
+def group_norm(channels: int, eps: float, dtype: Optional[Dtype], name: str,
+               groups: int = 0) -> nn.GroupNorm:
+  """EDM GroupNorm: min(32, C // 4) groups, or `groups` when > 0 (openai's GroupNorm32: 32, which
+  differs from EDM's rule only below 128 channels); statistics in float32 (two-pass variance)."""
+  return nn.GroupNorm(num_groups=groups or min(32, channels // 4), epsilon=eps, dtype=dtype,
                       param_dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
@@ -244,6 +248,7 @@ class UNetBlock(nn.Module):
   dropout: float = 0.0
   skip_scale: float = 1.0
   eps: float = 1e-5
+  norm_groups: int = 0           # GroupNorm groups; 0: EDM's min(32, C // 4)
   resample_filter: Sequence[int] = (1, 1)
   resample_proj: bool = False
   adaptive_scale: bool = True
@@ -265,7 +270,7 @@ class UNetBlock(nn.Module):
   def __call__(self, x, emb, emb_s=None, train: bool = False):
     cin, cout, dt = x.shape[-1], self.out_channels, self.dtype
     orig = x
-    h = group_norm(cin, self.eps, dt, 'norm0')(x)
+    h = group_norm(cin, self.eps, dt, 'norm0', self.norm_groups)(x)
     h = Conv2d(cout, 3, up=self.up, down=self.down, resample_filter=self.resample_filter,
                init_kw=self.init_kw, dtype=dt, name='conv0')(nn.silu(h))
     width = cout * (2 if self.adaptive_scale else 1)
@@ -276,7 +281,7 @@ class UNetBlock(nn.Module):
       params = params + Linear(width, init_kw=self.init_kw, dtype=jnp.float32,
                                name='affine_s')(emb_s)
     params = params[:, None, None, :].astype(dt)
-    norm1 = group_norm(cout, self.eps, dt, 'norm1')
+    norm1 = group_norm(cout, self.eps, dt, 'norm1', self.norm_groups)
     if self.adaptive_scale:
       scale, shift = jnp.split(params, 2, axis=-1)
       h = nn.silu(shift + norm1(h) * (scale + 1))
@@ -293,7 +298,7 @@ class UNetBlock(nn.Module):
       skip = orig.astype(dt)
     x = (h + skip) * self.skip_scale
     if self.heads:
-      qkv = group_norm(cout, self.eps, dt, 'norm2')(x)
+      qkv = group_norm(cout, self.eps, dt, 'norm2', self.norm_groups)(x)
       attn_init = self.init_attn_kw if self.init_attn_kw is not None else self.init_kw
       qkv = Conv2d(cout * 3, 1, init_kw=attn_init, dtype=dt, name='qkv')(qkv)
       a = attention(qkv, self.heads)

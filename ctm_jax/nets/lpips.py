@@ -261,6 +261,26 @@ def load_lpips_params(path) -> Dict:
     raise ValueError(f'{path}: {e}') from None
 
 
+def lpips_state_dict_from_torch_files(vgg_path, heads_path) -> Dict[str, np.ndarray]:
+  """The LPIPS .npz arrays from the original files, read torch-free (`torch_archive`):
+  torchvision's VGG16 state dict (`vgg16-397923af.pth`; `features.*` kept, `classifier.*` unused)
+  and the heads, either the lpips package's `weights/v0.1/vgg.pth` (`lin<l>.model.1.weight`) or
+  piq's `lpips_weights.pt` (a list of five [C] tensors)."""
+  from ctm_jax.official_weights import load_state_dict_file
+  sd = {k: v for k, v in load_state_dict_file(vgg_path).items() if k.startswith('features.')}
+  heads = load_state_dict_file(heads_path)
+  if all(k.isdigit() for k in heads):         # piq: a list of per-layer weights
+    heads = {f'lin{int(k)}.model.1.weight': np.asarray(v).reshape(1, -1, 1, 1)
+             for k, v in heads.items()}
+  sd.update(heads)
+  sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
+  try:
+    lpips_params_from_state_dict(sd)          # names, shapes and non-negative heads
+  except ValueError as e:
+    raise ValueError(f'{vgg_path} + {heads_path}: {e}') from None
+  return sd
+
+
 def random_lpips_npz(path, seed: int = 0, widths: Sequence[int] = VGG16_WIDTHS):
   """Write an LPIPS .npz with random weights (He-normal convs, U[0, 2/C) heads) and return path.
 

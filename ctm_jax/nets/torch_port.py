@@ -161,11 +161,20 @@ def _adm_from_openai_config(cfg: dict) -> DhariwalUNet:
                   ('use_new_attention_order', False), ('dims', 2)):
     if k in cfg and cfg.pop(k) != want:
       raise NotImplementedError(f'{k} must be {want} for the DhariwalUNet port')
+  # openai's GroupNorm32 has 32 groups at every width; EDM's rule min(32, C // 4) agrees from 128
+  # channels on (every released checkpoint), and is kept there so that the nets compare equal.
+  if any(mc * int(m) < 128 for m in mult):
+    extra = dict(norm_groups=32)
+    if any(mc * int(m) % 32 for m in mult):
+      raise ValueError(f'channels {[mc * int(m) for m in mult]}: openai GroupNorm32 needs '
+                       f'multiples of 32')
+  else:
+    extra = {}
   kw = dict(img_resolution=res, in_channels=in_ch, out_channels=out, label_dim=label_dim,
             model_channels=mc, channel_mult=tuple(int(m) for m in mult),
             num_blocks=int(cfg.pop('num_res_blocks')), attn_resolutions=attn,
             dropout=float(cfg.pop('dropout', 0.0)), channels_per_head=head_ch,
-            use_s=str(cfg.pop('training_mode', '') or '').lower() == 'ctm')
+            use_s=str(cfg.pop('training_mode', '') or '').lower() == 'ctm', **extra)
   # Flags that do not change the network function.
   for k in ('num_heads', 'num_heads_upsample', 'use_checkpoint', 'use_fp16', 'attention_type',
             'conv_resample'):
