@@ -16,9 +16,10 @@ SOURCES = ("oracle", "checkpoint", "torch_npz", "edm_pkl", "torch_pt", "random")
 # 'edm_pkl': an NVlabs/edm network pickle (teacher.path, entry teacher.pickle_key), read torch-free
 # without running its code; 'torch_pt': a torch.save state dict (.pt/.pth, e.g. consistency_models'
 # edm_imagenet64_ema.pt) at teacher.path, read the same way.
-LABEL_ORDERS = ("standard",)      # config.teacher.label_order of a class-conditional weight file
 # 'random': N(0, 0.02^2) weights of the teacher network's shapes (seed 0).  Not a teacher: for
 # timing and memory measurements (launch.bench) and shape tests, where no weights are at hand.
+WEIGHT_SOURCES = ("torch_npz", "edm_pkl", "torch_pt")
+LABEL_ORDERS = ("standard",)      # teacher.label_order of a class-conditional WEIGHT_SOURCES teacher
 
 
 def validate_teacher_config(config):
@@ -38,12 +39,12 @@ def validate_teacher_config(config):
     raise config_lib.ConfigError("config.teacher.npz_path must be set when "
                                  "config.teacher.source = 'torch_npz'")
   _validate_file_source(config)
-  if (config.teacher.source in ("torch_npz", "edm_pkl", "torch_pt") and config.teacher.config.data.class_conditional
+  if (config.teacher.source in WEIGHT_SOURCES and config.teacher.config.data.class_conditional
       and config.teacher.get("label_order", "") not in LABEL_ORDERS):
     raise config_lib.ConfigError(
         f"config.teacher.label_order = {config.teacher.get('label_order', '')!r}: a "
-        f"class-conditional teacher from official weights must state the class order it was trained on, one "
-        f"of {LABEL_ORDERS} ('standard': the data set's standard order, ImageNet's sorted "
+        f"class-conditional teacher from official weights must state the class order it was "
+        f"trained on, one of {LABEL_ORDERS} ('standard': the data set's standard order, ImageNet's sorted "
         f"WordNet ids, as openai's and EDM's weights); otherwise every class is conditioned on "
         f"another class's label")
   if config.teacher.source != "oracle":
