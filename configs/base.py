@@ -17,7 +17,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.init_from_step = -1       # its checkpoint step (-1 = newest)
 
   c.data = ml_collections.ConfigDict(dict(
-      dataset="toy_gmm",        # toy_gmm | checkerboard | digits | mnist_local | cifar10 | imagenet64
+      dataset="toy_gmm",        # toy_gmm | checkerboard | digits | mnist_local | cifar10 | imagenet64_adm | imagenet64
       data_dir="",              # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
       split="train",
       random_flip=False,
@@ -69,6 +69,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       heun_steps=18,            # EDM Heun sampler on the denoiser head
       eval_ema="",              # which EMA to sample from ("" = the first rate)
       num_eval_samples=4096,    # toy data: samples for the MMD / sliced-Wasserstein metrics
+      cm_clip_x0=True,          # image data: CM multistep clips each x0 estimate to [-1, 1]
   ))
 
   c.eval = eval_block()

@@ -24,6 +24,7 @@ def get_config(arg: str = ""):
   gan = arg.endswith("gan")
   c = ctm_common.student_of(cifar10_edm, num_points=18, teacher_source="edm_pkl",
                             arg="cond" if cond else "")      # N = 18, K = 17, LPIPS
+  c.teacher.label_order = "standard"     # the official weights' class order
   # The student: DDPM++ + s path, without the teacher's augment input (map_augment): the official
   # CTM students (cm.networks.EDMPrecond_CTM) have none, so their checkpoints load here.
   c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.13)

@@ -23,17 +23,6 @@ def get_config():
   c.model.update(dict(embedding_type="fourier", fourier_scale=0.02, channel_mult_noise=2,
                       encoder_type="residual", resample_filter=(1, 3, 3, 1), augment_dim=0))
   c.ict.sample_times = (0.821,)
-  c.data.random_flip = True
-  c.optim.lr = 1e-4
-  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-  c.optim.grad_clip = 0.0
-  c.ema.rates = (0.99993,)
-  c.ema.halflife_kimg = 0.0
-  c.sampling.eval_ema = "rate_0p99993"
-  c.training.batch_size = 1024
-  c.training.num_train_steps = 400_000
-  c.training.checkpoint_every = 5_000
-  c.training.keep_every = 50_000
-  c.training.sample_every = 10_000
+  cm_common.cifar10_schedule(c, lr=1e-4, ema_rate=0.99993, batch_size=1024, num_train_steps=400_000)
   c.lock()
   return c

@@ -24,7 +24,7 @@ def _family(distance: str = "l2", weighting: str = "uniform", **fields) -> ml_co
 def _teacher_fields(num_points: int):
   return dict(
       num_points=num_points,        # N: Karras grid points
-      teacher_solver="heun",        # heun | euler | ddim (deterministic PF-ODE solvers)
+      teacher_solver="heun",        # heun | euler (DDIM is euler in this VE frame)
       teacher_last_step="heun",     # a step into sigma_min: full Heun (CM code) or Euler
       init_from_teacher=True,       # copy the teacher's weights where names and shapes match
   )
@@ -37,11 +37,12 @@ def cd_block(num_points: int = 18) -> ml_collections.ConfigDict:
 
 
 def ct_block() -> ml_collections.ConfigDict:
-  """CT: s0 = 2, s1 = 150, mu0 = 0.9 (CIFAR-10)."""
+  """CT: s0 = 2, s1 = 150, mu0 = 0.9 (CIFAR-10); mu(k) with N(k) - 1 as the reference codes."""
   return _family(
       s0=2, s1=150, mu0=0.9,
       curriculum_steps=0,           # K of N(k) (0 = training.num_train_steps)
-      mu_form="paper")              # paper: exp(s0 ln mu0 / N) | code: ... / (N - 1)
+      mu_form="code")               # code: exp(s0 ln mu0 / (N - 1)) (both reference codes, whose
+                                    # numbers are reported) | paper: ... / N (the paper's text)
 
 
 def ict_block() -> ml_collections.ConfigDict:
@@ -57,8 +58,9 @@ def direct_cd_block(num_points: int = 18) -> ml_collections.ConfigDict:
 
 def tcd_block(num_points: int = 18, sigma_min: float = 0.002) -> ml_collections.ConfigDict:
   """TCD: skip k, s on the grid in [s_min, t_{i+k}], theta^- = EMA(0.95) (TCD / LCM default),
-  SSS sampling with gamma 0.3 (diffusers' default eta)."""
-  return _family(skip=1, s_min=sigma_min, s_input=True, target_ema=0.95, sample_gamma=0.3,
+  SSS sampling with gamma 0.3 (diffusers' default eta).  s_input False: TCD's network (no s
+  input; s enters only through a_s x0_hat + sigma_s eps_hat); True: CTM's (x, t, s) network."""
+  return _family(skip=1, s_min=sigma_min, s_input=False, target_ema=0.95, sample_gamma=0.3,
                  **_teacher_fields(num_points))
 
 
@@ -119,6 +121,26 @@ def family_config(base, method: str, block, teacher=None):
     c.teacher = teacher
   c.optim.name = "radam"
   c.optim.warmup_steps = 0
+  return c
+
+
+def cifar10_schedule(c, *, lr: float, ema_rate: float, batch_size: int, num_train_steps: int):
+  """The CIFAR-10 CM papers' optimisation: RAdam(0.9, 0.999, 1e-8) at lr with no warm-up and no
+  gradient clipping (the CM code's RAdam path: scale_by_radam then scale(-lr)), one evaluation
+  EMA, random x-flips, checkpoints every 5k steps (kept every 50k), samples every 10k."""
+  c.data.random_flip = True
+  c.optim.lr = lr
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+  c.optim.warmup_steps = 0
+  c.optim.grad_clip = 0.0
+  c.ema.rates = (ema_rate,)
+  c.ema.halflife_kimg = 0.0
+  c.sampling.eval_ema = "rate_" + repr(float(ema_rate)).replace(".", "p")
+  c.training.batch_size = batch_size
+  c.training.num_train_steps = num_train_steps
+  c.training.checkpoint_every = 5_000
+  c.training.keep_every = 50_000
+  c.training.sample_every = 10_000
   return c
 
 

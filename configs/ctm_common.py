@@ -49,7 +49,8 @@ def gan_block() -> ml_collections.ConfigDict:
   ))
 
 
-def teacher_block(teacher_config=None, source: str = "checkpoint") -> ml_collections.ConfigDict:
+def teacher_block(teacher_config=None, source: str = "checkpoint",
+                  label_order: str = "") -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict(dict(
       source=source,                # oracle | checkpoint | torch_npz | edm_pkl | torch_pt
       workdir="",                   # checkpoint: the teacher run's workdir
@@ -59,6 +60,10 @@ def teacher_block(teacher_config=None, source: str = "checkpoint") -> ml_collect
       npz_path="",                  # torch_npz: official weights exported to .npz
       path="",                      # edm_pkl: an EDM network pickle; torch_pt: a .pt state dict
       pickle_key="ema",             # edm_pkl: the pickle's entry holding the network
+      # torch_npz, class-conditional: the class order the weights were trained on; 'standard'
+      # = the data set's standard order (CIFAR-10's; ImageNet: sorted WordNet ids, to which the
+      # pipeline maps imagenet_resized's labels).  '' (not stated) is refused.
+      label_order=label_order,
   ))
   if teacher_config is not None:
     t.config = teacher_config

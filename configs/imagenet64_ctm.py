@@ -16,6 +16,7 @@ def get_config(arg: str = ""):
     raise ValueError(f"configs/imagenet64_ctm.py takes '' or 'gan', got {arg!r}")
   c = ctm_common.student_of(imagenet64_edm, num_points=40,          # N = 40, K = 39
                             teacher_source="torch_pt")
+  c.teacher.label_order = "standard"     # the official weights' class order
   c.teacher.config.diffusion.c_noise = "250log"
   c.teacher.config.model.dropout = 0.1   # teacher_dropout (evaluated without dropout)
   c.diffusion.c_noise = "250log"

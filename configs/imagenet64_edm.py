@@ -3,8 +3,10 @@
 
   python -m launch.train --config=configs/imagenet64_edm.py --workdir=$WORKDIR
 
-fp16 with loss scaling becomes bf16 compute with float32 parameters.  Data: TFDS
-imagenet_resized/64x64 as array_record (see README; EDM/ADM used their own 64x64 crops).
+fp16 with loss scaling becomes bf16 compute with float32 parameters.  Data: imagenet64_adm,
+ADM's / EDM's 64x64 centre crop of TFDS imagenet2012 (ctm_jax.data.builders.build_imagenet64_adm;
+docs/data.md); --config.data.dataset=imagenet64 reads TFDS imagenet_resized/64x64 instead (box
+resize of whole images: aspect ratios distorted, so FID against ADM's reference batch is worse).
 """
 import ml_collections
 
@@ -24,7 +26,7 @@ def get_config():
   c = base.get_base_config()
   c.method = "edm"
   c.edm = toy_edm.edm_block()
-  c.data.dataset = "imagenet64"
+  c.data.dataset = "imagenet64_adm"
   c.data.class_conditional = True
   c.data.random_flip = False             # NVlabs/edm: --xflip False (default) and --augment=0
   c.diffusion.c_noise = "log4"           # EDMPrecond feeds ln(sigma)/4 to every architecture

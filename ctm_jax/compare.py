@@ -32,7 +32,8 @@ from absl import logging
 
 from ctm_jax import config_lib, evaluate, progress, runs, samplers
 
-FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "meanflow", "sct", "scd")
+# An entry is configs/<prefix>_<entry>.py; tcd_s is TCD with CTM's s-input network (tcd.s_input).
+FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "tcd_s", "meanflow", "sct", "scd")
 MODES = ("sample", "fid")
 
 
@@ -98,13 +99,13 @@ def sampler_labels(cmp, method: str) -> List[str]:
   return list(dict.fromkeys(label for label, _, _ in samplers_of(cmp, method)))
 
 
-def eval_settings(cmp, config):
-  """The merged config.eval of one run for the comparison (the run config's eval block <
+def eval_settings(cmp, config, method: str):
+  """The merged config.eval of one run (comparison entry `method`) for the comparison (the run config's eval block <
   config.eval); the evaluation seed is the run's seed."""
   from ctm_jax.evaljob import settings
   over = dict(cmp.eval)
   over["seed"] = int(config.seed)
-  over["samplers"] = ",".join(s for _, _, s in samplers_of(cmp, config.method))
+  over["samplers"] = ",".join(s for _, _, s in samplers_of(cmp, method))
   return settings.merge_eval(config.eval, None, over, dataset=config.data.dataset)
 
 
@@ -150,7 +151,7 @@ def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
         raise config_lib.ConfigError(f"config.run_configs.{method} = "
                                      f"{cmp.run_configs[method]!r} trains on {c.data.dataset}, "
                                      f"the others on {dataset}")
-      ev = eval_settings(cmp, c)
+      ev = eval_settings(cmp, c, method)
       try:
         settings.validate(ev, c, mode=cmp.mode, num_devices=jax.device_count(),
                           process_count=jax.process_count(),

@@ -10,6 +10,7 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -163,3 +164,38 @@ def sample_ctm_indices(key, batch: int, num_points: int, k):
   j = jax.random.randint(k2, (batch,), i + k, num_points)
   return i, j
 
+
+
+# ----------------------------------------------------------------------------- VP timesteps
+
+VP_SCHEDULES = ("ddpm_linear", "sd_scaled_linear")
+
+
+def vp_alphas_cumprod(kind: str = "ddpm_linear", num_timesteps: int = 1000):
+  """abar_k = prod_{i <= k} (1 - beta_i), k = 0..num_timesteps-1, of a discrete VP schedule.
+
+  ddpm_linear: beta_i = linspace(1e-4, 0.02) (DDPM; the discretisation of EDM's VP-SDE,
+  beta_min 0.1, beta_d 19.9); sd_scaled_linear: beta_i = linspace(sqrt(8.5e-4), sqrt(0.012))^2
+  (Stable Diffusion; diffusers' TCDScheduler default).  float64 numpy.
+  """
+  if kind == "ddpm_linear":
+    betas = np.linspace(1e-4, 0.02, num_timesteps, dtype=np.float64)
+  elif kind == "sd_scaled_linear":
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_timesteps, dtype=np.float64) ** 2
+  else:
+    raise ValueError(f"VP schedule must be one of {VP_SCHEDULES}, got {kind!r}")
+  return np.cumprod(1.0 - betas)
+
+
+def vp_sigmas(kind: str = "ddpm_linear", num_timesteps: int = 1000):
+  """The VE noise level of each discrete VP timestep: sigma_k = sqrt((1 - abar_k) / abar_k)
+  (x_VE = x_VP / sqrt(abar_k)); increasing in k."""
+  a = vp_alphas_cumprod(kind, num_timesteps)
+  return np.sqrt((1.0 - a) / a)
+
+
+def vp_timestep(sigma: float, kind: str = "ddpm_linear", num_timesteps: int = 1000) -> int:
+  """The discrete VP timestep whose sigma_k is nearest `sigma` in log sigma (clamped to the
+  schedule's range)."""
+  sig = vp_sigmas(kind, num_timesteps)
+  return int(np.argmin(np.abs(np.log(sig) - np.log(float(sigma)))))

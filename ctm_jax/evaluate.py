@@ -5,8 +5,12 @@ Sampler specs (strings, as in config.eval.samplers of python -m launch.eval):
   gamma:<gamma>:<nfe>          CTM gamma-sampling on the Karras grid       NFE nfe
   gamma:<gamma>:<nfe>:<t,...>  the same through explicit times (T first, sigma_min last)
   gamma_shift:<gamma>:<nfe>    the reference code's s = sqrt(1-g^2)(t' - sigma_min) + sigma_min
-  cm:<nfe>                     CM multistep (gamma = 1, sigma_min shift)
-  sss:<gamma>:<nfe>            TCD's strategic stochastic sampling, s_n = (1 - gamma) t_{n+1}
+  cm:<nfe>                     CM multistep (Song et al. 2023, Alg. 1) through the interior of
+                               the Karras grid of nfe + 1 points
+  cm:<nfe>:<tau_1,...>         the same through explicit intermediate times (nfe - 1 of them,
+                               decreasing, in (sigma_min, sigma_max)), e.g. cm:2:0.821 (iCT)
+  sss:<gamma>:<nfe>            TCD's strategic stochastic sampling: s_n at the DDPM timestep
+                               floor((1 - gamma) k(t_{n+1})) (samplers.sss_s_values)
   heun:<steps>                 EDM Heun on the denoiser head g(x, t, t)    NFE 2 steps - 1
   teacher_heun:<steps>         distilled runs: EDM Heun on the run's teacher     NFE 2 steps - 1
 The jump samplers (onestep, gamma, gamma_shift, cm, sss) need a trained one-step map: CTM's or
@@ -32,7 +36,7 @@ from ctm_jax import data, diffusion, flow_map, samplers
 
 MAX_NFE = 1000
 SAMPLER_FORMS = ("onestep, gamma:<g in [0,1]>:<nfe>[:<t0,..,tM>], gamma_shift:<g>:<nfe>, "
-                 "cm:<nfe>, sss:<g>:<nfe>, heun:<steps >= 2>, teacher_heun:<steps >= 2> "
+                 "cm:<nfe>[:<tau_1,..>], sss:<g>:<nfe>, heun:<steps >= 2>, teacher_heun:<steps >= 2> "
                  f"(nfe <= {MAX_NFE})")
 
 
@@ -48,6 +52,7 @@ class SamplerSpec:
   steps: int = 1
   times: Optional[tuple] = None
   shift: bool = False
+  cm: bool = False          # CM multistep (gamma 1, sigma_min shift); times = its taus or None
 
   @property
   def nfe(self) -> int:
@@ -86,8 +91,13 @@ def parse_sampler(spec: str) -> SamplerSpec:
       if not 0 <= g <= 1:
         raise SamplerSpecError(f"sampler {spec!r}: gamma = {g} is outside [0, 1]")
       out = SamplerSpec(spec, "sss", g, n)
-    elif parts[0] == "cm" and len(parts) == 2:
-      out = SamplerSpec(spec, "gamma", 1.0, int(parts[1]), None, True)
+    elif parts[0] == "cm" and len(parts) in (2, 3):
+      n = int(parts[1])
+      taus = tuple(float(v) for v in parts[2].split(",")) if len(parts) == 3 else None
+      if taus is not None and (len(taus) != n - 1 or np.any(np.diff(taus) >= 0)):
+        raise SamplerSpecError(f"sampler {spec!r}: give nfe - 1 = {n - 1} strictly decreasing "
+                               f"intermediate times (sigma_max and sigma_min are implied)")
+      out = SamplerSpec(spec, "gamma", 1.0, n, taus, True, cm=True)
     elif parts[0] in ("heun", "teacher_heun") and len(parts) == 2 and int(parts[1]) >= 2:
       out = SamplerSpec(spec, parts[0], 0.0, int(parts[1]))
   except SamplerSpecError:
@@ -120,7 +130,12 @@ def check_sampler_for_run(spec: SamplerSpec, config) -> None:
                                                                              False)):
     raise SamplerSpecError(f"sampler {spec.name!r} samples a distilled run's teacher; this run's "
                            f"method ({config.method!r}) has none")
-  if spec.times is not None:
+  if spec.cm and spec.times is not None:
+    lo, hi = config.diffusion.sigma_min, config.diffusion.sigma_max
+    if not lo < min(spec.times) <= max(spec.times) < hi:
+      raise SamplerSpecError(f"sampler {spec.name!r}: the intermediate times must lie in "
+                             f"(sigma_min, sigma_max) = ({lo}, {hi})")
+  elif spec.times is not None:
     lo, hi = config.diffusion.sigma_min, config.diffusion.sigma_max
     t = spec.times
     if not (np.isclose(t[0], hi, rtol=1e-6) and np.isclose(t[-1], lo, rtol=1e-6)):
@@ -147,10 +162,20 @@ def run_jump_fn(model: flow_map.FlowModel, params, labels=None, kind: str = "jum
   return model.cm_jump_fn(params, labels) if kind == "cm_f" else model.jump_fn(params, labels)
 
 
-def sampler_fn(model: flow_map.FlowModel, spec: SamplerSpec, kind: str = "jump"):
+def sampler_fn(model: flow_map.FlowModel, spec: SamplerSpec, kind: str = "jump",
+               clip_x0: bool = False):
   """fn(params, x_init, key, labels) -> samples for a spec of the run's own model; `kind` is
-  the run's generator_kind (a consistency model's jump is f(x, t))."""
+  the run's generator_kind (a consistency model's jump is f(x, t)); clip_x0: CM multistep
+  clips its x0 estimates to [-1, 1] (samplers.clips_x0)."""
   sch = model.schedule
+  if spec.cm:
+    taus = spec.times if spec.times is not None else samplers.karras_interior(spec.steps, sch)
+
+    def cm_fn(params, x, key, labels):
+      jump = run_jump_fn(model, params, labels, kind)
+      f = lambda xx, tt: jump(xx, tt, jnp.full_like(tt, sch.sigma_min))
+      return samplers.cm_multistep(f, x, key, taus, sch, clip_x0)
+    return cm_fn
   if spec.kind == "heun":
     return lambda params, x, key, labels: samplers.edm_heun_sampler(
         model.denoise_fn(params, labels), x, spec.steps, sch)

@@ -105,21 +105,50 @@ def gamma_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
   return _jump_chain(jump_fn, x_init, key, grid, s_values, gamma > 0)
 
 
+def sss_s_values(grid, gamma: float, schedule: diffusion.Schedule = diffusion.Schedule(),
+                 vp_schedule: str = "ddpm_linear"):
+  """TCD's end points s_n of strategic stochastic sampling on the grid t_0 > ... > t_M.
+
+  TCD (Zheng et al. 2024, Alg. 4; diffusers' TCDScheduler.step) applies gamma to the discrete
+  VP timestep, not to the noise level: with k' the timestep of t_{n+1},
+    s_n = sigma_VP(floor((1 - gamma) k'))                    for n < M - 1,
+  clamped to [sigma_min, t_{n+1}], and timestep 0 (the least noisy) read as sigma_min;
+  s_{M-1} = t_M (the last jump lands on sigma_min).
+  k' is the discrete timestep of `vp_schedule` nearest t_{n+1} (diffusion.vp_timestep) and
+  sigma_VP(k) = sqrt((1 - abar_k) / abar_k).  gamma = 0: s_n = t_{n+1} exactly.
+  Returns numpy float64 values.
+  """
+  grid = np.asarray(grid, np.float64)
+  sig = diffusion.vp_sigmas(vp_schedule)
+  out = []
+  for n in range(len(grid) - 2):
+    t_next = grid[n + 1]
+    if gamma == 0:
+      out.append(t_next)
+      continue
+    k = diffusion.vp_timestep(t_next, vp_schedule)
+    k_s = int(np.floor((1.0 - gamma) * k))
+    s = schedule.sigma_min if k_s == 0 else sig[k_s]
+    out.append(float(np.clip(s, schedule.sigma_min, t_next)))
+  return out + [grid[-1]]
+
+
 def sss_sampler(jump_fn: JumpFn, x_init, key, num_steps: int, gamma: float,
                 schedule: diffusion.Schedule = diffusion.Schedule(),
-                times: Optional[Sequence[float]] = None):
+                times: Optional[Sequence[float]] = None, vp_schedule: str = "ddpm_linear"):
   """TCD's strategic stochastic sampling (Zheng et al. 2024, Alg. 4) in VE form; NFE = num_steps.
 
-  For n = 0..M-1: s_n = max((1 - gamma) t_{n+1}, sigma_min) (the last s is sigma_min);
-  x_hat = G(x, t_n, s_n); unless last, x <- x_hat + sqrt(t_{n+1}^2 - s_n^2) z.  gamma = 0 is
-  the deterministic chain of jumps, gamma = 1 is CM multistep sampling (s clamped at sigma_min).
-  The VP form with discrete timesteps is ctm_jax.methods.tcd.sss_step_vp.
+  For n = 0..M-1: x_hat = G(x, t_n, s_n) with s_n from sss_s_values (gamma on the discrete VP
+  timestep); unless last, x <- x_hat + sqrt(t_{n+1}^2 - s_n^2) z_n (z_n from fold_in(key, n)).
+  In VP terms (x_VP = sqrt(abar) x_VE) this is TCDScheduler.step exactly: x_s = sqrt(abar_s)
+  x0_hat + sqrt(1 - abar_s) eps_hat, x' = sqrt(abar'/abar_s) x_s + sqrt(1 - abar'/abar_s) z.
+  gamma = 0 is the deterministic chain of jumps; gamma = 1 is CM multistep (s = sigma_min).
   """
   _check_steps(gamma, num_steps)
-  grid = gamma_time_grid(num_steps, schedule, times)
-  smin = schedule.sigma_min
-  s_values = [jnp.maximum((1.0 - gamma) * grid[n + 1], smin) for n in range(num_steps - 1)]
-  return _jump_chain(jump_fn, x_init, key, grid, s_values + [grid[num_steps]], gamma > 0)
+  with jax.ensure_compile_time_eval():          # the grid is static: s_n are host numbers
+    grid = gamma_time_grid(num_steps, schedule, times)
+    s_values = [jnp.float32(v) for v in sss_s_values(grid, gamma, schedule, vp_schedule)]
+  return _jump_chain(jump_fn, x_init, key, grid, s_values, gamma > 0)
 
 
 def onestep(jump_fn: JumpFn, x_init, schedule: diffusion.Schedule = diffusion.Schedule()):
@@ -129,19 +158,39 @@ def onestep(jump_fn: JumpFn, x_init, schedule: diffusion.Schedule = diffusion.Sc
                  jnp.full((b,), schedule.sigma_min, x_init.dtype))
 
 
+def clips_x0(config) -> bool:
+  """Whether CM multistep clips each x0 estimate to the data range [-1, 1]: image data and
+  config.sampling.cm_clip_x0 (both reference samplers clamp the denoised image)."""
+  from ctm_jax import data
+  return bool(config.sampling.get("cm_clip_x0", True)) and data.dataset_info(
+      config.data.dataset).kind == "image"
+
+
+def karras_interior(nfe: int, schedule: diffusion.Schedule = diffusion.Schedule()):
+  """The nfe - 1 interior points of the Karras grid of nfe + 1 points (host floats)."""
+  if nfe < 2:
+    return ()
+  grid = np.asarray(diffusion.karras_sigmas(nfe + 1, schedule.sigma_min, schedule.sigma_max,
+                                            schedule.rho))
+  return tuple(float(v) for v in grid[1:-1])
+
+
 def cm_multistep(f_fn, x_init, key, taus: Sequence[float],
-                 schedule: diffusion.Schedule = diffusion.Schedule()):
+                 schedule: diffusion.Schedule = diffusion.Schedule(), clip_x0: bool = False):
   """Consistency-model multistep sampling (Song et al. 2023, Alg. 1).
 
   x <- f(x_T, T); for each tau (descending, in (sigma_min, T)):
-  x <- f(x + sqrt(tau^2 - sigma_min^2) z, tau).  f_fn(x, t) is the endpoint map.
+  x <- f(x + sqrt(tau^2 - sigma_min^2) z, tau).  f_fn(x, t) is the endpoint map.  clip_x0:
+  every f output is clipped to [-1, 1] (image data; both reference samplers clamp the
+  denoised image: openai/consistency_models' stochastic_iterative_sampler and the JAX code).
   """
+  clip = (lambda v: jnp.clip(v, -1.0, 1.0)) if clip_x0 else (lambda v: v)
   b = x_init.shape[0]
-  x = f_fn(x_init, jnp.full((b,), schedule.sigma_max, x_init.dtype))
+  x = clip(f_fn(x_init, jnp.full((b,), schedule.sigma_max, x_init.dtype)))
   for n, tau in enumerate(taus):
     z = jax.random.normal(jax.random.fold_in(key, n), x.shape, x.dtype)
     x = x + float(np.sqrt(tau ** 2 - schedule.sigma_min ** 2)) * z
-    x = f_fn(x, jnp.full((b,), tau, x.dtype))
+    x = clip(f_fn(x, jnp.full((b,), tau, x.dtype)))
   return x
 
 

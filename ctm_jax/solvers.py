@@ -16,7 +16,12 @@ from ctm_jax.diffusion import append_dims
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-METHODS = ("euler", "heun", "ddim")
+METHODS = ("euler", "heun")
+# DDIM (Song et al. 2021, eq. 12 with eta = 0) in the VE frame x = x_VP / sqrt(abar), sigma =
+# sqrt((1 - abar) / abar) is x_u = (u/t) x_t + (1 - u/t) D(x_t, t): the Euler step exactly, so
+# it has no name of its own here (a VP-time Euler step would be another solver).
+DDIM_NOTE = ("'ddim' is the same update as 'euler' in this (VE / EDM) frame: DDIM's "
+             "x_u = (u/t) x_t + (1 - u/t) D(x_t, t) is the Euler step; use 'euler'")
 LAST_STEP = ("heun", "euler")
 
 
@@ -34,17 +39,6 @@ def euler_step(denoise_fn: DenoiseFn, x, t, u):
   """x_u = x_t + (u - t) (x_t - D(x_t, t)) / t."""
   t, u = _per_example(t, x), _per_example(u, x)
   return x + append_dims(u - t, x.ndim) * pf_ode_drift(denoise_fn, x, t)
-
-
-def ddim_step(denoise_fn: DenoiseFn, x, t, u):
-  """First-order exponential (DDIM) step in VE form: x_u = (u/t) x_t + (1 - u/t) D(x_t, t).
-
-  Algebraically the same update as `euler_step` (METHODS.md section 2); written in the jump
-  form that CTM and TCD use, G(x, t, u) with the exact denoiser.
-  """
-  t, u = _per_example(t, x), _per_example(u, x)
-  r = append_dims(u / t, x.ndim)
-  return r * x + (1.0 - r) * denoise_fn(x, t)
 
 
 def heun_step(denoise_fn: DenoiseFn, x, t, u, second_order=True):
@@ -72,17 +66,17 @@ def heun_step(denoise_fn: DenoiseFn, x, t, u, second_order=True):
 
 
 def step(denoise_fn: DenoiseFn, x, t, u, method: str = "heun", second_order=True):
-  """One step t -> u of `method` (euler | heun | ddim); `second_order` as in heun_step."""
+  """One step t -> u of `method` (euler | heun); `second_order` as in heun_step."""
   if method == "heun":
     return heun_step(denoise_fn, x, t, u, second_order)
   if method == "euler":
     return euler_step(denoise_fn, x, t, u)
-  if method == "ddim":
-    return ddim_step(denoise_fn, x, t, u)
-  raise ValueError(f"solver method must be one of {METHODS}, got {method!r}")
+  _check(method, LAST_STEP[0])
 
 
 def _check(method: str, last_step: str):
+  if method == "ddim":
+    raise ValueError(f"solver method {DDIM_NOTE}")
   if method not in METHODS:
     raise ValueError(f"solver method must be one of {METHODS}, got {method!r}")
   if last_step not in LAST_STEP:

@@ -18,6 +18,8 @@ SOURCES = ("oracle", "checkpoint", "torch_npz", "edm_pkl", "torch_pt", "random")
 # edm_imagenet64_ema.pt) at teacher.path, read the same way.
 # 'random': N(0, 0.02^2) weights of the teacher network's shapes (seed 0).  Not a teacher: for
 # timing and memory measurements (launch.bench) and shape tests, where no weights are at hand.
+WEIGHT_SOURCES = ("torch_npz", "edm_pkl", "torch_pt")
+LABEL_ORDERS = ("standard",)      # teacher.label_order of a class-conditional WEIGHT_SOURCES teacher
 
 
 def validate_teacher_config(config):
@@ -37,6 +39,14 @@ def validate_teacher_config(config):
     raise config_lib.ConfigError("config.teacher.npz_path must be set when "
                                  "config.teacher.source = 'torch_npz'")
   _validate_file_source(config)
+  if (config.teacher.source in WEIGHT_SOURCES and config.teacher.config.data.class_conditional
+      and config.teacher.get("label_order", "") not in LABEL_ORDERS):
+    raise config_lib.ConfigError(
+        f"config.teacher.label_order = {config.teacher.get('label_order', '')!r}: a "
+        f"class-conditional teacher from official weights must state the class order it was "
+        f"trained on, one of {LABEL_ORDERS} ('standard': the data set's standard order, ImageNet's sorted "
+        f"WordNet ids, as openai's and EDM's weights); otherwise every class is conditioned on "
+        f"another class's label")
   if config.teacher.source != "oracle":
     tcfg = config.teacher.config
     if tcfg.method != "edm":

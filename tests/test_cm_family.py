@@ -14,7 +14,6 @@ from scipy.special import erf as np_erf
 
 from ctm_jax import data, diffusion, evaluate, parallel, samplers, solvers, train
 from ctm_jax.methods import cm as cm_lib
-from ctm_jax.methods import tcd as tcd_lib
 from ctm_jax.oracle import toy_mixture_2d
 from launch_utils import assert_refused, tiny_toy_student
 
@@ -319,34 +318,101 @@ def test_tcd_s_range():
 
 
 def test_tcd_s_input_switch_builds_the_network_with_or_without_s():
-  assert train.build_model(tiny("tcd")).uses_s
-  assert not train.build_model(tiny("tcd", **{"tcd.s_input": False})).uses_s
+  assert not train.build_model(tiny("tcd")).uses_s          # TCD's network is the default
+  assert train.build_model(tiny("tcd", **{"tcd.s_input": True})).uses_s
   assert not train.build_model(tiny("cd")).uses_s
 
 
+def test_tcd_default_jump_is_the_trajectory_consistency_function_of_one_x0_estimate():
+  """TCD's f(x_t, t, s) = a_s x0_hat(x_t, t) + sigma_s eps_hat(x_t, t) (VE: x0_hat + s eps_hat,
+  eps_hat = (x_t - x0_hat) / t) with x0_hat and eps_hat that do not depend on s; the s-input
+  variant's x0 estimate does."""
+  cfg, exp, state, _ = setup("tcd")
+  model, params = exp.model, perturbed(state.params, 1, 0.3)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 2)) * 3, jnp.float32)
+  t = jnp.full((6,), 5.0)
+  x0 = model.denoiser(params, x, t)
+  for s in (0.002, 0.3, 2.0):
+    eps = (x - x0) / 5.0
+    np.testing.assert_allclose(model.jump(params, x, t, jnp.full((6,), s)), x0 + s * eps,
+                               rtol=1e-5, atol=1e-5)
+  cfg_s, exp_s, state_s, _ = setup("tcd", **{"tcd.s_input": True})
+  p_s = perturbed(state_s.params, 1, 0.3)
+  g = lambda s: exp_s.model.denoiser(p_s, x, t, jnp.full((6,), s))
+  assert float(jnp.max(jnp.abs(g(0.002) - g(2.0)))) > 1e-3
+
+
 def sd_alphas_cumprod():
-  """Stable Diffusion's scaled-linear schedule (diffusers' TCDScheduler default)."""
+  """Stable Diffusion's scaled-linear schedule (diffusers' TCDScheduler default), written out."""
   betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
   return np.cumprod(1.0 - betas)
 
 
-@pytest.mark.parametrize("t,prev,gamma,last", [(999, 759, 0.3, False), (759, 499, 0.0, False),
-                                               (499, 259, 1.0, False), (259, 0, 0.3, True),
-                                               (999, 0, 0.5, True), (259, 19, 0.7, False)])
-def test_sss_vp_step_matches_published_equations(t, prev, gamma, last):
-  """TCD Alg. 4 written out: s = floor((1 - gamma) tau'); x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t);
-  x_s = sqrt(a_s) x0 + sqrt(1 - a_s) eps; x' = sqrt(a'/a_s) x_s + sqrt(1 - a'/a_s) z unless last."""
+def tcd_timesteps(num_steps, original_steps=50, train_steps=1000):
+  """TCDScheduler.set_timesteps (strength 1): every k-th training step, k = 1000 // 50, then
+  num_steps of them at floor(linspace(0, 50, num_steps, endpoint=False)) of the reversed list."""
+  k = train_steps // original_steps
+  origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+  return origin[np.floor(np.linspace(0, len(origin), num_steps, endpoint=False)).astype(int)]
+
+
+def stand_in_eps(x, k):
+  """A fixed eps-prediction network of the VP input and the discrete timestep."""
+  return np.tanh(0.7 * x + 0.001 * k) + 0.1 * np.sin(x * (1 + k / 1000.0))
+
+
+@pytest.mark.parametrize("num_steps,gamma", [(4, 0.3), (4, 0.0), (4, 1.0), (3, 0.6), (1, 0.3)])
+def test_sss_ve_sampler_equals_tcd_scheduler(num_steps, gamma):
+  """samplers.sss_sampler in the VE frame == diffusers' TCDScheduler.step loop (eps-prediction,
+  SD schedule) written out, on the same eps network, x_T and noise:
+    s = floor((1 - gamma) prev); x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t);
+    x_s = sqrt(a_s) x0 + sqrt(1 - a_s) eps; x' = sqrt(a'/a_s) x_s + sqrt(1 - a'/a_s) z (not last)."""
   a = sd_alphas_cumprod()
-  rng = np.random.default_rng(t + prev)
-  x, eps, z = (rng.normal(size=(3, 4, 4, 2)))
-  s = int(np.floor((1 - gamma) * prev))
-  x0 = (x - np.sqrt(1 - a[t]) * eps) / np.sqrt(a[t])
-  x_s = np.sqrt(a[s]) * x0 + np.sqrt(1 - a[s]) * eps
-  ref = x_s if (last or gamma == 0) else np.sqrt(a[prev] / a[s]) * x_s + np.sqrt(1 - a[prev] / a[s]) * z
-  got, got_s = tcd_lib.sss_step_vp(jnp.asarray(eps, jnp.float32), jnp.asarray(x, jnp.float32), t,
-                                   prev, gamma, a, jnp.asarray(z, jnp.float32), last)
-  np.testing.assert_allclose(got_s, x_s, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  ts = tcd_timesteps(num_steps)
+  rng = np.random.default_rng(num_steps)
+  x_vp = rng.normal(size=(8, 3))
+  key = jax.random.PRNGKey(3)
+  zs = [np.asarray(jax.random.normal(jax.random.fold_in(key, n), (8, 3)), np.float64)
+        for n in range(num_steps)]
+  x = x_vp.copy()
+  for n, t in enumerate(ts):
+    prev = ts[n + 1] if n + 1 < len(ts) else 0
+    s = int(np.floor((1 - gamma) * prev))
+    eps = stand_in_eps(x, t)
+    x0 = (x - np.sqrt(1 - a[t]) * eps) / np.sqrt(a[t])
+    x_s = np.sqrt(a[s]) * x0 + np.sqrt(1 - a[s]) * eps
+    x = x_s if (gamma == 0 or n == len(ts) - 1) else (
+        np.sqrt(a[prev] / a[s]) * x_s + np.sqrt(1 - a[prev] / a[s]) * zs[n])
+
+  sig = np.sqrt((1 - a) / a)
+  sch = diffusion.Schedule(sigma_min=float(sig[0]), sigma_max=float(sig[ts[0]]))
+
+  def jump(x_ve, t_ve, s_ve):
+    k = int(np.argmin(np.abs(sig - float(t_ve[0]))))
+    eps = jnp.asarray(stand_in_eps(np.sqrt(a[k]) * np.asarray(x_ve, np.float64), k), jnp.float32)
+    return x_ve - t_ve[:, None] * eps + s_ve[:, None] * eps      # x0_hat + s eps_hat
+
+  times = [float(sig[t]) for t in ts] + [float(sig[0])]
+  got = samplers.sss_sampler(
+      jump, jnp.asarray(x_vp / np.sqrt(a[ts[0]]), jnp.float32), key, num_steps, gamma, sch, times,
+      vp_schedule="sd_scaled_linear")
+  np.testing.assert_allclose(np.sqrt(a[0]) * np.asarray(got, np.float64), x, rtol=2e-4, atol=2e-4)
+
+
+def test_sss_end_point_on_sd_schedule_is_tcds_not_the_sigma_rule():
+  """The issue's numbers: 4 steps, gamma 0.3, SD schedule: s_0 = sigma(floor(0.7 * 759) = 531)
+  = 1.80, where (1 - gamma) sigma(759) would be 2.98."""
+  a = sd_alphas_cumprod()
+  sig = np.sqrt((1 - a) / a)
+  ts = tcd_timesteps(4)
+  assert list(ts) == [999, 759, 499, 259]
+  grid = [sig[t] for t in ts] + [sig[0]]
+  sch = diffusion.Schedule(sigma_min=float(sig[0]), sigma_max=float(sig[999]))
+  s = samplers.sss_s_values(grid, 0.3, sch, "sd_scaled_linear")
+  np.testing.assert_allclose(s[0], sig[531], rtol=1e-12)
+  assert abs(s[0] - 1.80) < 0.01 and abs(0.7 * sig[759] - 2.98) < 0.01
+  np.testing.assert_allclose(s[1:3], [sig[349], sig[181]], rtol=1e-12)
+  assert s[3] == grid[4]
 
 
 def test_sss_ve_sampler_limits():
@@ -364,9 +430,13 @@ def test_sss_ve_sampler_limits():
   f = lambda x, t: jump(x, t, jnp.full_like(t, SMIN))
   np.testing.assert_allclose(samplers.sss_sampler(jump, x_T, key, 4, 1.0, sch),
                              samplers.cm_multistep(f, x_T, key, grid[1:-1], sch), rtol=1e-5, atol=1e-6)
-  # gamma = 0.5 at step n: s = 0.5 t_{n+1}, then x + sqrt(t_{n+1}^2 - s^2) z
-  x = jump(x_T, jnp.full((64,), grid[0]), jnp.full((64,), 0.5 * grid[1]))
-  x = x + np.sqrt(grid[1] ** 2 - (0.5 * grid[1]) ** 2) * jax.random.normal(jax.random.fold_in(key, 0), x.shape)
+  # gamma = 0.5 at step n: s = sigma_DDPM(floor(0.5 k')), k' the DDPM timestep of t_{n+1}
+  a = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  sig = np.sqrt((1 - a) / a)
+  k = int(np.argmin(np.abs(np.log(sig / grid[1]))))
+  s = sig[k // 2]
+  x = jump(x_T, jnp.full((64,), grid[0]), jnp.full((64,), s))
+  x = x + np.sqrt(grid[1] ** 2 - s ** 2) * jax.random.normal(jax.random.fold_in(key, 0), x.shape)
   x = jump(x, jnp.full((64,), grid[1]), jnp.full((64,), grid[4]))
   np.testing.assert_allclose(samplers.sss_sampler(jump, x_T, key, 2, 0.5, sch,
                                                   times=grid[[0, 1, 4]]), x, rtol=1e-5, atol=1e-5)
@@ -386,8 +456,11 @@ def test_ct_target_is_an_ema_with_the_curriculum_rate():
     state, met = fns["train"](state, parallel.global_batch(pipe.batch_at(s), exp.mesh), frozen)
     new = jax.device_get(state)
     s0, s1, mu0 = cfg.ct.s0, cfg.ct.s1, cfg.ct.mu0
-    n = math.ceil(math.sqrt(s / 50 * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
-    mu = math.exp(s0 * math.log(mu0) / n)
+    # openai/consistency_models cm/script_util.py (adaptive / progressive), written out:
+    # scales = max(ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1), 1); mu = exp(ln(mu0) s0 / scales);
+    # N = scales + 1 grid points.
+    scales = max(math.ceil(math.sqrt(s / 50 * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1), 1)
+    mu = math.exp(math.log(mu0) * s0 / scales)
     rates.append(mu)
     np.testing.assert_allclose(float(met["target_ema"]), mu, rtol=1e-6)
     expect = jax.tree_util.tree_map(lambda a, b: mu * a + (1 - mu) * b, prev, new.params)
@@ -412,6 +485,7 @@ REFUSALS = [
     ("direct_cd", {"teacher.source": "checkpoint", "teacher.workdir": "x",
                    "teacher.config.method": "ctm"}, r"teacher\.config\.method"),
     ("cd", {"cd.teacher_solver": "dpm"}, r"cd\.teacher_solver"),
+    ("cd", {"cd.teacher_solver": "ddim"}, r"cd\.teacher_solver = 'ddim' is the same update as 'euler'"),
     ("tcd", {"tcd.s_min": 0.001}, r"tcd\.s_min .*outside \[sigma_min, t\]"),
     ("tcd", {"tcd.s_min": 80.0}, r"tcd\.s_min"),
     ("tcd", {"tcd.skip": 18}, r"tcd\.skip"),

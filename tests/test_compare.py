@@ -206,6 +206,18 @@ def test_bad_comparison_settings_are_refused_before_training(tmp_path, field, va
   assert not os.path.exists(cmp.workdir)
 
 
+def test_tcd_and_its_s_input_variant_are_two_entries_with_their_own_samplers(tmp_path):
+  """configs/toy_tcd.py is TCD's network (no s), configs/toy_tcd_s.py CTM's s-input network;
+  each entry's evaluation uses its own sampler templates."""
+  cmp = small(tmp_path / "cmp", methods=("tcd", "tcd_s"))
+  cmp.samplers = {"tcd": "sss:0.3:{n}", "tcd_s": "sss:0.6:{n}"}
+  plan = {m: (c, ev) for m, _, c, ev in compare.validate(cmp)}
+  assert plan["tcd"][0].method == plan["tcd_s"][0].method == "tcd"
+  assert plan["tcd"][0].tcd.s_input is False and plan["tcd_s"][0].tcd.s_input is True
+  assert "sss:0.3:2" in plan["tcd"][1].samplers and "sss:0.6:2" in plan["tcd_s"][1].samplers
+  assert "sss:0.3" not in plan["tcd_s"][1].samplers
+
+
 def test_run_configs_are_config_files_loaded_like_launch_train(tmp_path):
   """config.run_configs names files (FILE.py[:arg]) anywhere, as --config does: a file
   outside configs/ whose get_config(arg) changes one field of configs/toy_cd.py."""

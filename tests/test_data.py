@@ -330,3 +330,74 @@ def test_dataset_info():
   assert (info.tfds_name, info.shape, info.num_classes, info.num_train) == (
       "imagenet_resized/64x64", (64, 64, 3), 1000, 1_281_167)
   assert dataset_info("cifar10").num_train == 50_000
+
+
+# ------------------------------------------------------------------------------ ImageNet 64x64
+
+# Standard ILSVRC-2012 class indices (the sorted-WordNet-id order of openai's / EDM's weights)
+# with their class names, from the ILSVRC class list.
+IMAGENET_CLASSES = {"n01440764": (0, "tench"), "n01443537": (1, "goldfish"),
+                    "n02099601": (207, "golden retriever"), "n02100735": (212, "English setter"),
+                    "n02110185": (250, "Siberian husky"), "n02119789": (278, "kit fox"),
+                    "n02123045": (281, "tabby cat"), "n15075141": (999, "toilet tissue")}
+
+
+def test_imagenet_resized_labels_are_mapped_to_the_standard_order():
+  """TFDS imagenet_resized numbers classes in its own order (label 0 is the kit fox); the map
+  sends each label to the class's standard index, checked on named classes."""
+  names = tfds.builder("imagenet_resized/64x64").info.features["label"].names
+  m = builders.standard_label_map(names)
+  assert names[0] == "n02119789" and m[0] == 278                 # kit fox
+  for wnid, (std, _) in IMAGENET_CLASSES.items():
+    assert m[names.index(wnid)] == std, wnid
+  assert sorted(m.tolist()) == list(range(1000))
+  # Sets already in the standard order, or not named by WordNet ids, are left alone.
+  assert builders.standard_label_map(sorted(names)) is None
+  assert builders.standard_label_map(["airplane", "automobile", "bird"]) is None
+
+
+def test_pipeline_applies_the_label_map(data_dir):
+  pipe = make(data_dir)
+  plain = pipe._read(np.arange(40))["label"]
+  pipe._label_map = np.arange(10, dtype=np.int32)[::-1].copy()       # a stand-in permutation
+  np.testing.assert_array_equal(pipe._read(np.arange(40))["label"], 9 - plain)
+
+
+def _adm_center_crop_reference(arr, image_size):
+  """openai/guided-diffusion image_datasets.py center_crop_arr, written out."""
+  from PIL import Image
+  pil_image = Image.fromarray(arr)
+  while min(*pil_image.size) >= 2 * image_size:
+    pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+  scale = image_size / min(*pil_image.size)
+  pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                               resample=Image.BICUBIC)
+  arr = np.array(pil_image)
+  crop_y = (arr.shape[0] - image_size) // 2
+  crop_x = (arr.shape[1] - image_size) // 2
+  return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+@pytest.mark.parametrize("h,w", [(375, 500), (500, 333), (257, 257), (130, 95), (64, 80)])
+def test_adm_center_crop_matches_center_crop_arr(h, w):
+  rng = np.random.default_rng(h * w)
+  yy, xx = np.mgrid[0:h, 0:w]
+  img = np.stack([(xx * 255 // w), (yy * 255 // h), rng.integers(0, 256, (h, w))], -1).astype(np.uint8)
+  got = builders.adm_center_crop(img, 64)
+  assert got.shape == (64, 64, 3) and got.dtype == np.uint8
+  np.testing.assert_array_equal(got, _adm_center_crop_reference(img, 64))
+  # A centre crop, not a squash: the red ramp (x) of a wide image keeps its slope in the middle.
+  if w > 1.2 * h:
+    assert 60 < float(got[32, 63, 0]) - float(got[32, 0, 0]) < 255 * 0.9
+
+
+def test_imagenet64_adm_is_the_paper_default_and_says_how_to_build_it(tmp_path):
+  from configs import imagenet64_edm
+  assert imagenet64_edm.get_config().data.dataset == "imagenet64_adm"
+  info = dataset_info("imagenet64_adm")
+  assert (info.shape, info.num_classes, info.num_train, info.built_in) == ((64, 64, 3), 1000, 1_281_167, False)
+  with pytest.raises(DatasetNotPreparedError, match="ILSVRC2012_img_train.tar.*build_imagenet64_adm"):
+    InputPipeline(dict(dataset="imagenet64_adm", data_dir=str(tmp_path), split="train", prefetch=0),
+                  8, 0, process_index=0, process_count=1)
+  with pytest.raises(DatasetNotPreparedError, match="imagenet2012 is not prepared"):
+    builders.build_imagenet64_adm(str(tmp_path))

@@ -187,3 +187,55 @@ def test_sampler_argument_errors():
     samplers.gamma_sampler(jump, jnp.ones((1, 2)), None, 2, 1.5)
   with pytest.raises(ValueError, match="times"):
     samplers.gamma_sampler(jump, jnp.ones((1, 2)), None, 2, 0.0, times=[80.0, 1.0])
+
+
+def _karras_index(i, n, smin=0.002, smax=80.0, rho=7.0):
+  """t of grid index i of n in openai's multistep sampler (ascending index, t_0 = t_max)."""
+  return (smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_cm_multistep_equals_openai_stochastic_iterative_sampler(clip):
+  """openai/consistency_models' stochastic_iterative_sampler written out, ts = (0, 11, 17) of 18
+  (the CIFAR-10 CD times): x0 = clamp(f(x, t), -1, 1); x = x0 + z sqrt(t'^2 - t_min^2); then the
+  final clamp; here through the spec cm:2:<t_11> of a consistency model."""
+  from ctm_jax import evaluate
+  f = lambda x, t: 3.0 * jnp.tanh(x / (1.0 + t[:, None])) + 0.5    # reaches outside [-1, 1]
+  ts = (0, 11, 17)
+  key = jax.random.PRNGKey(5)
+  x_T = samplers.initial_noise(jax.random.PRNGKey(4), (16, 3))
+  x = np.asarray(x_T, np.float64)
+  for i in range(len(ts) - 1):
+    t = _karras_index(ts[i], 18)
+    x0 = np.asarray(f(jnp.asarray(x, jnp.float32), jnp.full((16,), t, jnp.float32)), np.float64)
+    x0 = np.clip(x0, -1, 1) if clip else x0
+    t_next = np.clip(_karras_index(ts[i + 1], 18), 0.002, 80.0)
+    z = np.asarray(jax.random.normal(jax.random.fold_in(key, i), x.shape)) if i < len(ts) - 2 else 0
+    x = x0 + z * np.sqrt(max(t_next ** 2 - 0.002 ** 2, 0.0))
+  ref = np.clip(x, -1, 1) if clip else x
+  spec = evaluate.parse_sampler(f"cm:2:{_karras_index(11, 18):.8f}")
+  assert spec.cm and spec.nfe == 2 and abs(spec.times[0] - 0.585348) < 1e-5
+
+  class FakeModel:
+    schedule = diffusion.Schedule()
+    def cm_jump_fn(self, params, labels):
+      return lambda x, t, s: f(x, t)
+  got = evaluate.sampler_fn(FakeModel(), spec, "cm_f", clip_x0=clip)(None, x_T, key, None)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  if not clip:
+    assert np.abs(got).max() > 1.2
+
+
+def test_cm_spec_times_are_checked_and_clipping_follows_the_data():
+  from ctm_jax import evaluate
+  from configs import cifar10_cd, toy_cd
+  for bad in ("cm:3:0.8", "cm:3:0.5,0.8", "cm:2:x"):
+    with pytest.raises(evaluate.SamplerSpecError, match="cm:"):
+      evaluate.parse_sampler(bad)
+  assert evaluate.parse_sampler("cm:3").times is None
+  assert samplers.clips_x0(cifar10_cd.get_config()) and not samplers.clips_x0(toy_cd.get_config())
+  from ctm_jax.evaljob import settings
+  from configs import cifar10_ict
+  for mod, tau in ((cifar10_cd, _karras_index(11, 18)), (cifar10_ict, 0.821)):
+    spec = evaluate.parse_sampler(settings.default_samplers(mod.get_config()).split(",")[1])
+    assert spec.cm and spec.nfe == 2 and abs(spec.times[0] - tau) < 1e-5

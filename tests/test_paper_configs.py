@@ -15,8 +15,8 @@ from ctm_jax.nets import lpips
 CONFIGS = [("cifar10_edm", ""), ("cifar10_edm", "cond"), ("cifar10_ctm", ""),
            ("cifar10_ctm", "cond"), ("cifar10_ctm", "gan"), ("cifar10_ctm", "cond_gan"),
            ("imagenet64_edm", ""), ("imagenet64_ctm", ""), ("imagenet64_ctm", "gan"),
-           ("cifar10_cd", ""), ("cifar10_ict", ""), ("cifar10_meanflow", ""), ("cifar10_sct", ""),
-           ("cifar10_scd", "")]
+           ("cifar10_cd", ""), ("cifar10_ict", ""), ("cifar10_ct", ""), ("cifar10_meanflow", ""),
+           ("cifar10_sct", ""), ("cifar10_scd", "")]
 
 # Student / teacher parameter counts: layer-by-layer counts of the torch constructors
 # (tests/test_nets.py derives them independently; EDM reports 56M for DDPM++ and ~296M for ADM).
@@ -31,7 +31,8 @@ PARAMS = {("cifar10_edm", ""): 55_733_891, ("cifar10_edm", "cond"): 55_735_299,
           # MeanFlow: CTM's DDPM++ with the s path (carrying t - r), no augment labels; sCT: the
           # DDPM++ without them; sCD: the teacher's DDPM++.
           ("cifar10_meanflow", ""): 60_395_267, ("cifar10_sct", ""): 55_733_891 - 9 * 128,
-          ("cifar10_scd", ""): 55_733_891}
+          ("cifar10_scd", ""): 55_733_891,
+          ("cifar10_ct", ""): 56_395_651}          # CT: iCT's NCSN++ (the Fourier scale has no weights)
 
 
 def load(name, arg):
@@ -53,8 +54,9 @@ def _fill_paths(cfg, lpips_path):
     cfg.ctm.lpips_weights = lpips_path
     cfg.gan.feature_weights = lpips_path
     cfg.teacher.npz_path = cfg.teacher.path = "teacher.file"
+  if cfg.method in ("cd", "ct"):
+    cfg[cfg.method].lpips_weights = lpips_path
   if cfg.method == "cd":
-    cfg.cd.lpips_weights = lpips_path
     cfg.teacher.npz_path = cfg.teacher.path = "teacher.file"
   if cfg.method == "scd":
     cfg.teacher.npz_path = cfg.teacher.path = "teacher.file"
@@ -91,6 +93,8 @@ def test_paper_config_validates_and_shape_checks(name, arg, weight_files, zeros_
     assert ("disc" in st.extra) == bool(cfg.gan.enabled)
   if cfg.method in ("cd", "ict"):
     assert st.extra == {}                       # mu = 0 (CD, official) / no EMA target (iCT)
+  if cfg.method == "ct":                        # the EMA target theta^- (mu0 = 0.9)
+    assert jax.tree_util.tree_structure(st.extra["target"]) == jax.tree_util.tree_structure(st.params)
   info = data.dataset_info(cfg.data.dataset)
   x = jax.ShapeDtypeStruct((2,) + info.shape, jnp.float32)
   out = jax.eval_shape(lambda p, x: exp.model.denoiser(p, x, jnp.ones((2,)), None,
@@ -117,8 +121,17 @@ def test_paper_settings_values():
   assert (d.cd.num_points, d.cd.distance, d.cd.teacher_solver, d.cd.weighting, d.cd.target_ema) == (
       18, "lpips", "heun", "uniform", 0.0)
   assert (d.optim.name, d.optim.lr, d.optim.warmup_steps, d.training.batch_size) == (
-      "radam", 4e-4, 19_531, 512)
+      "radam", 4e-4, 0, 512)
   assert d.training.num_train_steps == 800_000 and d.ema.rates == (0.9999,) and d.model.dropout == 0
+  assert d.cd.lpips_pooling == "max"        # jcm/models/lpips.py: flaxmodels VGG16, max pools
+  t = load("cifar10_ct", "")       # openai/consistency_models_cifar10 configs/cifar10_ve_ct_adaptive.py
+  assert (t.ct.s0, t.ct.s1, t.ct.mu0, t.ct.mu_form, t.ct.distance, t.ct.lpips_pooling) == (
+      2, 150, 0.9, "code", "lpips", "max")
+  assert (t.optim.name, t.optim.lr, t.optim.warmup_steps, t.optim.grad_clip, t.training.batch_size) == (
+      "radam", 2e-4, 0, 0.0, 512)
+  assert t.training.num_train_steps == 800_000 and t.ema.rates == (0.9999,) and t.model.dropout == 0
+  assert (t.model.embedding_type, t.model.fourier_scale, t.data.random_flip) == ("fourier", 16.0, True)
+  assert "teacher" not in t and t.ct.curriculum_steps == 0
   i = load("cifar10_ict", "")      # Song & Dhariwal 2023
   assert (i.ict.s0, i.ict.s1, i.ict.p_mean, i.ict.p_std, i.ict.distance, i.ict.weighting) == (
       10, 1280, -1.1, 2.0, "pseudo_huber", "ict")
@@ -202,7 +215,7 @@ def _one_device_steps(cfg, batch_size=2):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,arg", [("cifar10_edm", ""), ("cifar10_ctm", ""), ("cifar10_ctm", "gan"),
                                       ("imagenet64_edm", ""), ("imagenet64_ctm", ""),
-                                      ("cifar10_cd", ""), ("cifar10_ict", ""),
+                                      ("cifar10_cd", ""), ("cifar10_ict", ""), ("cifar10_ct", ""),
                                       ("cifar10_meanflow", ""), ("cifar10_sct", ""),
                                       ("cifar10_scd", "")])
 def test_paper_config_trains_a_step_at_tiny_batch(name, arg, weight_files, random_teacher):
@@ -211,6 +224,24 @@ def test_paper_config_trains_a_step_at_tiny_batch(name, arg, weight_files, rando
     cfg.ema.rates = cfg.ema.rates[:1]          # memory: one evaluation EMA is enough here
     cfg.ctm.adaptive_group_size = 1            # per-example lambdas: the tiny batch in groups
   print(name, arg, _one_device_steps(cfg, batch_size=1 if name.startswith("imagenet") else 2))
+
+
+@pytest.mark.parametrize("name,lr", [("cifar10_cd", 4e-4), ("cifar10_ct", 2e-4)])
+def test_cm_paper_optimizer_is_the_reference_radam_path(name, lr):
+  """jcm/losses.py get_optimizer, RAdam: optax.chain(scale_by_radam(b1, b2, eps), scale(-lr)),
+  no warm-up: the same updates from the first step on."""
+  import optax
+  from ctm_jax import train_state
+  cfg = load(name, "")
+  ours = train_state.make_optimizer(cfg.optim)
+  ref = optax.chain(optax.scale_by_radam(b1=0.9, b2=0.999, eps=1e-8), optax.scale(-lr))
+  p = {"w": jnp.arange(6.0).reshape(2, 3)}
+  s_o, s_r = ours.init(p), ref.init(p)
+  for k in range(8):
+    g = {"w": jnp.sin(p["w"] * (k + 1.0))}
+    u_o, s_o = ours.update(g, s_o, p)
+    u_r, s_r = ref.update(g, s_r, p)
+    np.testing.assert_allclose(u_o["w"], u_r["w"], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["mnist_edm", "mnist_ctm"])
@@ -237,3 +268,19 @@ def test_mnist_configs_validate_and_build_without_the_data(name, random_teacher)
   assert ev.num_samples >= 10000          # the issue's minimum for the MNIST FID
   for mode in ("sample", "nll"):        # fid / fid_stats also need the Inception weights file
     settings.validate(ev, cfg, mode=mode, num_devices=8, process_count=1)
+
+
+@pytest.mark.parametrize("name,arg", [("cifar10_ctm", "cond"), ("imagenet64_ctm", "")])
+def test_class_conditional_torch_teacher_must_state_its_label_order(name, arg):
+  """Official class-conditional weights know classes by index: a torch_npz teacher whose
+  class order is not stated is refused (it would condition on another class's label)."""
+  cfg = load(name, arg)
+  assert cfg.teacher.label_order == "standard" and cfg.teacher.config.data.class_conditional
+  cfg.unlock()
+  cfg.teacher.npz_path = cfg.teacher.path = "teacher.file"
+  teacher_lib.validate_teacher_config(cfg)
+  cfg.teacher.label_order = ""
+  with pytest.raises(config_lib.ConfigError, match=r"config\.teacher\.label_order = ''"):
+    teacher_lib.validate_teacher_config(cfg)
+  cfg.teacher.config.data.class_conditional = False          # unconditional: no labels, no order
+  teacher_lib.validate_teacher_config(cfg)

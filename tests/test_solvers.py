@@ -58,12 +58,23 @@ def test_euler_is_first_order(order_problem):
   assert 0.85 < order < 1.2, (order, errs)
 
 
-def test_ddim_equals_euler_in_ve():
+def test_ddim_written_in_vp_is_the_ve_euler_step_and_the_name_is_refused():
+  """DDIM (eta 0) on the DDPM schedule: x' = sqrt(a') x0 + sqrt(1 - a') eps, x0 = D, eps =
+  (x_VP - sqrt(a) x0) / sqrt(1 - a); mapped to VE (x / sqrt(abar)) it is euler_step t -> u."""
   gm = oracle.toy_mixture_2d()
-  x = jax.random.normal(jax.random.PRNGKey(1), (5, 2)) * 3
-  t, u = jnp.full((5,), 3.0), jnp.full((5,), 1.7)
-  np.testing.assert_allclose(solvers.ddim_step(gm.denoise, x, t, u),
-                             solvers.euler_step(gm.denoise, x, t, u), rtol=1e-5, atol=1e-6)
+  a = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  k, k_prev = 700, 420
+  t, u = np.sqrt((1 - a[k]) / a[k]), np.sqrt((1 - a[k_prev]) / a[k_prev])
+  x_ve = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (5, 2)), np.float64) * t
+  x_vp = np.sqrt(a[k]) * x_ve
+  x0 = np.asarray(gm.denoise(jnp.asarray(x_ve, jnp.float32), jnp.full((5,), t, jnp.float32)), np.float64)
+  eps = (x_vp - np.sqrt(a[k]) * x0) / np.sqrt(1 - a[k])
+  ref = (np.sqrt(a[k_prev]) * x0 + np.sqrt(1 - a[k_prev]) * eps) / np.sqrt(a[k_prev])
+  got = solvers.euler_step(gm.denoise, jnp.asarray(x_ve, jnp.float32), jnp.full((5,), t, jnp.float32),
+                           jnp.full((5,), u, jnp.float32))
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="same update as 'euler'"):
+    solvers.step(gm.denoise, got, 1.0, 0.5, "ddim")
 
 
 def test_heun_last_step_options():

@@ -122,6 +122,9 @@ class InputPipeline:
       raise ValueError(f"local batch {self.local_batch_size} (global_batch_size / process_count) "
                        f"is larger than this process's sub-split ({self.num_records} examples)")
     self._has_label = "label" in self.source.dataset_info.features
+    # ImageNet sets: labels in the standard (sorted WordNet id) order the official weights use.
+    self._label_map = (builders.standard_label_map(
+        self.source.dataset_info.features["label"].names) if self._has_label else None)
     self._data_key = "image" if self.info.kind == "image" else "x"
     self._lock = threading.Lock()
     self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
@@ -158,6 +161,8 @@ class InputPipeline:
     out = {"x": np.stack(data).reshape(shape) if data else np.zeros(shape, np.uint8)}
     if self._has_label:
       out["label"] = np.asarray(labels, np.int32).reshape(len(indices))
+      if self._label_map is not None:
+        out["label"] = self._label_map[out["label"]]
     return out
 
   def _read_all(self) -> dict[str, np.ndarray]:

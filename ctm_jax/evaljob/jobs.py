@@ -87,6 +87,8 @@ def sample_settings(job: Job, spec, step, ema) -> dict:
        "shape": list(job.info.shape), "dataset": job.config.data.dataset}
   if job.info.kind == "image":
     s["uint8_rule"] = settings.uint8_rule(job.ev, job.config)
+  if getattr(spec, "cm", False):
+    s["clip_x0"] = samplers.clips_x0(job.config)
   return s
 
 
@@ -103,7 +105,8 @@ def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
     teacher, params = job_teacher(job)
     fn = evaluate.teacher_sampler_fn(teacher, spec, job.model.schedule)
   else:
-    fn = evaluate.sampler_fn(job.model, spec, evaluate.generator_kind(job.config))
+    fn = evaluate.sampler_fn(job.model, spec, evaluate.generator_kind(job.config),
+                             samplers.clips_x0(job.config))
   run = make_batch_sampler(job, fn)
   ev = job.ev
   bs = ev.batch_size

@@ -81,7 +81,9 @@ def default_samplers(config) -> str:
   if config.method == "tcd":
     return f"onestep,sss:{config.tcd.sample_gamma:g}:2"
   if evaluate.generator_kind(config) == "cm_f":
-    return "onestep,cm:2"
+    times = tuple(config[config.method].get("sample_times", ()))   # the reference's times
+    return (f"onestep,cm:{len(times) + 1}:{','.join(f'{t:.6g}' for t in times)}" if times
+            else "onestep,cm:2")
   return f"heun:{config.sampling.heun_steps}"
 
 

@@ -24,7 +24,7 @@ from ctm_jax.methods.base import Method
 DISTANCES = ("l2", "pseudo_huber", "lpips")
 WEIGHTINGS = ("uniform", "ict", "snr", "snrp1", "truncated_snr")
 # Deterministic probability-flow ODE solvers: what counts as an ODE teacher.
-TEACHER_SOLVERS = ("heun", "euler", "ddim")
+TEACHER_SOLVERS = solvers.METHODS
 
 
 def distance_fn(kind: str, dim: int, huber_c: float = 0.0, lpips_pooling: str = "avg"):
@@ -113,6 +113,8 @@ def validate_sample_times(config, section: str):
 
 
 def validate_teacher_solver(config, section: str):
+  if config[section].teacher_solver == "ddim":
+    raise config_lib.ConfigError(f"config.{section}.teacher_solver = {solvers.DDIM_NOTE}")
   config_lib.check_choice(config, f"{section}.teacher_solver", TEACHER_SOLVERS)
   config_lib.check_choice(config, f"{section}.teacher_last_step", solvers.LAST_STEP)
 
@@ -233,23 +235,20 @@ class ConsistencyMethod(Method):
   def multistep_times(self):
     """name -> the intermediate times tau of each multistep sampler: for every NFE in
     sample_nfes the interior of the Karras grid of NFE + 1 points, plus sample_times."""
-    from ctm_jax import diffusion
-    sch = self.schedule
-    out = {}
-    for nfe in self.c.sample_nfes:
-      grid = np.asarray(diffusion.karras_sigmas(nfe + 1, sch.sigma_min, sch.sigma_max, sch.rho))
-      out[f"nfe{nfe}"] = tuple(float(v) for v in grid[1:-1])
+    out = {f"nfe{nfe}": samplers.karras_interior(nfe, self.schedule) for nfe in self.c.sample_nfes}
     if self.c.sample_times:
       out[f"nfe{len(self.c.sample_times) + 1}_times"] = tuple(self.c.sample_times)
     return out
 
   def sample_fns(self) -> Dict[str, Any]:
     """CM multistep sampling (Song et al. 2023, Alg. 1): f(x_T, T), then for each tau
-    f(x + sqrt(tau^2 - sigma_min^2) z, tau); NFE 1 is one-step generation."""
+    f(x + sqrt(tau^2 - sigma_min^2) z, tau); NFE 1 is one-step generation.  Image data clip
+    each f to [-1, 1] (samplers.clips_x0)."""
+    clip = samplers.clips_x0(self.config)
     fns = {}
     for name, taus in self.multistep_times().items():
       def fn(params, x_init, key, labels, taus=taus):
         f = lambda x, t: self.model.cm_f(params, x, t, labels)
-        return samplers.cm_multistep(f, x_init, key, taus, self.schedule)
+        return samplers.cm_multistep(f, x_init, key, taus, self.schedule, clip)
       fns[f"{name}_cm"] = fn
     return fns

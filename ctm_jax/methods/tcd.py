@@ -18,15 +18,12 @@ trajectory through x seen from s, not E[x_0 | x_t]: TCD has no score head.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import config_lib, diffusion, samplers
 from ctm_jax.diffusion import append_dims
-from ctm_jax.flow_map import jump_from_denoised
 from ctm_jax.methods import consistency
 
 
@@ -44,31 +41,6 @@ def validate_tcd_config(config):
     raise config_lib.ConfigError(
         f"config.tcd.s_min = {s_min} puts s outside [sigma_min, t] = [{d.sigma_min}, t]: it must "
         f"be in [config.diffusion.sigma_min, sigma_max) = [{d.sigma_min}, {d.sigma_max})")
-
-
-def sss_step_vp(eps, x, timestep: int, prev_timestep: int, gamma: float, alphas_cumprod, noise,
-                last: bool):
-  """One SSS step in VP form (TCD Alg. 4; diffusers' TCDScheduler.step, eps-prediction).
-
-  s = floor((1 - gamma) prev_timestep) (integer timesteps, abar = alphas_cumprod);
-  x0_hat = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t); x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps;
-  unless last (or gamma = 0): x_prev = sqrt(abar_prev / abar_s) x_s + sqrt(1 - abar_prev / abar_s) z.
-  Computed through the VE jump (x / sqrt(abar), sigma = sqrt((1 - abar) / abar)) and VE forward
-  diffusion that the VE sampler (samplers.sss_sampler) uses.  Returns (x_prev, x_s).
-  """
-  a = jnp.asarray(alphas_cumprod, jnp.float32)
-  s_step = int(math.floor((1.0 - gamma) * prev_timestep))
-  sig = lambda k: jnp.sqrt((1.0 - a[k]) / a[k])
-  b = x.shape[0]
-  full = lambda v: jnp.full((b,), v, x.dtype)
-  x_ve = x / jnp.sqrt(a[timestep])
-  x0_hat = (x - jnp.sqrt(1.0 - a[timestep]) * eps) / jnp.sqrt(a[timestep])
-  xs_ve = jump_from_denoised(x_ve, x0_hat, full(sig(timestep)), full(sig(s_step)))
-  x_s = jnp.sqrt(a[s_step]) * xs_ve
-  if gamma == 0 or last:
-    return x_s, x_s
-  x_prev_ve = xs_ve + jnp.sqrt(sig(prev_timestep) ** 2 - sig(s_step) ** 2) * noise
-  return jnp.sqrt(a[prev_timestep]) * x_prev_ve, x_s
 
 
 class TCD(consistency.ConsistencyMethod):
