@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax import config_lib, parallel, train
+from ctm_jax import config_lib, fileio, parallel, train
 
 LOOP_CALLS = 4        # teacher calls chained inside one while loop (per-call time = total / n)
 
@@ -50,8 +50,8 @@ def bench_config(config, batch: int, scratch_dir: str):
   cfg.training.batch_size = int(batch)
   if cfg.method == "ctm":
     tc = cfg.teacher
-    missing = ((tc.source == "checkpoint" and not os.path.isdir(tc.workdir or "/nonexistent"))
-               or (tc.source == "torch_npz" and not os.path.isfile(tc.npz_path or "/nonexistent")))
+    missing = ((tc.source == "checkpoint" and not (tc.workdir and fileio.isdir(tc.workdir)))
+               or (tc.source == "torch_npz" and not (tc.npz_path and fileio.isfile(tc.npz_path))))
     if missing:
       notes.append(f"teacher: random weights (no {tc.source} at "
                    f"{tc.workdir if tc.source == 'checkpoint' else tc.npz_path!r})")
@@ -63,9 +63,9 @@ def bench_config(config, batch: int, scratch_dir: str):
       needs.append("gan.feature_weights")
     for field in needs:
       sec, name = field.split(".")
-      if not os.path.isfile(cfg[sec][name] or "/nonexistent"):
-        path = os.path.join(scratch_dir, "lpips_random.npz")
-        if not os.path.isfile(path):
+      if not (cfg[sec][name] and fileio.isfile(cfg[sec][name])):
+        path = fileio.join(scratch_dir, "lpips_random.npz")
+        if not fileio.isfile(path):
           lpips.random_lpips_npz(path, seed=0)
         cfg[sec][name] = path
         notes.append(f"{field}: random VGG16 weights")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import threading
 import time
@@ -23,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import (checkpointing, compile_cache, config_lib, data, evaluate, metric_io,
+from ctm_jax import (checkpointing, compile_cache, config_lib, data, evaluate, fileio, metric_io,
                      methods, parallel, runs, samplers, train_state, visualize)
 from ctm_jax import progress as progress_lib
 from ctm_jax.evaljob import report
@@ -142,7 +141,7 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, writer, sampl
     x = np.asarray(parallel.to_host(fn(params, key)))
     pic = visualize.samples_picture(x, exp.info.kind)
     if jax.process_index() == 0:
-      path = os.path.join(workdir, "samples", f"{name}_step{step:08d}.png")
+      path = fileio.join(workdir, "samples", f"{name}_step{step:08d}.png")
       if points:
         ref = evaluate.reference_points(exp.config, len(x))
         report.points_figure(x, ref, path, f"{name}, step {step}")
@@ -249,11 +248,9 @@ def _mean_metrics(buffer):
 def _write_config(workdir: str, config, step: int):
   """workdir/config.json for a new run; config_resume_<step>.json when resuming."""
   name = "config.json" if step == 0 else f"config_resume_{step:08d}.json"
-  path = os.path.join(workdir, name)
-  if jax.process_index() == 0 and not os.path.exists(path):
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+  path = fileio.join(workdir, name)
+  if jax.process_index() == 0 and not fileio.exists(path):
+    fileio.write_text(path, config.to_json_best_effort(indent=2))
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int):
@@ -271,9 +268,9 @@ def _newest(saved: Optional[int]) -> str:
 
 def final_lines(summary: Dict[str, Any], workdir: str, total_steps: int) -> list:
   """The last lines of a training log: where the results are, then how the run ended."""
-  join = lambda name: os.path.join(workdir, name)
+  join = lambda name: fileio.join(workdir, name)
   lines = [f"Results in {workdir}:"]
-  if os.path.isdir(join("samples")):
+  if fileio.isdir(join("samples")):
     lines.append(f"  sample pictures (PNG): {join('samples')}")
   lines += [f"  metrics: {join('metrics.jsonl')}",
             f"  summary: {join('summary.json')}",
@@ -321,7 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                jax.default_backend(), jax.local_device_count(), pipeline.tfds_name,
                pipeline.data_dir)
 
-  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    fileio.makedirs(workdir)
   ckpt = checkpointing.Checkpointer(workdir, tcfg)
   latest = ckpt.latest_step()
   if latest is not None:
@@ -406,8 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
              "signal": preempt.reason, "seconds": time.time() - t_start}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    fileio.write_json(fileio.join(workdir, "summary.json"), summary, indent=2)
     for line in final_lines(summary, workdir, tcfg.num_train_steps):
       logging.info("%s", line)
   return summary

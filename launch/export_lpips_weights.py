@@ -84,7 +84,8 @@ def main(argv=None):
   sd.update(_lpips_heads() if args.heads == 'lpips' else _piq_heads())
   sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
   jlpips.lpips_params_from_state_dict(sd)       # names, shapes and non-negative heads
-  np.savez(args.out, **sd)
+  from ctm_jax import fileio
+  fileio.save_npz(args.out, **sd)                # a local path or a URL (gs://...)
   print(f'wrote {args.out}: {len(sd)} arrays, heads from {args.heads}')
   if args.check:
     _check_against_piq(args.out)

@@ -7,13 +7,12 @@ Every check raises ctm_jax.config_lib.ConfigError naming config.eval.FIELD and w
 from __future__ import annotations
 
 import difflib
-import os
 from typing import Dict, List, Optional, Sequence
 
 import ml_collections
 import numpy as np
 
-from ctm_jax import config_lib, data, evaluate, methods, runs
+from ctm_jax import config_lib, data, evaluate, fileio, methods, runs
 from ctm_jax.evaljob.common import ODE_METRICS, check_metrics, metrics_for, split_list
 
 MODES = ("sample", "fid", "nll", "fid_stats", "all")
@@ -120,7 +119,7 @@ def default_stats_path(config, ev) -> str:
   from ctm_jax.data import builders
   data_dir = ev.data_dir or config.data.data_dir or builders.default_data_dir()
   name = config.data.dataset.replace("/", "_")
-  return os.path.join(data_dir, STATS_DIR_NAME, f"{name}-{ev.fid_split}.npz")
+  return fileio.join(data_dir, STATS_DIR_NAME, f"{name}-{ev.fid_split}.npz")
 
 
 def stats_path(config, ev) -> str:
@@ -216,7 +215,7 @@ def check_inception_file(ev) -> None:
     raise config_lib.ConfigError(
         "config.eval.inception_weights must name the FID Inception-v3 weights (.npz made by "
         "launch/export_inception_weights.py; see docs/eval_jobs.md)")
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise config_lib.ConfigError(f"config.eval.inception_weights = {path!r}: no such file")
 
 
@@ -225,7 +224,7 @@ def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -
   (when their meta records them) the same data set and resolution."""
   field = "config.eval.ref_stats" if ev.ref_stats else "the default config.eval.ref_stats"
   if stats is None:
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
       raise config_lib.ConfigError(
           f"{field} = {path!r}: no such file; make it with --mode=fid_stats (or pass EDM's "
           f"reference .npz as --config.eval.ref_stats=PATH)")

@@ -169,8 +169,9 @@ def kid(features_a, features_b, *, num_subsets: int = 100, subset_size: int = 10
 
 
 def save_stats(path, mu, sigma, features=None, **meta) -> None:
-  """Write `mu`, `sigma` (float64), optional `features` (float32) and `meta` (JSON) atomically:
-  a temporary file in the same folder, then os.replace (an existing file survives a failure)."""
+  """Write `mu`, `sigma` (float64), optional `features` (float32) and `meta` (JSON) atomically
+  through ctm_jax.fileio (a local path or a URL; an existing file survives a failure)."""
+  from ctm_jax import fileio
   path = os.fspath(path)
   mu, sigma = _check_gaussian(mu, sigma, f'save_stats({path})')
   arrays = dict(mu=mu, sigma=sigma)
@@ -184,14 +185,7 @@ def save_stats(path, mu, sigma, features=None, **meta) -> None:
     arrays['meta'] = np.asarray(json.dumps(meta, sort_keys=True))
   except TypeError as e:
     raise ValueError(f'save_stats({path}): meta must be JSON-serialisable ({e})') from None
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  fileio.save_npz(path, **arrays)
 
 
 def load_stats(path, feature_dim: Optional[int] = INCEPTION_FEATURE_DIM) -> dict:
@@ -201,12 +195,12 @@ def load_stats(path, feature_dim: Optional[int] = INCEPTION_FEATURE_DIM) -> dict
   the Inception pool3 width; None: any) is the width the features must have. Errors name the
   file and the problem.
   """
+  from ctm_jax import fileio
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise ValueError(f'{path}: no such statistics file')
   try:
-    with np.load(path, allow_pickle=False) as z:
-      data = {k: z[k] for k in z.files}
+    data = fileio.load_npz(path)
   except Exception as e:  # noqa: BLE001
     raise ValueError(f'{path}: not an .npz statistics file ({type(e).__name__}: {e})') from None
   missing = [k for k in ('mu', 'sigma') if k not in data]
