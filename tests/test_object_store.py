@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -238,3 +239,37 @@ def gcs_steps(server, prefix):
   base = len(prefix.split("/")) + 1
   return sorted({n.split("/")[base] for n in names
                  if n.split("/")[base:] == [n.split("/")[base], "commit_success.txt"]}, key=int)
+
+
+# Local file calls that are not on run paths, by file: (count, why).  A new os.path / open /
+# np.load ... anywhere else, or another one in these files, fails the test below.
+LOCAL_ONLY = {
+    "ctm_jax/fileio.py": (None, "the path layer itself (its local branch)"),
+    "ctm_jax/config_lib.py": (1, "config files are Python source on the local disk"),
+    "ctm_jax/compile_cache.py": (1, "the cache beside a LOCAL workdir (URLs return earlier)"),
+    "ctm_jax/metric_io.py": (2, "the local TensorBoard staging folder of a URL workdir"),
+    "ctm_jax/data/builders.py": (6, "TFDS generation into a local data_dir (rename, wheels)"),
+    "ctm_jax/evaljob/shards.py": (1, "fileio.path(...).open: the path layer's stream"),
+    "launch/common.py": (3, "config-file suggestions for --config"),
+    "launch/export_torch_weights.py": (4, "torch.load of a local --source pickle / JSON"),
+}
+LOCAL_CALL = re.compile(r"\b(os\.path\.(exists|isfile|isdir|abspath)|open\(|os\.makedirs|"
+                        r"os\.replace|os\.remove|os\.rename|os\.listdir|np\.savez|np\.load|"
+                        r"shutil\.|\.savefig\()")
+
+
+def test_run_files_go_through_the_path_layer():
+  """grep: no local file call on run paths in ctm_jax/ or launch/ outside LOCAL_ONLY."""
+  found = {}
+  for top in ("ctm_jax", "launch"):
+    for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+      for f in files:
+        if f.endswith(".py"):
+          rel = os.path.relpath(os.path.join(dirpath, f), ROOT)
+          with open(os.path.join(dirpath, f)) as fh:
+            hits = [ln for ln in fh if LOCAL_CALL.search(ln.split("#")[0])]
+          if hits:
+            found[rel] = len(hits)
+  unexpected = {f: n for f, n in found.items()
+                if f not in LOCAL_ONLY or LOCAL_ONLY[f][0] not in (None, n)}
+  assert unexpected == {}, unexpected
