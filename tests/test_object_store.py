@@ -273,3 +273,79 @@ def test_run_files_go_through_the_path_layer():
   unexpected = {f: n for f, n in found.items()
                 if f not in LOCAL_ONLY or LOCAL_ONLY[f][0] not in (None, n)}
   assert unexpected == {}, unexpected
+
+
+@pytest.mark.slow
+def test_reduced_comparison_on_the_server(gcs, tmp_path):
+  """launch.compare (CD and TCD, one step each, NFE 1) with its workdir on gs://: the runs,
+  their evaluations and the table land in the bucket; the host keeps only logged caches."""
+  from configs import compare_toy
+  c = compare_toy.get_config()
+  fields = dict(workdir=f"gs://{BUCKET}/cmp", methods=("cd", "tcd"), seeds=(0,),
+                num_train_steps=1, nfes=(1,),
+                overrides={"training": {"sample_every": 0, "checkpoint_every": 1,
+                                        "log_every": 1, "batch_size": 64},
+                           "model": {"hidden": 32, "num_blocks": 2}},
+                eval={"num_samples": 64, "batch_size": 64, "shard_size": 64,
+                      "reference_seeds": 2, "ode_error_samples": 32})
+  assert set(fields) <= set(c)
+  cfg = tmp_path / "cmp_config.py"
+  cfg.write_text("from configs import compare_toy\n\n\ndef get_config():\n"
+                 "  c = compare_toy.get_config()\n"
+                 + "".join(f"  c.{k} = {v!r}\n" for k, v in fields.items()) + "  return c\n")
+  host = Host(tmp_path / "host", gcs)
+  host.run("launch.compare", f"--config={cfg}", "--fake_cpu_devices=1", name="compare")
+  table = fileio.read_text(f"gs://{BUCKET}/cmp/table.md").splitlines()
+  assert [ln.split("|")[1:3] for ln in table[2:4]] == [[" cd ", " cm "], [" tcd ", " sss0 "]]
+  saved = json.loads(gcs.read(BUCKET, "cmp/table.json"))
+  assert {r["method"] for r in saved["rows"]} == {"cd", "tcd"}
+  names = gcs.objects(BUCKET, "cmp/")
+  for m in ("cd", "tcd"):
+    assert f"cmp/runs/{m}-s0/checkpoints/1/commit_success.txt" in names
+    assert any(n.startswith(f"cmp/runs/{m}-s0/eval/") and n.endswith("results.jsonl")
+               for n in names)
+  assert any(n.startswith("cmp/plots/") and n.endswith(".png") for n in names), names
+  assert host.local_files_not_logged() == [] and os.listdir(host.dirs[0]) == []
+
+
+@pytest.mark.slow
+def test_two_hosts_checkpoint_to_the_server_killed_and_resumed(gcs, tmp_path):
+  """Two processes (jax.distributed on 127.0.0.1, 2 fake devices each), each on its own
+  "host" (empty cwd, HOME, TMPDIR), train toy_edm into one gs:// workdir; both are SIGKILLed
+  after a checkpoint, both restarted, and the result equals one process with 4 devices."""
+  steps = ["--config.training.num_train_steps=12", "--config.training.checkpoint_every=4",
+           "--config.training.log_every=4", "--config.training.sample_every=0"]
+  local = tmp_path / "one_process"
+  Host(tmp_path / "single", gcs).run("launch.train", f"--workdir={local}", *toy_args(4),
+                                     *steps, name="single")
+  wd = f"gs://{BUCKET}/runs/two"
+
+  def start_both(round_):
+    port = 20000 + random.randrange(20000)
+    hosts = [Host(tmp_path / f"r{round_}_p{i}", gcs) for i in range(2)]
+    procs = [h.start("launch.train", f"--workdir={wd}", *toy_args(2), *steps,
+                     "--config.distributed.initialize=True",
+                     f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                     "--config.distributed.num_processes=2",
+                     f"--config.distributed.process_id={i}", name=f"p{i}")
+             for i, h in enumerate(hosts)]
+    return hosts, procs
+
+  hosts, procs = start_both(0)
+  wait_until(procs[0], lambda: bool(gcs_steps(gcs, "runs/two")), "a checkpoint on the server")
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  assert [p.wait(timeout=60) for p in procs] == [-signal.SIGKILL] * 2
+  assert max(int(s) for s in gcs_steps(gcs, "runs/two")) < 12
+  names = gcs.objects(BUCKET, "runs/two/checkpoints/")
+  assert any("/ocdbt.process_1/" in n for n in names), "process 1 wrote no array shards"
+  hosts2, procs = start_both(1)
+  for h, p in zip(hosts2, procs):
+    assert p.wait(timeout=900) == 0, h.logs[-1].read_text()[-3000:]
+  got, step = _state(wd)
+  want, want_step = _state(str(local))
+  assert step == want_step == 12
+  assert _leaves_equal(got.params, want.params) and _leaves_equal(got.ema, want.ema)
+  assert _leaves_equal(got.opt_state, want.opt_state)
+  for h in hosts + hosts2:
+    assert h.local_files_not_logged() == [] and os.listdir(h.dirs[0]) == []
