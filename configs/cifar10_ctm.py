@@ -20,19 +20,11 @@ def get_config(arg: str = ""):
     raise ValueError(f"configs/cifar10_ctm.py takes '', 'cond', 'gan' or 'cond_gan', got {arg!r}")
   cond = arg.startswith("cond")
   gan = arg.endswith("gan")
-  teacher = cifar10_edm.get_config("cond" if cond else "")
-  c = cifar10_edm.get_config("cond" if cond else "")
-  c.unlock()
-  c.method = "ctm"
-  del c["edm"]
+  c = ctm_common.student_of(cifar10_edm, num_points=18, teacher_source="torch_npz",
+                            arg="cond" if cond else "")      # N = 18, K = 17, LPIPS
   c.model = cifar10_edm.ddpmpp_cifar10(dropout=0.13)     # the student: DDPM++ + s path
-  c.ctm = ctm_common.ctm_block(num_points=18)             # N = 18, K = 17, LPIPS
   c.ctm.target_ema = 0.9999 if (gan and not cond) else 0.999
-  c.gan = ctm_common.gan_block()
-  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz")
-  c.optim.name = "radam"
   c.optim.lr = 4e-4
-  c.optim.warmup_steps = 0
   c.optim.grad_clip = 0.0
   c.ema.rates = (0.999, 0.9999)
   c.ema.halflife_kimg = 0.0

@@ -63,22 +63,21 @@ def teacher_block(teacher_config=None, source: str = "checkpoint") -> ml_collect
   return t
 
 
-def student_of(teacher_module, *, num_points: int, distance: str,
-               teacher_source: str = "checkpoint", teacher_workdir: str = ""):
-  """An unlocked CTM config on an EDM config's data, network and schedule: its `edm` block
-  dropped, config.ctm (N = num_points, the given distance), config.gan (off), config.teacher
-  (the EDM config nested), and the reference's RAdam without warm-up (lr left to the caller)."""
-  c = teacher_module.get_config()
-  c.unlock()
-  c.method = "ctm"
-  del c["edm"]
-  c.ctm = ctm_block(num_points=num_points)
-  c.ctm.distance = distance
+def student_of(teacher_module, *, num_points: int, distance: str = "",
+               teacher_source: str = "checkpoint", teacher_workdir: str = "", arg=None):
+  """An unlocked CTM config on an EDM config's data, network and schedule (teacher_module's
+  get_config(), or get_config(arg)): cm_common.family_config's method switch (its `edm` block
+  dropped, the reference's RAdam without warm-up, lr left to the caller) with config.ctm
+  (N = num_points; distance, if given, replaces ctm_block's), config.gan (off) and
+  config.teacher (the same EDM config nested)."""
+  from configs import cm_common
+  get = teacher_module.get_config if arg is None else lambda: teacher_module.get_config(arg)
+  c = cm_common.family_config(get(), "ctm", ctm_block(num_points=num_points))
+  if distance:
+    c.ctm.distance = distance
   c.gan = gan_block()
-  c.teacher = teacher_block(teacher_module.get_config(), source=teacher_source)
+  c.teacher = teacher_block(get(), source=teacher_source)
   c.teacher.workdir = teacher_workdir
-  c.optim.name = "radam"
-  c.optim.warmup_steps = 0
   return c
 
 

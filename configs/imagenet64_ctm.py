@@ -13,24 +13,14 @@ from configs import ctm_common, imagenet64_edm
 def get_config(arg: str = ""):
   if arg not in ("", "gan"):
     raise ValueError(f"configs/imagenet64_ctm.py takes '' or 'gan', got {arg!r}")
-  teacher = imagenet64_edm.get_config()
-  teacher.unlock()
-  teacher.diffusion.c_noise = "250log"
-  teacher.model.dropout = 0.1            # teacher_dropout (evaluated without dropout)
-  teacher.lock()
-  c = imagenet64_edm.get_config()
-  c.unlock()
-  c.method = "ctm"
-  del c["edm"]
+  c = ctm_common.student_of(imagenet64_edm, num_points=40,          # N = 40, K = 39
+                            teacher_source="torch_npz")
+  c.teacher.config.diffusion.c_noise = "250log"
+  c.teacher.config.model.dropout = 0.1   # teacher_dropout (evaluated without dropout)
   c.diffusion.c_noise = "250log"
   c.model = imagenet64_edm.adm_imagenet64(dropout=0.0)
-  c.ctm = ctm_common.ctm_block(num_points=40)             # N = 40, K = 39
   c.ctm.target_ema = 0.999
-  c.gan = ctm_common.gan_block()
-  c.teacher = ctm_common.teacher_block(teacher, source="torch_npz")
-  c.optim.name = "radam"
   c.optim.lr = 4e-4
-  c.optim.warmup_steps = 0
   c.ema.rates = (0.999, 0.9999, 0.9999432189950708)
   c.ema.halflife_kimg = 0.0
   c.sampling.eval_ema = "rate_0p999"

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import config_lib, evaluate, fileio, runs, samplers
+from ctm_jax import config_lib, evaluate, fileio, progress, runs, samplers
 
 FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd")
 MODES = ("sample", "fid")
@@ -212,9 +212,9 @@ def train_run(method: str, seed: int, config, workdir: str) -> Dict[str, Any]:
   received = summary.get("stop_reason") or summary.get("signal")
   if received:
     how = "interrupted" if summary.get("stop_reason") else "finished"
-    raise KeyboardInterrupt(
-        f"stopped by {train.STOP_REASONS.get(received, received)} while training {method} "
-        f"seed {seed} ({how} at step {summary['step']} of {steps}, checkpoint written)")
+    raise KeyboardInterrupt(progress.stopped_by(
+        received, f" while training {method} seed {seed} ({how} at step {summary['step']} of "
+                  f"{steps}, checkpoint written)"))
   return {"trained_now": True, "train_seconds": time.time() - t0, **train_cost(workdir)}
 
 
@@ -227,7 +227,7 @@ def _ctrl_c_context(doing: str, kept: str):
   except KeyboardInterrupt as e:
     if str(e):
       raise
-    raise KeyboardInterrupt(f"stopped by Ctrl-C (SIGINT) while {doing} ({kept})") from None
+    raise KeyboardInterrupt(progress.stopped_by("SIGINT", f" while {doing} ({kept})")) from None
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -24,6 +24,20 @@ def format_duration(seconds: float) -> str:
   return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+# Why a run stopped before num_train_steps (train's summary["stop_reason"]) -> its wording.
+STOP_REASONS = {
+    "SIGINT": "Ctrl-C (SIGINT)",
+    "SIGTERM": "SIGTERM",
+    "preemption": "a pre-emption notice",
+}
+
+
+def stopped_by(reason: str, detail: str = "") -> str:
+  """'stopped by <STOP_REASONS[reason]><detail>': the one wording of a stop in the binaries'
+  last line (launch/common.ctrl_c_message) and the comparison's interrupts."""
+  return f"stopped by {STOP_REASONS.get(reason, reason)}".rstrip() + detail
+
+
 def progress_text(step: int, total: int, steps_per_sec: Optional[float]) -> str:
   """'1200/6000 steps (20%), 35.2 steps/s, ETA 0:02:16'."""
   pct = 100.0 * step / total if total else 100.0

@@ -188,12 +188,7 @@ class NonFiniteError(FloatingPointError):
   """The training metrics turned non-finite; the state of that step is not saved."""
 
 
-# Why a run stopped before num_train_steps (summary["stop_reason"]) -> how the log says it.
-STOP_REASONS = {
-    "SIGINT": "Ctrl-C (SIGINT)",
-    "SIGTERM": "SIGTERM",
-    "preemption": "a pre-emption notice",
-}
+STOP_REASONS = progress_lib.STOP_REASONS   # summary["stop_reason"] -> how the log says it
 
 
 class PreemptionFlag:

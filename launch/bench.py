@@ -43,8 +43,7 @@ def _parse_ints(name, text):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  common.start(argv, "give every setting as --flag=value or --config.FIELD=value")
   ks = _parse_ints("k", _K.value)
   if _BATCH.value < 1 or _REPEATS.value < 1:
     raise app.UsageError("--batch and --repeats must be >= 1")

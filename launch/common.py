@@ -97,10 +97,29 @@ def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = ()
 def ctrl_c_message(e: KeyboardInterrupt, on_ctrl_c: str = "") -> str:
   """'stopped by Ctrl-C (SIGINT)', or the interrupt's own 'stopped by ...' message (where
   the library says what it was doing), then '; <on_ctrl_c>'."""
+  from ctm_jax import progress
   text = " ".join(str(e).split())
-  if not text.startswith("stopped by"):
-    text = "stopped by Ctrl-C (SIGINT)" + (f": {text}" if text else "")
+  if not text.startswith(progress.stopped_by("")):
+    text = progress.stopped_by("SIGINT", f": {text}" if text else "")
   return text + (f"; {on_ctrl_c}" if on_ctrl_c else "")
+
+
+def fake_cpu_devices_flag():
+  """Define --fake_cpu_devices (testing: run on N fake CPU devices); start() applies it."""
+  return flags.DEFINE_integer(
+      "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
+
+
+def start(argv, how_to_set: str = "", fake_cpu_devices=None):
+  """The first lines of a binary's main: a positional argument is refused in one line
+  ('unexpected arguments [...]: <how_to_set>'), then --fake_cpu_devices is applied before
+  JAX starts (fake_cpu_devices: the holder fake_cpu_devices_flag() returned)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}" + (f": {how_to_set}" if how_to_set
+                                                                else ""))
+  if fake_cpu_devices is not None and fake_cpu_devices.value:
+    from ctm_jax import parallel
+    parallel.configure_fake_cpu_devices(fake_cpu_devices.value)
 
 
 def _fail(prog: str, message: str, status: int, argv):

@@ -16,18 +16,12 @@ from ml_collections import config_flags
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Comparison config (configs/compare_*.py).")
-_FAKE_DEVICES = flags.DEFINE_integer(
-    "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
+_FAKE_DEVICES = common.fake_cpu_devices_flag()
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    from absl import app
-    raise app.UsageError(f"unexpected arguments {argv[1:]}: give settings as --config.FIELD=value")
-  if _FAKE_DEVICES.value:
-    from ctm_jax import parallel
-    parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
+  common.start(argv, "give settings as --config.FIELD=value", _FAKE_DEVICES)
   from ctm_jax import compare
   compare.run(_CONFIG.value)
 

@@ -43,8 +43,7 @@ _MODE = flags.DEFINE_enum("mode", "sample", ["sample", "fid", "nll", "fid_stats"
 _RUN_CONFIG = flags.DEFINE_string(
     "run_config", "", "Use this config file for the run instead of DIR/config.json "
     "(FILE.py or FILE.py:arg).")
-_FAKE_DEVICES = flags.DEFINE_integer(
-    "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
+_FAKE_DEVICES = common.fake_cpu_devices_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -56,13 +55,8 @@ def load_run_config(workdir: str, run_config: str):
 
 
 def main(argv):
-  if len(argv) > 1:
-    from absl import app
-    raise app.UsageError(f"unexpected arguments {argv[1:]}: give every setting as --flag=value "
-                         f"or --config.eval.FIELD=value")
-  if _FAKE_DEVICES.value:
-    from ctm_jax import parallel
-    parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
+  common.start(argv, "give every setting as --flag=value or --config.eval.FIELD=value",
+               _FAKE_DEVICES)
   from ctm_jax import parallel
   from ctm_jax.evaljob import jobs, settings
   config = load_run_config(_WORKDIR.value, _RUN_CONFIG.value)

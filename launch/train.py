@@ -12,27 +12,21 @@ coordinator_address / num_processes / process_id fields).
 """
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples")
-_FAKE_DEVICES = flags.DEFINE_integer(
-    "fake_cpu_devices", 0, "Testing only: run on this many fake CPU devices (before JAX starts).")
+_FAKE_DEVICES = common.fake_cpu_devices_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}: give every setting as --flag=value "
-                         f"or --config.FIELD=value")
+  common.start(argv, "give every setting as --flag=value or --config.FIELD=value", _FAKE_DEVICES)
   from ctm_jax import config_lib
   config_lib.check_workdir(_WORKDIR.value)          # before jax and the data start
-  if _FAKE_DEVICES.value:
-    from ctm_jax import parallel
-    parallel.configure_fake_cpu_devices(_FAKE_DEVICES.value)
   from ctm_jax import parallel, train
   parallel.maybe_initialize_distributed(_CONFIG.value.distributed)
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,

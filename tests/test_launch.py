@@ -75,6 +75,21 @@ def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, args, expected):
   assert not wd.exists()
 
 
+@pytest.mark.parametrize("binary,args,how", [
+    ("eval", ["--workdir=w"], ": give every setting as --flag=value or --config.eval.FIELD=value"),
+    ("compare", ["--config=configs/compare_toy.py"], ": give settings as --config.FIELD=value"),
+    ("bench", ["--config=configs/toy_edm.py"],
+     ": give every setting as --flag=value or --config.FIELD=value"),
+])
+def test_positional_arguments_are_refused_alike_by_every_binary(tmp_path, binary, args, how):
+  """common.start: the same one line in launch.eval / compare / bench as in launch.train
+  (test_flag_mistakes_are_one_line_and_exit_2), before anything runs."""
+  proc = subprocess.run([sys.executable, "-m", f"launch.{binary}", *args, "extra"],
+                        cwd=ROOT, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert one_line_error(proc) == f"launch.{binary}: error: unexpected arguments ['extra']{how}"
+
+
 def test_missing_flag_workdir_file_and_verbose(tmp_path):
   line = one_line_error(launch(TOY))
   assert line == E + "missing required flag --workdir (Directory for checkpoints, logs and samples)"
