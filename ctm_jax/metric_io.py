@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Any, Mapping
@@ -84,8 +85,9 @@ class MirroredSummaryWriter:
   """clu's TensorBoard SummaryWriter for a URL workdir: TensorFlow's gfile would talk to the
   object store itself (and ignores emulator settings), so the event files are written to a
   local folder (logged) and copied to the same names in `workdir` through ctm_jax.fileio on
-  flush and close, and after a write at most every `every_s` seconds.  An object store
-  replaces the copy whole, so a reader sees an older or a newer event file, never half one."""
+  flush and close, and after a write at most every `every_s` seconds; close removes the
+  local folder.  An object store replaces the copy whole, so a reader sees an older or a
+  newer event file, never half of one."""
 
   def __init__(self, workdir: str, every_s: float = 60.0):
     from clu import metric_writers
@@ -119,6 +121,7 @@ class MirroredSummaryWriter:
   def close(self):
     self._upload(force=True)
     self._writer.close()
+    shutil.rmtree(self._local, ignore_errors=True)
 
 
 def summary_writer(logdir: str):

@@ -313,8 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                jax.default_backend(), jax.local_device_count(), pipeline.tfds_name,
                pipeline.data_dir)
 
-  if jax.process_index() == 0:
-    fileio.makedirs(workdir)
+  fileio.makedirs(workdir)        # a no-op on object stores, which have no folders
   ckpt = checkpointing.Checkpointer(workdir, tcfg)
   latest = ckpt.latest_step()
   if latest is not None:
@@ -392,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       progress.close()
       batches.close()
       ckpt.close()                # waits for an asynchronous save: a Ctrl-C meanwhile is noted
-      writer.flush()
+      writer.close()               # a URL workdir: the last TensorBoard copy goes up
     finally:
       preempt.close()
   summary = {"step": step, "metrics": last_metrics, "samples": sample_results,

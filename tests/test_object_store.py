@@ -5,7 +5,7 @@ Each command runs as on a pod host: in its own empty working directory with its 
 and TMPDIR, and only the standard settings STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL
 point it at the server.  Afterwards nothing may lie in those local folders but caches that the
 command's log names (the compilation cache, TFDS's prepared toy data, the TensorBoard staging
-folder) and matplotlib's font cache.
+folder) and two per-user library files (UNLOGGED_CACHES).
 """
 import io
 import json
@@ -30,8 +30,9 @@ STEPS = 12
 ARGS = [f"--config.training.num_train_steps={STEPS}", "--config.training.checkpoint_every=4",
         "--config.training.log_every=4", "--config.training.async_checkpointing=True",
         "--config.training.sample_every=12"]
-# matplotlib's font cache (not named in any log): a per-user cache, like the ones logged.
-UNLOGGED_CACHES = (".cache/matplotlib", ".config/matplotlib")
+# Per-user library files no log names: matplotlib's font cache, and the default config Keras
+# writes when TensorFlow (clu's writers) is imported.
+UNLOGGED_CACHES = (".cache/matplotlib", ".config/matplotlib", ".keras/keras.json")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,7 @@ def test_path_layer_checkpoints_metrics_and_tensorboard_on_the_server(gcs, tmp_p
   board.write_scalars(5, {"loss": 0.125})
   board.flush()
   board.close()
+  assert not os.path.exists(board._local)          # the local staging folder is removed
   events = [n for n in gcs.objects(BUCKET, "unit/") if "tfevents" in n]
   assert len(events) == 1
   local = tmp_path / "events_copy"
@@ -217,7 +219,7 @@ def test_gs_workdir_killed_run_resumes_bitwise_and_eval_writes_there(gcs, tmp_pa
             "--config.eval.reference_seeds=1", name="sample")
   third.run("launch.eval", f"--workdir={wd}", "--mode=nll", "--fake_cpu_devices=1",
             "--config.eval.nll_num_examples=64", "--config.eval.nll_batch_size=64",
-            "--config.eval.shard_size=64", name="nll")
+            "--config.eval.batch_size=64", "--config.eval.shard_size=64", name="nll")
   recs = metric_io.read_jsonl(fileio.join(wd, "eval", "results.jsonl"))
   metrics = {r["metric"] for r in recs}
   assert {"mmd", "sliced_w1"} <= metrics, metrics
@@ -247,7 +249,7 @@ LOCAL_ONLY = {
     "ctm_jax/fileio.py": (None, "the path layer itself (its local branch)"),
     "ctm_jax/config_lib.py": (1, "config files are Python source on the local disk"),
     "ctm_jax/compile_cache.py": (1, "the cache beside a LOCAL workdir (URLs return earlier)"),
-    "ctm_jax/metric_io.py": (2, "the local TensorBoard staging folder of a URL workdir"),
+    "ctm_jax/metric_io.py": (3, "the local TensorBoard staging folder of a URL workdir"),
     "ctm_jax/data/builders.py": (6, "TFDS generation into a local data_dir (rename, wheels)"),
     "ctm_jax/evaljob/shards.py": (1, "fileio.path(...).open: the path layer's stream"),
     "launch/common.py": (3, "config-file suggestions for --config"),
