@@ -284,6 +284,7 @@ def test_reduced_comparison_on_the_server(gcs, tmp_path):
   from configs import compare_toy
   c = compare_toy.get_config()
   fields = dict(workdir=f"gs://{BUCKET}/cmp", methods=("cd", "tcd"), seeds=(0,),
+                run_configs={m: f"{ROOT}/configs/toy_{m}.py" for m in ("cd", "tcd")},
                 num_train_steps=1, nfes=(1,),
                 overrides={"training": {"sample_every": 0, "checkpoint_every": 1,
                                         "log_every": 1, "batch_size": 64},
