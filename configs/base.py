@@ -103,7 +103,7 @@ def eval_block() -> ml_collections.ConfigDict:
       seed=0,                   # x_T and sampler noise: fold_in(fold_in(key(seed), shard), batch)
       class_label=-1,           # class-conditional runs: -1 cycles the classes
       inception_weights="",     # the FID Inception-v3 .npz (docs/eval_jobs.md: how to make it)
-      ref_stats="",             # FID reference .npz; '' = <data_dir>/ctm_jax_fid_stats/<set>-<split>.npz
+      ref_stats="",             # FID reference .npz; '' = <workdir>/eval/fid_stats/<set>-<split>.npz
       fid_split="train",        # split of the FID reference (--mode=fid_stats): train, the
                                 # eval split, or both ('train+test' / 'train+validation')
       kid_subsets=100,          # KID: number of subsets ...

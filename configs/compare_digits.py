@@ -1,9 +1,14 @@
 """The family on the 8x8 digits, distilled from (CT / iCT: beside) the digits_edm teacher.
 
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m launch.compare \
-      --config=configs/compare_digits.py --config.teacher_workdir=/work/runs/digits_edm \
-      --config.eval.inception_weights=/work/runs/eval/inception_fid.npz \
-      --config.eval.ref_stats=/work/runs/eval/digits-train+test.npz
+      --config=configs/compare_digits.py
+
+It reads the teacher run workdirs/digits_edm (python -m launch.train
+--config=configs/digits_edm.py --workdir=workdirs/digits_edm), the Inception weights
+workdirs/inception_fid.npz (docs/evaluation.md, "Weights") and the digits train+test statistics
+that teacher run's evaluation writes:
+  python -m launch.eval --workdir=workdirs/digits_edm --mode=fid_stats \
+      --config.eval.fid_split=train+test --config.eval.inception_weights=workdirs/inception_fid.npz
 
 Sized so that it and configs/compare_toy.py together run in under an hour on a 2-core CPU
 (README): all six methods, 600 steps each, one seed, FID / KID of 128 samples per setting at
@@ -28,7 +33,7 @@ def get_config():
   c.eval = {"num_samples": 128, "batch_size": 128, "shard_size": 128, "kid_subsets": 50,
             "kid_subset_size": 64,
             "inception_weights": "workdirs/inception_fid.npz",
-            "ref_stats": "workdirs/digits-train+test.npz"}
+            "ref_stats": "workdirs/digits_edm/eval/fid_stats/digits-train+test.npz"}
   c.ode_error_samples = 64
   c.ode_rtol = 1e-4
   return c

@@ -152,7 +152,8 @@ def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
       ev = eval_settings(cmp, c)
       try:
         settings.validate(ev, c, mode=cmp.mode, num_devices=jax.device_count(),
-                          process_count=jax.process_count())
+                          process_count=jax.process_count(),
+                          workdir=run_dir(cmp, method, seed))
         settings.sampler_specs(ev, c)
       except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"{method}: {e}") from None

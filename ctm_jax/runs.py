@@ -13,6 +13,8 @@ from typing import Any, List, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from absl import logging
 
 from ctm_jax import checkpointing, config_lib, fileio, data, diffusion, flow_map, nets, parallel, train_state
 
@@ -107,6 +109,35 @@ def choose_ema(config, ema: Optional[str] = None, field: str = "config.eval.ema"
   return name
 
 
+# load_params warns when the chosen EMA's mean weight age exceeds this fraction of the steps.
+EMA_LAG_FRACTION = 0.2
+
+
+def ema_mean_age(config, name: str, steps: int) -> float:
+  """The mean age, in optimizer steps, of the weights EMA `name` holds after `steps` steps:
+  a(s) = sum_t prod_{u=t..s-1} beta_u, from a(0) = 0 and a(t + 1) = beta_t (a(t) + 1) (the
+  EMA starts as the initial weights; beta_t its decay at step t, train_state.ema_decays, so
+  EDM's half-life ramp-up is included).  A fixed rate r gives r (1 - r^s) / (1 - r); the
+  trained parameters (RAW_PARAMS) 0."""
+  if name == RAW_PARAMS or steps <= 0:
+    return 0.0
+  beta = np.broadcast_to(np.asarray(train_state.ema_decays(
+      config.ema, jnp.arange(steps), int(config.training.batch_size))[name], np.float64), (steps,))
+  tail = np.cumprod(beta[::-1])          # prod_{u=t..s-1} beta_u for t = s-1, ..., 0
+  return float(tail.sum())
+
+
+def ema_lag_note(config, name: str, steps: int, field: str) -> Optional[str]:
+  """A warning when EMA `name` averages over a large part of a `steps`-step run (its mean
+  weight age above EMA_LAG_FRACTION of the steps): it then lags the trained weights."""
+  age = ema_mean_age(config, name, steps)
+  if age <= EMA_LAG_FRACTION * steps:
+    return None
+  return (f"{field} = {name!r}: this EMA's weights are on average {age:.0f} steps old, "
+          f"{100 * age / steps:.0f}% of the {steps} steps trained, so it lags the trained "
+          f"weights; '{RAW_PARAMS}' (the trained weights) or a shorter EMA may be closer")
+
+
 def load_params(config, workdir: str, step: Optional[int] = None, ema: Optional[str] = None, *,
                 mesh=None, field: str = "config.eval.ema") -> Tuple[Any, int, str]:
   """(params, step, ema_name): one EMA's parameters (or RAW_PARAMS) of checkpoint `step`
@@ -117,6 +148,9 @@ def load_params(config, workdir: str, step: Optional[int] = None, ema: Optional[
   """
   name = choose_ema(config, ema, field)
   step = resolve_step(workdir, step)
+  note = ema_lag_note(config, name, step, field)
+  if note:
+    logging.warning("%s", note)
   target = abstract_params(config)
   if mesh is not None:
     target = checkpointing.abstract_with_shardings(target, parallel.tree_shardings(mesh, target))

@@ -248,6 +248,31 @@ def _write_config(workdir: str, config, step: int):
     fileio.write_text(path, config.to_json_best_effort(indent=2))
 
 
+def _finished_summary(workdir: str, total_steps: int) -> Optional[Dict[str, Any]]:
+  """The saved summary.json of a run that already trained to total_steps (its newest
+  checkpoint is that summary's step, at or past total_steps), else None."""
+  path = fileio.join(workdir, "summary.json")
+  steps = runs.checkpoint_steps(workdir) if fileio.isfile(path) else []
+  if not steps or steps[-1] < total_steps:
+    return None
+  summary = fileio.read_json(path)
+  return summary if summary.get("step") == steps[-1] else None
+
+
+def _config_changes(workdir: str, config) -> list:
+  """'field old -> new' for each field of config that differs from the run's newest saved
+  config (config.json or the last config_resume_<step>.json): what a resume changes."""
+  saved = [n for n in fileio.listdir(workdir) if n.startswith("config_resume_")
+           and n.endswith(".json")]
+  path = fileio.join(workdir, saved[-1] if saved else "config.json")
+  if not fileio.isfile(path):
+    return []
+  old = _flatten(fileio.read_json(path))
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  return [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int):
   """Every config check: the fields all methods share, then the chosen method's own section
   (raises config_lib.ConfigError naming the field and what is accepted)."""
@@ -302,6 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   config_lib.check_workdir(workdir)
   tcfg = config.training
+  done = _finished_summary(workdir, tcfg.num_train_steps)
+  if done is not None:                       # a re-run of a finished run changes nothing
+    logging.info("Already trained to step %d (training.num_train_steps = %d): nothing to do; "
+                 "%s is kept", done["step"], tcfg.num_train_steps,
+                 fileio.join(workdir, "summary.json"))
+    return done
   cache_dir = compile_cache.setup(tcfg.get("compilation_cache_dir", compile_cache.AUTO), workdir)
   exp = Experiment(config)
   method = exp.method
@@ -335,7 +366,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if dropped:
       logging.info("Dropped %d metrics.jsonl rows past step %d (they are computed again)",
                    dropped, step)
+  changes = _config_changes(workdir, config) if latest is not None else []
   _write_config(workdir, config, step)
+  if changes:
+    logging.info("Resuming with changed settings (recorded in config_resume_%08d.json): %s",
+                 step, "; ".join(changes))
 
   writer = metric_io.create_writer(workdir)
   if step == 0:

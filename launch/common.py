@@ -21,7 +21,9 @@ libraries' INFO logs that are otherwise dropped.
 The quiet log: TF_CPP_MIN_LOG_LEVEL=1 and TF_ENABLE_ONEDNN_OPTS=0 (no oneDNN / CPU feature /
 CUDA notices of TensorFlow's and XLA's C++ start-up), the `jax` loggers at WARNING (no "Unable to initialize backend 'tpu'"), and
 the INFO records of Orbax and the INFO / WARNING records of TFDS dropped (no "Load dataset
-info from ...", no "Variant folder ... has no dataset_info.json").  Set before jax / TensorFlow are imported,
+info from ...", no "Variant folder ... has no dataset_info.json"), and Orbax's three
+warnings on a checkpoint opened to read ("Given directory is read only", "read_only=True,
+setting ...").  Set before jax / TensorFlow are imported,
 which launch binaries do inside main.
 """
 from __future__ import annotations
@@ -51,6 +53,10 @@ USER_ERRORS = (("ctm_jax.config_lib", "UserError", 2),
 
 # Log records from these library paths below these levels are dropped unless --verbose.
 _QUIET_BELOW = {"tensorflow_datasets": py_logging.ERROR, "orbax": py_logging.WARNING}
+# ... and these records of theirs at any level: Orbax's three notes on every checkpoint opened
+# to read (the evaluation opens checkpoints read-only).
+_QUIET_MESSAGES = {"orbax": ("Given directory is read only",
+                             "CheckpointManagerOptions.read_only=True")}
 
 
 class FlagMistake(Exception):
@@ -60,10 +66,15 @@ class FlagMistake(Exception):
 # ----------------------------------------------------------------------------- entry point
 
 def run(main: Callable, prog: str, extra_errors: Sequence[Tuple[type, int]] = (),
-        on_ctrl_c: str = ""):
+        on_ctrl_c: str = "", rename: Sequence[Tuple[str, str]] = ()):
   """app.run(main) with one-line errors (see the module docstring).  extra_errors: more
   (exception class, exit status) pairs a binary reports in one line.  on_ctrl_c: what the
-  Ctrl-C line adds, e.g. 're-run the same command to resume'."""
+  Ctrl-C line adds, e.g. 're-run the same command to resume'.  rename: (name, flag) pairs
+  for a binary whose flags stand for other names (launch.sample's --samplers for
+  config.eval.samplers): the error line says the flag the user typed (rename_flags)."""
+  def _fail(prog, message, status, argv):
+    _fail_line(prog, rename_flags(message, rename), status, argv)
+
   def parse(argv):
     try:
       _check_config_files(argv)
@@ -122,7 +133,14 @@ def start(argv, how_to_set: str = "", fake_cpu_devices=None):
     parallel.configure_fake_cpu_devices(fake_cpu_devices.value)
 
 
-def _fail(prog: str, message: str, status: int, argv):
+def rename_flags(message: str, rename: Sequence[Tuple[str, str]]) -> str:
+  """message with each `name` (or `--name`) of the (name, flag) pairs written as `flag`."""
+  for name, flag in rename:
+    message = re.sub(rf"(?<![\w.-])(?:--)?{re.escape(name)}(?![\w])", flag, message)
+  return message
+
+
+def _fail_line(prog: str, message: str, status: int, argv):
   if verbose(argv):
     traceback.print_exc()
   sys.stderr.write(f"{prog}: error: {message}\n" if status != 130 else f"{prog}: {message}\n")
@@ -175,6 +193,9 @@ def quiet_environment():
 class _DropLibraryInfo(py_logging.Filter):
   def filter(self, record):
     path = record.pathname.replace("\\", "/")
+    if any(f"/{p}/" in path and str(record.msg).startswith(m)
+           for p, msgs in _QUIET_MESSAGES.items() for m in msgs):
+      return False
     return not any(f"/{p}/" in path and record.levelno < level
                    for p, level in _QUIET_BELOW.items())
 

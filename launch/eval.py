@@ -9,6 +9,8 @@ under DIR/eval/ and resumes from them when re-run with the same command; results
 DIR/eval/results.jsonl (docs/eval_jobs.md).  A mistake in the settings ends in one line on
 stderr and exit status 2 (--verbose shows the traceback).
 """
+import difflib
+import os
 import sys
 
 import ml_collections
@@ -19,15 +21,16 @@ from configs import base
 from launch import common
 
 
-def check_flags(argv):
-  """A misspelled --config.eval.X: one line and exit 2, before the config flag reads it."""
+def check_flags(argv, prog: str = "launch.eval", rename=()):
+  """A misspelled --config.eval.X: one line and exit 2, before the config flag reads it
+  (prog and rename: launch.sample's name and flags, common.run's)."""
   from ctm_jax import config_lib
   from ctm_jax.evaljob import settings
   try:
     settings.check_override_names([a for a in argv[1:] if a.startswith("--config.")],
                                   base.eval_block())
   except config_lib.ConfigError as e:
-    sys.stderr.write(f"launch.eval: error: {e}\n")
+    sys.stderr.write(f"{prog}: error: {common.rename_flags(str(e), rename)}\n")
     sys.exit(2)
 
 
@@ -48,10 +51,28 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def load_run_config(workdir: str, run_config: str):
+  """--run_config's file, else the run's config.json (a directory that holds none: the error
+  names the nearest run directory beside it, if one is close)."""
   from ctm_jax import config_lib, runs
-  if not run_config:
+  if run_config:
+    return config_lib.load_config_file(run_config, "--run_config")
+  try:
     return runs.load_run_config(workdir)
-  return config_lib.load_config_file(run_config, "--run_config")
+  except runs.NotARunError as e:
+    raise runs.NotARunError(f"{e}{nearest_run(workdir)}") from None
+
+
+def nearest_run(workdir: str) -> str:
+  """'; did you mean --workdir=DIR?' for the run directory (one holding config.json) beside
+  workdir whose name is closest to it (difflib), or ''."""
+  path = os.path.normpath(workdir)
+  parent = os.path.dirname(path) or "."
+  if not os.path.isdir(parent):
+    return ""
+  runs_here = [n for n in sorted(os.listdir(parent))
+               if os.path.isfile(os.path.join(parent, n, "config.json"))]
+  close = difflib.get_close_matches(os.path.basename(path), runs_here, n=1, cutoff=0.6)
+  return f"; did you mean --workdir={os.path.join(parent, close[0])}?" if close else ""
 
 
 def main(argv):

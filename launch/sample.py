@@ -6,11 +6,13 @@ Its flags map onto config.eval fields: --samplers, --num_samples, --batch_size, 
 --ema, --class_label, --ode_error_samples (same names), --step=N (eval.checkpoints; -1 =
 newest), --config=FILE.py (--run_config); any --config.eval.FIELD=... passes through.
 """
-import runpy
 import sys
 
 _SAME = ("samplers", "num_samples", "batch_size", "seed", "ema", "class_label",
          "ode_error_samples")
+# The names launch.eval's errors use -> the flags typed here (common.run's rename).
+RENAME = tuple((f"config.eval.{n}", f"--{n}") for n in _SAME) + (
+    ("config.eval.checkpoints", "--step"), ("--run_config", "--config"))
 
 
 def translate(argv):
@@ -34,4 +36,7 @@ def translate(argv):
 
 if __name__ == "__main__":
   sys.argv = translate(sys.argv)
-  runpy.run_module("launch.eval", run_name="__main__", alter_sys=True)
+  from launch import common
+  from launch import eval as eval_binary
+  eval_binary.check_flags(sys.argv, "launch.sample", RENAME)
+  common.run(eval_binary.main, "launch.sample", rename=RENAME)

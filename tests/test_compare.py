@@ -313,10 +313,10 @@ def test_image_ode_error_reference_is_the_comparisons_teacher_also_for_ct(tmp_pa
   from configs import compare_digits
   cmp = compare_digits.get_config()
   cmp.workdir = str(tmp_path / "cmp")
-  cmp.teacher_workdir = "/some/digits_edm"
+  cmp.teacher_workdir = "workdirs/some_digits_edm"
   cmp.methods = ("ct", "ict", "tcd", "cd")
   ref = compare.reference_config(cmp, 0)
-  assert ref.method == "tcd" and ref.teacher.workdir == "/some/digits_edm"
+  assert ref.method == "tcd" and ref.teacher.workdir == "workdirs/some_digits_edm"
   assert "teacher" not in compare.run_config(cmp, "ct", 0)
   cmp.methods = ("ct", "ict")
   with pytest.raises(config_lib.ConfigError, match="add a distillation method"):

@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -518,6 +519,101 @@ def test_bad_settings_are_refused_before_any_compute(toy_run, tmp_path, fields, 
   assert not os.path.exists(os.path.join(wd, "eval"))
 
 
+def test_ema_mean_age_and_the_lag_warning(toy_run, caplog):
+  """runs.ema_mean_age against the EMA of theta_t = t run step by step (age = t - EMA) with
+  the decays written out (a fixed rate; EDM's half-life 0.5^(B / min(h, ratio * t * B))),
+  and against r (1 - r^s) / (1 - r); load_params warns for a lagging EMA, not for params."""
+  from configs import cifar10_edm
+  def simulated(betas):
+    avg = 0.0
+    for t, b in enumerate(betas):
+      avg = b * avg + (1.0 - b) * (t + 1)
+    return len(betas) - avg
+  c = cifar10_edm.get_config()            # rate 0.9999 and a 500 kimg half-life, batch 512
+  s, bs = 3000, c.training.batch_size
+  halflife = [0.5 ** (bs / max(min(500e3, 0.05 * t * bs), 1e-8)) for t in range(s)]
+  np.testing.assert_allclose(runs.ema_mean_age(c, "halflife", s), simulated(halflife), rtol=1e-4)
+  np.testing.assert_allclose(runs.ema_mean_age(c, "rate_0p9999", s), simulated([0.9999] * s),
+                             rtol=1e-4)
+  np.testing.assert_allclose(runs.ema_mean_age(c, "rate_0p9999", s),
+                             0.9999 * (1 - 0.9999 ** s) / 1e-4, rtol=1e-4)
+  assert runs.ema_mean_age(c, "params", s) == 0.0
+  config, n = runs.load_run_config(toy_run), runs.checkpoint_steps(toy_run)[-1]
+  age = 0.9 * (1 - 0.9 ** n) / 0.1                     # a few steps: rate 0.9 lags
+  caplog.set_level("WARNING")
+  runs.load_params(config, toy_run, None, "rate_0p9", field="config.teacher.ema")
+  said = [r.getMessage() for r in caplog.records if "lags the trained weights" in r.getMessage()]
+  assert said == [f"config.teacher.ema = 'rate_0p9': this EMA's weights are on average "
+                  f"{age:.0f} steps old, {100 * age / n:.0f}% of the {n} steps trained, so it "
+                  f"lags the trained weights; 'params' (the trained weights) or a shorter EMA "
+                  f"may be closer"]
+  caplog.clear()
+  runs.load_params(config, toy_run, None, "params")
+  assert not [r for r in caplog.records if "lags" in r.getMessage()]
+
+
+def test_finished_setting_logs_its_picture(tmp_path, caplog):
+  """common.finish: one log line per record, naming the grid (images) or picture (2-D)."""
+  import types
+  job = types.SimpleNamespace(workdir=str(tmp_path), records=[], files=[])
+  caplog.set_level("INFO")
+  grid = str(tmp_path / "eval" / "grid.png")
+  common.finish(job, str(tmp_path / "r.json"), [{"metric": "samples", "value": 64,
+                                                 "sampler": "heun:3", "grid": grid}], [grid])
+  assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("samples")] == [
+      f"samples = 64  [sampler=heun:3, grid={grid}]"]
+  assert json.load(open(tmp_path / "r.json"))["files"] == [grid]
+
+
+def test_each_mode_checks_the_batch_it_uses():
+  """--mode=nll checks shard_size against nll_batch_size only: the sampling batch_size (a
+  bad one for sampling here) is not its setting; --mode=sample checks it and not the NLL's."""
+  from configs import toy_edm
+  config = toy_edm.get_config()
+  check = lambda mode, **f: settings.validate(settings.merge_eval(base.eval_block(), None, f),
+                                              config, mode=mode, num_devices=4, process_count=1)
+  check("nll", shard_size=20, batch_size=500, nll_batch_size=4)
+  check("sample", shard_size=20, batch_size=4, nll_batch_size=500)
+  with pytest.raises(config_lib.ConfigError, match=r"shard_size = 20 must be a multiple of "
+                                                   r"config\.eval\.nll_batch_size = 8"):
+    check("nll", shard_size=20, batch_size=4, nll_batch_size=8)
+  with pytest.raises(config_lib.ConfigError, match=r"shard_size = 20 must be a multiple of "
+                                                   r"config\.eval\.batch_size = 500"):
+    check("sample", shard_size=20, batch_size=500, nll_batch_size=4)
+  with pytest.raises(config_lib.ConfigError, match=r"batch_size = 6 must be divisible by the "
+                                                   r"device count 4"):
+    check("all", shard_size=12, batch_size=6, nll_batch_size=4)
+
+
+def test_fid_stats_default_is_in_the_run_folder_and_missing_weights_say_how(tmp_path):
+  """The default reference statistics are <workdir>/eval/fid_stats/<set>-<split>.npz; the
+  missing-weights error gives the recipe, which the doc section it names holds too."""
+  from configs import digits_edm
+  config, wd = digits_edm.get_config(), str(tmp_path / "run")
+  check = lambda mode, **f: settings.validate(settings.merge_eval(base.eval_block(), None, f),
+                                              config, mode=mode, num_devices=1, process_count=1,
+                                              workdir=wd)
+  with pytest.raises(config_lib.ConfigError) as got:
+    check("fid_stats")
+  from ctm_jax.nets import inception
+  recipe = inception.CONVERT_COMMAND.format(out=settings.INCEPTION_FILE)
+  assert recipe in str(got.value) and "docs/evaluation.md" in str(got.value)
+  with pytest.raises(config_lib.ConfigError, match="no such file; make it once with `"
+                     + re.escape(recipe)):
+    check("fid_stats", inception_weights=str(tmp_path / "nope.npz"))
+  doc = " ".join(open(os.path.join(ROOT, "docs", "evaluation.md")).read().replace("\\\n", " ")
+                 .split())
+  assert " ".join(inception.CONVERT_COMMAND.format(out="inception_fid.npz").split(" && ")) in doc
+  weights = tmp_path / "inception.npz"
+  weights.write_bytes(b"")
+  check("fid_stats", inception_weights=str(weights))
+  want = os.path.join(wd, "eval", "fid_stats", "digits-train.npz")
+  assert settings.stats_path(config, base.eval_block(), wd) == want
+  with pytest.raises(config_lib.ConfigError, match="default config.eval.ref_stats = "
+                     + re.escape(repr(want)) + ": no such file"):
+    check("fid", inception_weights=str(weights))
+
+
 def test_fid_inputs_are_checked(digits_run, tmp_path, fid_module):
   wd = copy_run(digits_run, tmp_path / "run")
   ev, config = eval_settings(wd, **FID_COMMON)
@@ -583,11 +679,34 @@ def test_cli_mistakes_end_in_one_line_and_status_2(toy_run, tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith(
       "launch.eval: error: unknown field config.eval.samplrs; did you mean config.eval.samplers?")
   assert "Traceback" not in bad.stderr
-  notrun = subprocess.run([sys.executable, "-m", "launch.sample", f"--workdir={tmp_path}",
-                           "--samplers=heun:3"], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+  wd = copy_run(toy_run, tmp_path / "toy_run")
+  sample = lambda *a: subprocess.run([sys.executable, "-m", "launch.sample", *a], cwd=ROOT,
+                                     env=subprocess_env(), capture_output=True, text=True,
+                                     timeout=300)
+  notrun = sample(f"--workdir={tmp_path / 'toy_rnu'}", "--samplers=heun:3")
   assert notrun.returncode == 2 and "Traceback" not in notrun.stderr
-  assert "is not a ctm-jax run directory" in notrun.stderr.strip().splitlines()[-1]
+  last = notrun.stderr.strip().splitlines()[-1]
+  assert last.startswith("launch.sample: error: ") and "is not a ctm-jax run directory" in last
+  assert last.endswith(f"; did you mean --workdir={wd}?"), last
+  bad = sample(f"--workdir={wd}", "--samplers=heun:1", "--step=-1")
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+      "launch.sample: error: --samplers: bad sampler 'heun:1'"), bad.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_launch_sample_log_is_quiet_and_names_its_picture(toy_run, tmp_path):
+  """A launch.sample run: no Orbax read-only warnings, and the log names its picture."""
+  wd = copy_run(toy_run, tmp_path / "run")
+  good = subprocess.run([sys.executable, "-m", "launch.sample", f"--workdir={wd}",
+                         "--samplers=heun:3", "--num_samples=64", "--batch_size=64",
+                         "--config.eval.shard_size=64", "--config.eval.reference_seeds=1"],
+                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                        timeout=600)
+  assert good.returncode == 0, good.stderr[-3000:]
+  for quiet in ("Given directory is read only", "read_only=True", "Traceback"):
+    assert quiet not in good.stderr, good.stderr[-3000:]
+  pics = re.findall(r"picture=(\S+\.png)", good.stderr)
+  assert pics and all(os.path.isfile(p) and p.startswith(wd) for p in pics), good.stderr[-3000:]
 
 
 def test_launch_sample_maps_its_flags_onto_eval_fields():

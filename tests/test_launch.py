@@ -90,6 +90,21 @@ def test_positional_arguments_are_refused_alike_by_every_binary(tmp_path, binary
   assert one_line_error(proc) == f"launch.{binary}: error: unexpected arguments ['extra']{how}"
 
 
+def test_orbax_read_only_warnings_are_dropped_and_others_kept():
+  """The quiet log's filter on the three warnings Orbax gives for a checkpoint opened to read
+  (orbax/checkpoint/checkpoint_manager.py), and not on its other warnings or other libraries'."""
+  def passes(path, msg, level=py_logging.WARNING):
+    rec = py_logging.LogRecord("absl", level, path, 1, msg, ("x",), None)
+    return common._FILTER.filter(rec)
+  orbax = "venv/lib/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  for msg in ("Given directory is read only=%s",
+              "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
+              "CheckpointManagerOptions.read_only=True, setting max_to_keep=None."):
+    assert not passes(orbax, msg)
+  assert passes(orbax, "Checkpoint %s is corrupt")
+  assert passes("repo/ctm_jax/runs.py", "Given directory is read only=%s")
+
+
 def test_missing_flag_workdir_file_and_verbose(tmp_path):
   line = one_line_error(launch(TOY))
   assert line == E + "missing required flag --workdir (Directory for checkpoints, logs and samples)"

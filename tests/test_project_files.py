@@ -101,3 +101,52 @@ def test_import_graph_finds_a_planted_cycle(tmp_path):
   assert find_cycle(graph) == ["ctm_jax.a", "ctm_jax.sub.b", "ctm_jax.sub.c", "ctm_jax.a"]
   (pkg / "sub" / "c.py").write_text("def f():\n  from ctm_jax import sub\n")
   assert find_cycle(import_graph(str(tmp_path))) is None
+
+
+# ----------------------------------------------------------------------------- machine paths
+
+# An absolute path: '/' and a name, then at least one more '/name' (so 'a/b', '<workdir>/x',
+# 'gs://b/x', 'https://x/y', '~/x', '$W/x' and 'DDPM++/NCSN++' are not: they follow a word
+# character, '>', ':', '/', '~', '$', '}', '+', '.' or '-').
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~$}/:>+\\-])/[A-Za-z_][\w.+-]*(?:/[\w.+*-]+)+/?")
+# What a tracked file may name: scratch space in examples, the shell's env, a placeholder.
+ALLOWED = ("/tmp/", "/dev/null", "/usr/bin/env", "/path/to/")
+PRIVATE_FOLDER = "../" + "shared"     # the helpers' notes beside the repository, not shipped
+
+
+def machine_paths(text: str) -> list:
+  """The absolute paths in text outside ALLOWED, and mentions of PRIVATE_FOLDER."""
+  found = [m.group(0) for m in ABSOLUTE_PATH.finditer(text)
+           if not m.group(0).startswith(ALLOWED)]
+  return found + [PRIVATE_FOLDER] * text.count(PRIVATE_FOLDER)
+
+
+def tracked_text_files():
+  try:
+    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+  except (OSError, subprocess.CalledProcessError):
+    pytest.skip("not a git checkout")
+  for name in filter(None, names):
+    try:
+      with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        yield name, f.read()
+    except (UnicodeDecodeError, IsADirectoryError, FileNotFoundError):
+      continue                                    # binary fixtures, deleted-but-tracked files
+
+
+def test_no_tracked_file_names_a_machine_path():
+  bad = {name: found for name, text in tracked_text_files() if (found := machine_paths(text))}
+  assert not bad, f"absolute paths of one machine (use workdirs/..., /tmp/...): {bad}"
+
+
+def test_machine_path_scanner():
+  home, work = "/" + "home/ana/runs/edm", "/" + "work/runs/eval/inception_fid.npz"
+  assert machine_paths(f"--workdir={home} --x='{work}' (`/" + "scratch/a`)") == [
+      home, work, "/" + "scratch/a"]
+  assert machine_paths("see " + PRIVATE_FOLDER + "/METHODS.md") == [PRIVATE_FOLDER]
+  legit = ("--workdir=gs://bkt/runs/toy https://github.com/sony/ctm/blob/main/x.py "
+           "--out=/tmp/bench.json #!/usr/bin/env bash >/dev/null workdirs/digits_edm "
+           "<workdir>/eval/fid_stats/x.npz $W1/ckpt ${HOME}/x ~/tensorflow_datasets "
+           "DDPM++/NCSN++/ADM /path/to/edm a/b/c x / y 1/2 /tmp")
+  assert machine_paths(legit) == []

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import time
 
@@ -231,6 +232,34 @@ def test_training_log_is_quiet_and_ends_with_the_results(uninterrupted):
                   f"  TensorBoard: tensorboard --logdir {wd}",
                   tail[-1]]
   assert re.fullmatch(rf"Finished at step {STEPS} in \d+:\d\d:\d\d \(loss [0-9.e-]+\)", tail[-1])
+
+
+def _files(root):
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_a_resume_logs_what_changed(
+    tmp_path, uninterrupted):
+  """The same command again: one line, exit 0, every file of the run byte for byte as it was
+  (summary.json kept).  A resume with more steps: one line naming the changed field, recorded
+  in config_resume_<step>.json."""
+  run = tmp_path / "run"
+  shutil.copytree(uninterrupted[-1], run)
+  before = _files(run)
+  proc = run_train(run, *RESUME_ARGS)
+  last = proc.stderr.strip().splitlines()[-1].split("] ", 1)[1]
+  assert last == (f"Already trained to step {STEPS} (training.num_train_steps = {STEPS}): "
+                  f"nothing to do; {run}/summary.json is kept"), proc.stderr[-2000:]
+  assert _files(run) == before
+  proc = run_train(run, *RESUME_ARGS[1:], f"--config.training.num_train_steps={STEPS + 2}")
+  said = [ln.split("] ", 1)[1] for ln in proc.stderr.splitlines() if "changed settings" in ln]
+  assert said == [f"Resuming with changed settings (recorded in config_resume_{STEPS:08d}.json): "
+                  f"training.num_train_steps {STEPS} -> {STEPS + 2}"], proc.stderr[-2000:]
+  with open(run / f"config_resume_{STEPS:08d}.json") as f:
+    assert json.load(f)["training"]["num_train_steps"] == STEPS + 2
+  with open(run / "summary.json") as f:
+    assert json.load(f)["step"] == STEPS + 2
 
 
 def _wait_for_checkpoint(workdir, min_step, proc, timeout=300):

@@ -76,7 +76,8 @@ def base_record(job: Job, spec=None, step=None, ema=None) -> dict:
 
 
 def finish(job: Job, result_path: str, records: List[dict], files: List[str]) -> List[dict]:
-  """Write a setting's result file (its records and files), then append the records."""
+  """Write a setting's result file (its records and files), then append the records; one
+  log line each, with the picture it drew (grid / picture) when there is one."""
   if jax.process_index() == 0:
     write_json_atomic(result_path, {"records": records, "files": files})
   report.append_records(job.workdir, records)
@@ -86,7 +87,8 @@ def finish(job: Job, result_path: str, records: List[dict], files: List[str]) ->
     logging.info("%s = %s%s  [%s]", r["metric"], _fmt(r["value"]),
                  f" +- {_fmt(r['stderr'])}" if r.get("stderr") is not None else "",
                  ", ".join(f"{k}={r[k]}" for k in ("sampler", "split", "step", "ema",
-                                                    "num_samples", "num_examples") if r.get(k) is not None))
+                                                    "num_samples", "num_examples", "grid",
+                                                    "picture") if r.get(k) is not None))
   return records
 
 

@@ -247,7 +247,7 @@ def fid_stats(job: Job) -> List[dict]:
   the FID / KID of one half of the split against the other (the data's own level)."""
   from ctm_jax.metrics import fid
   ev, t0 = job.ev, time.time()
-  path = settings.stats_path(job.config, ev)
+  path = settings.stats_path(job.config, ev, job.workdir)
   if fileio.exists(path) and not ev.recompute:
     logging.info("reference statistics exist (config.eval.recompute=True redoes them): %s", path)
     job.files.append(path)
@@ -284,7 +284,7 @@ def fid_stats(job: Job) -> List[dict]:
 
 def load_reference(job: Job) -> dict:
   from ctm_jax.metrics import fid
-  path = settings.stats_path(job.config, job.ev)
+  path = settings.stats_path(job.config, job.ev, job.workdir)
   stats = fid.load_stats(path, feature_dim=None)
   settings.check_reference_stats(path, job.config, job.ev, stats)
   feats = stats.get("features")
@@ -322,7 +322,7 @@ def run(workdir: str, mode: str, ev, config, *, feature_fn: Optional[FeatureFn] 
   t_start = time.time()
   mesh = eval_mesh(config, devices)
   settings.validate(ev, config, mode=mode, num_devices=mesh.size,
-                    process_count=jax.process_count())
+                    process_count=jax.process_count(), workdir=workdir)
   steps = settings.checkpoint_steps(ev, workdir) if mode != "fid_stats" else []
   emas = settings.ema_list(ev, config)
   specs = settings.sampler_specs(ev, config) if mode in ("sample", "fid", "all") else []

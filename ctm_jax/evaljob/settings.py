@@ -13,11 +13,12 @@ import ml_collections
 import numpy as np
 
 from ctm_jax import config_lib, data, evaluate, fileio, methods, runs
+from ctm_jax.evaljob import report
 from ctm_jax.evaljob.common import ODE_METRICS, check_metrics, metrics_for, split_list
 
 MODES = ("sample", "fid", "nll", "fid_stats", "all")
 FEATURE_DIM = 2048                     # ctm_jax.nets.inception.FEATURE_DIM (pool3)
-STATS_DIR_NAME = "ctm_jax_fid_stats"
+INCEPTION_FILE = "workdirs/inception_fid.npz"     # where the recipe in the errors writes it
 
 
 def merge_eval(defaults: ml_collections.ConfigDict, run_config, overrides: Dict) -> ml_collections.ConfigDict:
@@ -113,17 +114,15 @@ def ema_list(ev, config) -> List[str]:
   return chosen
 
 
-def default_stats_path(config, ev) -> str:
-  """<data_dir>/ctm_jax_fid_stats/<dataset>-<split>.npz (data_dir: eval.data_dir, else the
-  run's data.data_dir, else TFDS's default data dir)."""
-  from ctm_jax.data import builders
-  data_dir = ev.data_dir or config.data.data_dir or builders.default_data_dir()
+def default_stats_path(config, ev, workdir: str) -> str:
+  """<workdir>/eval/fid_stats/<dataset>-<fid_split>.npz: the run's own reference statistics."""
   name = config.data.dataset.replace("/", "_")
-  return fileio.join(data_dir, STATS_DIR_NAME, f"{name}-{ev.fid_split}.npz")
+  return fileio.join(report.eval_dir(workdir), "fid_stats", f"{name}-{ev.fid_split}.npz")
 
 
-def stats_path(config, ev) -> str:
-  return ev.ref_stats or default_stats_path(config, ev)
+def stats_path(config, ev, workdir: str) -> str:
+  """config.eval.ref_stats, '' meaning default_stats_path (inside the run's folder)."""
+  return ev.ref_stats or default_stats_path(config, ev, workdir)
 
 
 def needs_fid(mode: str) -> bool:
@@ -134,23 +133,25 @@ def needs_nll(mode: str) -> bool:
   return mode in ("nll", "all")
 
 
-def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> None:
-  """Every eval field and its fit to the run and the mode; nothing is computed."""
+def validate(ev, config, *, mode: str, num_devices: int, process_count: int,
+             workdir: str = "") -> None:
+  """Every eval field and its fit to the run (in workdir) and the mode; nothing is computed."""
   c = ml_collections.ConfigDict({"eval": ev.to_dict()})
   if mode not in MODES:
     raise config_lib.ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
   info = data.dataset_info(config.data.dataset)
-  bs = config_lib.check_number(c, "eval.batch_size", 1, integer=True)
-  if bs % num_devices:
-    raise config_lib.ConfigError(f"config.eval.batch_size = {bs} must be divisible by the "
-                                 f"device count {num_devices}")
-  if bs % process_count:
-    raise config_lib.ConfigError(f"config.eval.batch_size = {bs} must be divisible by the "
-                                 f"process count {process_count}")
   shard = config_lib.check_number(c, "eval.shard_size", 1, integer=True)
-  if shard % bs:
-    raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
-                                 f"config.eval.batch_size = {bs}")
+  if mode != "nll":        # the sampling / feature batch; --mode=nll has its own below
+    bs = config_lib.check_number(c, "eval.batch_size", 1, integer=True)
+    if bs % num_devices:
+      raise config_lib.ConfigError(f"config.eval.batch_size = {bs} must be divisible by the "
+                                   f"device count {num_devices}")
+    if bs % process_count:
+      raise config_lib.ConfigError(f"config.eval.batch_size = {bs} must be divisible by the "
+                                   f"process count {process_count}")
+    if shard % bs:
+      raise config_lib.ConfigError(f"config.eval.shard_size = {shard} must be a multiple of "
+                                   f"config.eval.batch_size = {bs}")
   # FID needs 2 samples for a covariance; KID two blocks of 2 (ctm_jax.metrics.fid.kid).
   config_lib.check_number(c, "eval.num_samples", 4 if needs_fid(mode) else 1, integer=True)
   config_lib.check_number(c, "eval.seed", 0, integer=True)
@@ -176,7 +177,7 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
           f"(--mode=sample reports MMD / sliced W1 for them)")
     check_inception_file(ev)
   if mode in ("fid", "all"):
-    check_reference_stats(stats_path(config, ev), config, ev)
+    check_reference_stats(stats_path(config, ev, workdir), config, ev)
   if needs_nll(mode):
     if not methods.method_class(config.method).has_score_head:
       raise config_lib.ConfigError(
@@ -210,13 +211,17 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int) -> 
 
 
 def check_inception_file(ev) -> None:
+  from ctm_jax.nets import inception
   path = ev.inception_weights
+  make = (f"make it once with `{inception.CONVERT_COMMAND.format(out=INCEPTION_FILE)}` and "
+          f"pass --config.eval.inception_weights={INCEPTION_FILE} (docs/evaluation.md, "
+          f"'Weights')")
   if not path:
     raise config_lib.ConfigError(
-        "config.eval.inception_weights must name the FID Inception-v3 weights (.npz made by "
-        "launch/export_inception_weights.py; see docs/eval_jobs.md)")
+        f"config.eval.inception_weights must name the FID Inception-v3 weights .npz: {make}")
   if not fileio.isfile(path):
-    raise config_lib.ConfigError(f"config.eval.inception_weights = {path!r}: no such file")
+    raise config_lib.ConfigError(f"config.eval.inception_weights = {path!r}: no such file; "
+                                 f"{make}")
 
 
 def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -> dict:
