@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax import config_lib, parallel, train
+from ctm_jax import config_lib, fileio, parallel, train
 
 JVP_METHODS = ("meanflow", "sct", "scd")   # steps with a forward-mode pass through the network
 LOOP_CALLS = 4        # teacher calls chained inside one while loop (per-call time = total / n)
@@ -53,9 +53,9 @@ def bench_config(config, batch: int, scratch_dir: str):
     tc = cfg.teacher
     where = {"checkpoint": tc.workdir, "torch_npz": tc.npz_path}.get(tc.source,
                                                                        tc.get("path", ""))
-    missing = ((tc.source == "checkpoint" and not os.path.isdir(where or "/nonexistent"))
+    missing = ((tc.source == "checkpoint" and not (where and fileio.isdir(where)))
                or (tc.source in ("torch_npz", "edm_pkl", "torch_pt")
-                   and not os.path.isfile(where or "/nonexistent")))
+                   and not (where and fileio.isfile(where))))
     if missing:
       notes.append(f"teacher: random weights (no {tc.source} at {where!r})")
       tc.source = "random"
@@ -67,9 +67,9 @@ def bench_config(config, batch: int, scratch_dir: str):
       needs.append("gan.feature_weights")
     for field in needs:
       sec, name = field.split(".")
-      if not os.path.isfile(cfg[sec][name] or "/nonexistent"):
-        path = os.path.join(scratch_dir, "lpips_random.npz")
-        if not os.path.isfile(path):
+      if not (cfg[sec][name] and fileio.isfile(cfg[sec][name])):
+        path = fileio.join(scratch_dir, "lpips_random.npz")
+        if not fileio.isfile(path):
           lpips.random_lpips_npz(path, seed=0)
         cfg[sec][name] = path
         notes.append(f"{field}: random VGG16 weights")

@@ -6,15 +6,18 @@ finished: keep the newest `keep_last`, plus every step that is a multiple of `ke
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
+from ctm_jax import fileio
+
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """workdir/checkpoints: a local path made absolute, a URL (gs://...) as it is (Orbax writes
+  there itself, every process its own array shards)."""
+  return fileio.join(fileio.absolute(workdir), "checkpoints")
 
 
 class Checkpointer:

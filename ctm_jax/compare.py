@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from typing import Any, Dict, List, Tuple
 
@@ -30,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import config_lib, evaluate, progress, runs, samplers
+from ctm_jax import config_lib, evaluate, fileio, progress, runs, samplers
 
 # An entry is configs/<prefix>_<entry>.py; tcd_s is TCD with CTM's s-input network (tcd.s_input).
 FAMILY = ("ctm", "cd", "ct", "ict", "direct_cd", "tcd", "tcd_s", "meanflow", "sct", "scd")
@@ -110,7 +109,7 @@ def eval_settings(cmp, config, method: str):
 
 
 def run_dir(cmp, method: str, seed: int) -> str:
-  return os.path.join(cmp.workdir, "runs", f"{method}-s{seed}")
+  return fileio.join(cmp.workdir, "runs", f"{method}-s{seed}")
 
 
 def validate(cmp) -> List[Tuple[str, int, ml_collections.ConfigDict, Any]]:
@@ -190,13 +189,11 @@ def train_cost(workdir: str) -> Dict[str, float]:
   """Seconds per training step: 1 / the median of the logged steps_per_sec after the first
   log interval (which holds the compilation)."""
   rates = []
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        r = json.loads(line)
-        if "steps_per_sec" in r:
-          rates.append(float(r["steps_per_sec"]))
+  path = fileio.join(workdir, "metrics.jsonl")
+  if fileio.exists(path):
+    from ctm_jax import metric_io
+    rates = [float(r["steps_per_sec"]) for r in metric_io.read_jsonl(path)
+             if "steps_per_sec" in r]
   rates = rates[1:] if len(rates) > 1 else rates
   if not rates:
     return {"sec_per_step": float("nan"), "intervals": 0}
@@ -211,7 +208,6 @@ def train_run(method: str, seed: int, config, workdir: str) -> Dict[str, Any]:
     logging.info("compare: %s seed %d is trained (step %d), skipping", method, seed, steps)
     return {"trained_now": False, **train_cost(workdir)}
   logging.info("compare: training %s seed %d for %d steps in %s", method, seed, steps, workdir)
-  os.makedirs(workdir, exist_ok=True)
   summary = train.train_and_evaluate(config, workdir)
   # Ctrl-C / SIGTERM stops the whole comparison, also one that came during the last step
   # (the loop then finishes the run, and only summary["signal"] tells of it).
@@ -240,8 +236,8 @@ def _ctrl_c_context(doing: str, kept: str):
 
 def _samples(rec) -> np.ndarray:
   d = rec["samples"]
-  files = sorted(f for f in os.listdir(d) if f.startswith("shard_") and f.endswith(".npz"))
-  return np.concatenate([np.load(os.path.join(d, f))["x"] for f in files])
+  files = [f for f in fileio.listdir(d) if f.startswith("shard_") and f.endswith(".npz")]
+  return np.concatenate([fileio.load_npz(fileio.join(d, f))["x"] for f in files])
 
 
 def cross_entropy_gap(x: np.ndarray, reference: np.ndarray) -> float:
@@ -262,11 +258,11 @@ def teacher_ode_reference(cmp, seed: int) -> Tuple[np.ndarray, np.ndarray]:
   from ctm_jax.evaljob.shards import settings_hash
   n = int(cmp.ode_error_samples)
   sch = runs.schedule_from_config(config)
-  key = settings_hash({"teacher": os.path.abspath(config.teacher.workdir), "n": n, "seed": seed,
+  key = settings_hash({"teacher": fileio.absolute(config.teacher.workdir), "n": n, "seed": seed,
                        "rtol": cmp.ode_rtol, "sigma": [sch.sigma_min, sch.sigma_max]})
-  path = os.path.join(cmp.workdir, "ode_error", f"s{seed}-{key}.npz")
-  if os.path.exists(path):
-    got = np.load(path)
+  path = fileio.join(cmp.workdir, "ode_error", f"s{seed}-{key}.npz")
+  if fileio.exists(path):
+    got = fileio.load_npz(path)
     return got["x_T"], got["x_exact"]
   info_shape = runs.example_input(config).shape[1:]
   x_T = np.asarray(samplers.initial_noise(jax.random.PRNGKey(seed + 1), (n,) + info_shape,
@@ -275,10 +271,7 @@ def teacher_ode_reference(cmp, seed: int) -> Tuple[np.ndarray, np.ndarray]:
   params = teacher.params()
   denoise = jax.jit(lambda x, t: teacher.denoise(params, x, t, None))
   ref = evaluate.exact_ode_solution(denoise, x_T, sch.sigma_max, sch.sigma_min, cmp.ode_rtol)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, x_T=x_T, x_exact=ref)
-  os.replace(tmp, path)
+  fileio.save_npz(path, x_T=x_T, x_exact=ref)
   return x_T, ref
 
 
@@ -393,7 +386,6 @@ def plots(cmp, agg, out_dir: str) -> List[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  os.makedirs(out_dir, exist_ok=True)
   metrics = QUALITY[cmp.mode][:2]
   paths = []
   fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2))
@@ -406,8 +398,8 @@ def plots(cmp, agg, out_dir: str) -> List[str]:
     ax.set_ylabel(metric)
   np.atleast_1d(axes)[0].legend(fontsize=6)
   fig.tight_layout()
-  p = os.path.join(out_dir, f"{cmp.name}_quality_vs_nfe.png")
-  fig.savefig(p, dpi=80)
+  p = fileio.join(out_dir, f"{cmp.name}_quality_vs_nfe.png")
+  fileio.save_figure(fig, p, dpi=80)
   plt.close(fig)
   paths.append(p)
   fig, ax = plt.subplots(figsize=(4.2, 3.2))
@@ -423,8 +415,8 @@ def plots(cmp, agg, out_dir: str) -> List[str]:
   ax.set_xlabel("ODE error E")
   ax.set_ylabel(f"{metrics[0]} at NFE 1")
   fig.tight_layout()
-  p = os.path.join(out_dir, f"{cmp.name}_ode_error_vs_quality.png")
-  fig.savefig(p, dpi=80)
+  p = fileio.join(out_dir, f"{cmp.name}_ode_error_vs_quality.png")
+  fileio.save_figure(fig, p, dpi=80)
   plt.close(fig)
   paths.append(p)
   return paths
@@ -436,7 +428,7 @@ def run(cmp) -> Dict[str, Any]:
   """Validate everything, train what is not trained, evaluate, write the table and plots."""
   t_start = time.time()
   plan = validate(cmp)
-  os.makedirs(cmp.workdir, exist_ok=True)
+  fileio.makedirs(cmp.workdir)
   rows, costs, timing = [], {}, {}
   for method, seed, config, _ in plan:
     with _ctrl_c_context(f"training {method} seed {seed}", "its earlier checkpoints are kept"):
@@ -449,15 +441,14 @@ def run(cmp) -> Dict[str, Any]:
     timing[f"eval {method}-s{seed}"] = time.time() - t0
   agg = aggregate(rows)
   table = markdown_table(cmp, agg, costs)
-  pics = plots(cmp, agg, os.path.join(cmp.workdir, "plots"))
+  pics = plots(cmp, agg, fileio.join(cmp.workdir, "plots"))
   result = {"name": cmp.name, "config": cmp.to_dict(), "rows": rows, "aggregate": agg,
             "train_cost": [{"method": m, "seed": s, **v} for (m, s), v in costs.items()],
             "eval_seconds": timing, "seconds": time.time() - t_start, "plots": pics}
-  from ctm_jax.evaljob.shards import write_text_atomic     # a stopped run leaves no half table
-  write_text_atomic(os.path.join(cmp.workdir, "table.md"), table)
-  write_text_atomic(os.path.join(cmp.workdir, "table.json"),
+  fileio.write_text(fileio.join(cmp.workdir, "table.md"), table)   # atomic: never half a table
+  fileio.write_text(fileio.join(cmp.workdir, "table.json"),
                     json.dumps(result, indent=1, default=str))
   logging.info("compare: finished in %.0f s; %s", time.time() - t_start,
-               os.path.join(cmp.workdir, "table.md"))
+               fileio.join(cmp.workdir, "table.md"))
   print(table)
   return result

@@ -5,7 +5,10 @@ again (the key is the program, the compile options and the JAX / XLA version and
   'auto' (default): JAX's cache directory when one is set already (JAX_COMPILATION_CACHE_DIR
          or jax.config), else <workdir>/../.jax_cache: beside the workdir, shared by the runs
          of one parent folder (a student and the evaluation of its teacher share programs).
-  a path: that directory.
+         A URL workdir (gs://...) gets a local per-user folder instead,
+         $XDG_CACHE_HOME/ctm_jax/jax_cache or ~/.cache/ctm_jax/jax_cache: compiled programs
+         are per host, and a cache on the object store would cost a download per compile.
+  a path: that directory (a URL such as gs://... too: JAX reads it through etils.epath).
   '':     the loop leaves JAX's settings alone (JAX's default: no persistent cache).
 The cache is trusted code: do not point it at a folder that others may write to.
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import os
 from typing import Optional
+
+from ctm_jax import fileio
 
 AUTO = "auto"
 DEFAULT_NAME = ".jax_cache"
@@ -26,6 +31,8 @@ def resolve(value: str, workdir: str, configured: Optional[str]) -> Optional[str
   if value == AUTO:
     if configured:
       return None
+    if fileio.is_url(workdir):
+      return fileio.local_cache_dir("jax_cache")
     parent = os.path.dirname(os.path.abspath(workdir.rstrip("/")))
     return os.path.join(parent, DEFAULT_NAME)
   return value
@@ -36,7 +43,7 @@ def use(path: str):
   JAX reads the directory once per process, so its cache is reset when the path changes."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache as cc
-  os.makedirs(path, exist_ok=True)
+  fileio.makedirs(path)         # a URL here is JAX's own remote cache (through epath)
   if jax.config.jax_compilation_cache_dir != path:
     jax.config.update("jax_compilation_cache_dir", path)
     cc.reset_cache()

@@ -9,6 +9,8 @@ import numbers
 import os
 from typing import Iterable
 
+from ctm_jax import fileio
+
 
 class UserError(ValueError):
   """A mistake in what the user asked for (a config value, a path): reported in one line."""
@@ -78,7 +80,7 @@ def check_workdir(workdir: str):
   """A workdir must be a directory or not exist yet (it is created)."""
   if not workdir:
     raise UserError("the workdir is empty: name a directory for checkpoints, logs and samples")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if fileio.exists(workdir) and not fileio.isdir(workdir):
     raise UserError(f"workdir {workdir!r} is an existing file, not a directory: name a new "
                     f"directory or an earlier run's directory (to resume it)")
 
@@ -103,7 +105,7 @@ def validate_common(config, *, num_devices: int, process_count: int):
   check_number(config, "seed", 0, integer=True)
   check_number(config, "init_from_step", -1, integer=True)
   if config.get("init_from"):
-    if not os.path.exists(os.path.join(config.init_from, "config.json")):
+    if not fileio.exists(fileio.join(config.init_from, "config.json")):
       raise ConfigError(f"config.init_from = {config.init_from!r} is not a ctm-jax run directory "
                         f"(no config.json there)")
   check_choice(config, "data.dataset", tuple(data.DATASETS))

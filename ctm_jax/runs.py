@@ -8,8 +8,6 @@ discriminator is built and their arrays are never read.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, List, Optional, Tuple
 
 import jax
@@ -18,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import checkpointing, config_lib, data, diffusion, flow_map, nets, parallel, train_state
+from ctm_jax import checkpointing, config_lib, fileio, data, diffusion, flow_map, nets, parallel, train_state
 
 RAW_PARAMS = "params"     # load_params(ema=RAW_PARAMS): the trained (non-averaged) parameters
 
@@ -29,12 +27,11 @@ class NotARunError(config_lib.UserError, FileNotFoundError):
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with (workdir/config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = fileio.join(workdir, "config.json")
+  if not fileio.isfile(path):
     raise NotARunError(f"{path} not found: {workdir!r} is not a ctm-jax run directory "
                        f"(launch.train writes config.json there)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(fileio.read_json(path))
 
 
 def schedule_from_config(config) -> diffusion.Schedule:
@@ -92,11 +89,12 @@ def abstract_params(config, model: Optional[flow_map.FlowModel] = None):
 def checkpoint_steps(workdir: str) -> List[int]:
   """The finished checkpoint steps of a run, ascending (unfinished temporaries are ignored)."""
   d = checkpointing.checkpoint_dir(workdir)
-  if not os.path.isdir(d):
-    return []
-  # Orbax writes a step into a temporary directory and renames it to the bare step number
-  # when it is complete, so digit-only names are the finished checkpoints.
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+  # Locally Orbax writes a step into a temporary directory renamed to the bare step number
+  # when complete; on an object store (no atomic rename) it writes the step's own directory
+  # and marks it complete with commit_success.txt.  is_path_finalized knows both.
+  from orbax.checkpoint import path as ocp_path
+  return sorted(int(n) for n in fileio.listdir(d)
+                if n.isdigit() and ocp_path.step.is_path_finalized(fileio.path(fileio.join(d, n))))
 
 
 def resolve_step(workdir: str, step: Optional[int]) -> int:

@@ -320,10 +320,10 @@ def load_torch_archive(source, member: Optional[str] = None):
   """
   if isinstance(source, (str, os.PathLike)):
     name = os.fspath(source)
-    if not os.path.isfile(name):
+    from ctm_jax import fileio
+    if not fileio.isfile(name):
       raise TorchArchiveError(f'{name}: no such file')
-    with open(name, 'rb') as f:
-      return _load(f, name, member)
+    return _load(io.BytesIO(fileio.read_bytes(name)), name, member)
   if isinstance(source, (bytes, bytearray)):
     return _load(io.BytesIO(source), '<bytes>', member)
   return _load(source, getattr(source, 'name', '<file>'), member)

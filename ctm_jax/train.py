@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import threading
 import time
@@ -23,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import (checkpointing, compile_cache, config_lib, data, evaluate, metric_io,
+from ctm_jax import (checkpointing, compile_cache, config_lib, data, evaluate, fileio, metric_io,
                      methods, parallel, runs, samplers, train_state, visualize)
 from ctm_jax import progress as progress_lib
 from ctm_jax.evaljob import report
@@ -142,7 +141,7 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, writer, sampl
     x = np.asarray(parallel.to_host(fn(params, key)))
     pic = visualize.samples_picture(x, exp.info.kind)
     if jax.process_index() == 0:
-      path = os.path.join(workdir, "samples", f"{name}_step{step:08d}.png")
+      path = fileio.join(workdir, "samples", f"{name}_step{step:08d}.png")
       if points:
         ref = evaluate.reference_points(exp.config, len(x))
         report.points_figure(x, ref, path, f"{name}, step {step}")
@@ -244,35 +243,31 @@ def _mean_metrics(buffer):
 def _write_config(workdir: str, config, step: int):
   """workdir/config.json for a new run; config_resume_<step>.json when resuming."""
   name = "config.json" if step == 0 else f"config_resume_{step:08d}.json"
-  path = os.path.join(workdir, name)
-  if jax.process_index() == 0 and not os.path.exists(path):
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+  path = fileio.join(workdir, name)
+  if jax.process_index() == 0 and not fileio.exists(path):
+    fileio.write_text(path, config.to_json_best_effort(indent=2))
 
 
 def _finished_summary(workdir: str, total_steps: int) -> Optional[Dict[str, Any]]:
   """The saved summary.json of a run that already trained to total_steps (its newest
   checkpoint is that summary's step, at or past total_steps), else None."""
-  path = os.path.join(workdir, "summary.json")
-  steps = runs.checkpoint_steps(workdir) if os.path.isfile(path) else []
+  path = fileio.join(workdir, "summary.json")
+  steps = runs.checkpoint_steps(workdir) if fileio.isfile(path) else []
   if not steps or steps[-1] < total_steps:
     return None
-  with open(path) as f:
-    summary = json.load(f)
+  summary = fileio.read_json(path)
   return summary if summary.get("step") == steps[-1] else None
 
 
 def _config_changes(workdir: str, config) -> list:
   """'field old -> new' for each field of config that differs from the run's newest saved
   config (config.json or the last config_resume_<step>.json): what a resume changes."""
-  saved = sorted(n for n in os.listdir(workdir) if n.startswith("config_resume_")
-                 and n.endswith(".json")) if os.path.isdir(workdir) else []
-  path = os.path.join(workdir, saved[-1] if saved else "config.json")
-  if not os.path.isfile(path):
+  saved = [n for n in fileio.listdir(workdir) if n.startswith("config_resume_")
+           and n.endswith(".json")]
+  path = fileio.join(workdir, saved[-1] if saved else "config.json")
+  if not fileio.isfile(path):
     return []
-  with open(path) as f:
-    old = _flatten(json.load(f))
+  old = _flatten(fileio.read_json(path))
   new = _flatten(json.loads(config.to_json_best_effort()))
   return [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -293,9 +288,9 @@ def _newest(saved: Optional[int]) -> str:
 
 def final_lines(summary: Dict[str, Any], workdir: str, total_steps: int) -> list:
   """The last lines of a training log: where the results are, then how the run ended."""
-  join = lambda name: os.path.join(workdir, name)
+  join = lambda name: fileio.join(workdir, name)
   lines = [f"Results in {workdir}:"]
-  if os.path.isdir(join("samples")):
+  if fileio.isdir(join("samples")):
     lines.append(f"  sample pictures (PNG): {join('samples')}")
   lines += [f"  metrics: {join('metrics.jsonl')}",
             f"  summary: {join('summary.json')}",
@@ -336,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if done is not None:                       # a re-run of a finished run changes nothing
     logging.info("Already trained to step %d (training.num_train_steps = %d): nothing to do; "
                  "%s is kept", done["step"], tcfg.num_train_steps,
-                 os.path.join(workdir, "summary.json"))
+                 fileio.join(workdir, "summary.json"))
     return done
   cache_dir = compile_cache.setup(tcfg.get("compilation_cache_dir", compile_cache.AUTO), workdir)
   exp = Experiment(config)
@@ -349,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                jax.default_backend(), jax.local_device_count(), pipeline.tfds_name,
                pipeline.data_dir)
 
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)        # a no-op on object stores, which have no folders
   ckpt = checkpointing.Checkpointer(workdir, tcfg)
   latest = ckpt.latest_step()
   if latest is not None:
@@ -431,15 +426,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       progress.close()
       batches.close()
       ckpt.close()                # waits for an asynchronous save: a Ctrl-C meanwhile is noted
-      writer.flush()
+      writer.close()               # a URL workdir: the last TensorBoard copy goes up
     finally:
       preempt.close()
   summary = {"step": step, "metrics": last_metrics, "samples": sample_results,
              "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
              "signal": preempt.reason, "seconds": time.time() - t_start}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    fileio.write_json(fileio.join(workdir, "summary.json"), summary, indent=2)
     for line in final_lines(summary, workdir, tcfg.num_train_steps):
       logging.info("%s", line)
   return summary

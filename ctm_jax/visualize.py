@@ -1,10 +1,12 @@
 """Pictures of samples: image grids and 2-D point densities, as uint8 arrays and PNG files."""
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
+
+from ctm_jax import fileio
 
 
 def image_grid(images: np.ndarray, cols: int = 0, pad: int = 1) -> np.ndarray:
@@ -46,7 +48,6 @@ def save_png(path: str, picture: np.ndarray, scale: int = 1):
     pic = pic.repeat(scale, 0).repeat(scale, 1)
   if pic.shape[-1] == 1:
     pic = pic[..., 0]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(pic).save(tmp)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  Image.fromarray(pic).save(buf, format="png")
+  fileio.write_bytes(path, buf.getvalue())

@@ -7,8 +7,6 @@ The step is built exactly as training builds it (random teacher / LPIPS weights 
 are given); --compute_dtypes=float32,bfloat16 measures both, interleaved in one process.
 Prints a table and writes the JSON to --out.  Runs unchanged on CPU, GPU and TPU hosts.
 """
-import json
-import os
 import sys
 
 from absl import app, flags
@@ -64,7 +62,8 @@ def main(argv):
   bad = [d for d in dtypes if d not in nets.DTYPES]
   if bad:
     raise app.UsageError(f"--compute_dtypes: {bad} not in {sorted(nets.DTYPES)}")
-  if _OUT.value and os.path.isdir(_OUT.value):
+  from ctm_jax import fileio
+  if _OUT.value and fileio.isdir(_OUT.value):
     raise app.UsageError(f"--out={_OUT.value} is a directory; give a file name")
   if _CACHE.value:
     from ctm_jax import compile_cache
@@ -87,9 +86,7 @@ def main(argv):
   results["argv"] = sys.argv[1:]
   print(bench.table(results))
   if _OUT.value:
-    with open(_OUT.value + ".tmp", "w") as f:
-      json.dump(results, f, indent=1)
-    os.replace(_OUT.value + ".tmp", _OUT.value)
+    fileio.write_json(_OUT.value, results, indent=1)     # atomic; a local path or a URL
     print(f"wrote {_OUT.value}")
   return 0
 

@@ -76,14 +76,15 @@ def load_run_config(workdir: str, run_config: str):
 def nearest_run(workdir: str) -> str:
   """'; did you mean --workdir=DIR?' for the run directory (one holding config.json) beside
   workdir whose name is closest to it (difflib), or ''."""
-  path = os.path.normpath(workdir)
-  parent = os.path.dirname(path) or "."
-  if not os.path.isdir(parent):
+  from ctm_jax import fileio
+  path = workdir.rstrip("/") if fileio.is_url(workdir) else os.path.normpath(workdir)
+  parent = fileio.dirname(path) or "."
+  if not fileio.isdir(parent):
     return ""
-  runs_here = [n for n in sorted(os.listdir(parent))
-               if os.path.isfile(os.path.join(parent, n, "config.json"))]
-  close = difflib.get_close_matches(os.path.basename(path), runs_here, n=1, cutoff=0.6)
-  return f"; did you mean --workdir={os.path.join(parent, close[0])}?" if close else ""
+  runs_here = [n for n in fileio.listdir(parent)
+               if fileio.isfile(fileio.join(parent, n, "config.json"))]
+  close = difflib.get_close_matches(fileio.basename(path), runs_here, n=1, cutoff=0.6)
+  return f"; did you mean --workdir={fileio.join(parent, close[0])}?" if close else ""
 
 
 def main(argv):

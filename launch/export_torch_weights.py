@@ -73,7 +73,8 @@ def main(argv=None):
   if config is not None:
     arrays['config'] = np.asarray(json.dumps(config))
   arrays['meta'] = np.asarray(json.dumps(meta))
-  np.savez(args.out, **arrays)
+  from ctm_jax import fileio
+  fileio.save_npz(args.out, **arrays)            # a local path or a URL (gs://...)
   print(f'wrote {args.out}: {meta["num_tensors"]} tensors, {meta["num_elements"]:,} values, '
         f'config {"included" if config is not None else "absent"}')
 

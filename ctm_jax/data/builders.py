@@ -109,10 +109,12 @@ def checkerboard_points(n: int, seed: int) -> np.ndarray:
 
 
 def gmm_points(n: int, seed: int):
-  """n draws (float32 (n, 2), int64 component) from ctm_jax.oracle.toy_mixture_2d, on CPU."""
+  """n draws (float32 (n, 2), int64 component) from ctm_jax.oracle.toy_mixture_2d, on this
+  process's first CPU device (jax.devices()[0] belongs to process 0 in a multi-process run,
+  and a host without a shared disk builds its own copy)."""
   import jax  # pylint: disable=g-import-not-at-top
   from ctm_jax.oracle import toy_mixture_2d  # pylint: disable=g-import-not-at-top
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
     gm = toy_mixture_2d()
     x, comp = gm.sample(jax.random.key(seed), n, return_components=True)
     return np.asarray(x, np.float32), np.asarray(comp, np.int64)

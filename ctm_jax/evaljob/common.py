@@ -4,7 +4,6 @@ nll -> common, jobs -> {settings, nll, common}; nothing here imports them)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -13,7 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import config_lib, data, parallel
+from ctm_jax import config_lib, data, fileio, parallel
 from ctm_jax.evaljob import report
 from ctm_jax.evaljob.shards import read_json, write_json_atomic
 
@@ -65,7 +64,7 @@ def batch_keys(seed: int, shard: int, batch: int):
 
 
 def base_record(job: Job, spec=None, step=None, ema=None) -> dict:
-  r = {"workdir": os.path.abspath(job.workdir), "invocation": job.invocation,
+  r = {"workdir": fileio.absolute(job.workdir), "invocation": job.invocation,
        "dataset": job.config.data.dataset, "method": job.config.method,
        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
   if spec is not None:
@@ -114,7 +113,7 @@ def _fmt(v):
 
 def reuse(job: Job, result_path: str) -> Optional[List[dict]]:
   """The records of a finished setting (not recomputed unless config.eval.recompute)."""
-  if job.ev.recompute or not os.path.exists(result_path):
+  if job.ev.recompute or not fileio.exists(result_path):
     return None
   got = read_json(result_path)
   logging.info("already evaluated (config.eval.recompute=True redoes it): %s", result_path)

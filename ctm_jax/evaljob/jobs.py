@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctm_jax import config_lib, data, evaluate, parallel, runs, samplers, visualize
+from ctm_jax import config_lib, data, evaluate, fileio, parallel, runs, samplers, visualize
 from ctm_jax.evaljob import nll, report, settings
 from ctm_jax.evaljob.common import (FeatureFn, Job, LogpFn, base_record, batch_keys, finish,
                                     global_batch, reuse)
@@ -94,9 +94,9 @@ def sample_settings(job: Job, spec, step, ema) -> dict:
 
 def setting_dir(job: Job, spec, step, ema) -> str:
   s = sample_settings(job, spec, step, ema)
-  base = (os.path.join(report.eval_dir(job.workdir), "teacher") if spec.kind == "teacher_heun"
-          else os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema))
-  return os.path.join(base, f"{spec.safe_name}-{settings_hash(s)}")
+  base = (fileio.join(report.eval_dir(job.workdir), "teacher") if spec.kind == "teacher_heun"
+          else fileio.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema))
+  return fileio.join(base, f"{spec.safe_name}-{settings_hash(s)}")
 
 
 def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
@@ -110,7 +110,7 @@ def draw_samples(job: Job, spec, params, step, ema) -> Dict[str, np.ndarray]:
   run = make_batch_sampler(job, fn)
   ev = job.ev
   bs = ev.batch_size
-  store = ShardStore(os.path.join(setting_dir(job, spec, step, ema), "samples"),
+  store = ShardStore(fileio.join(setting_dir(job, spec, step, ema), "samples"),
                      sample_settings(job, spec, step, ema), ev.num_samples, ev.shard_size)
 
   def compute(i, start, count):
@@ -154,18 +154,18 @@ def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
   ev = job.ev
   d = setting_dir(job, spec, step, ema)
   points = job.info.kind != "image"
-  result = os.path.join(d, f"{'toy' if points else 'samples'}-n{ev.num_samples}-"
+  result = fileio.join(d, f"{'toy' if points else 'samples'}-n{ev.num_samples}-"
                            f"{settings_hash({'seeds': ev.reference_seeds})}.json")
   got = reuse(job, result)
   if got is not None:
     return got
   out = draw_samples(job, spec, params, step, ema)
   rec = dict(base_record(job, spec, step, ema), num_samples=ev.num_samples,
-             samples=os.path.join(d, "samples"))
+             samples=fileio.join(d, "samples"))
   if not points:
     rec["uint8_rule"] = settings.uint8_rule(ev, job.config)
   if not points:
-    grid = save_grid(job, out["x"], os.path.join(d, "grid.png"))
+    grid = save_grid(job, out["x"], fileio.join(d, "grid.png"))
     return finish(job, result, [dict(rec, metric="samples", value=ev.num_samples,
                                      seconds=time.time() - t0, grid=grid)], [grid])
   ref = evaluate.reference_points(job.config, ev.num_samples)
@@ -177,7 +177,7 @@ def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
     refs["exact_denoiser_heun"] = dict(job.reference(
         "exact_denoiser", evaluate.exact_denoiser_reference, ev.num_samples, steps,
         ev.reference_seeds), heun_steps=steps)
-  pic = report.points_figure(out["x"], ref, os.path.join(d, "points.png"),
+  pic = report.points_figure(out["x"], ref, fileio.join(d, "points.png"),
                              f"{spec.name}, step {step}")
   recs = []
   for k in ("mmd", "sliced_w1"):
@@ -191,15 +191,15 @@ def feature_shards(job: Job, samples: Dict[str, np.ndarray], d: str) -> np.ndarr
   """The Inception features of a setting's samples, cached in shards beside them."""
   ev = job.ev
   bs = ev.batch_size
-  store = ShardStore(os.path.join(d, f"features-{job.feature_id[:12]}"),
+  store = ShardStore(fileio.join(d, f"features-{job.feature_id[:12]}"),
                      {"kind": "features", "weights_sha256": job.feature_id,
-                      "samples": os.path.basename(d), "shard_size": ev.shard_size},
+                      "samples": fileio.basename(d), "shard_size": ev.shard_size},
                      ev.num_samples, ev.shard_size)
 
   def compute(i, start, count):
     return {"features": compute_features(job.feature_fn, samples["x"][start:start + count], bs)}
 
-  return store.run(compute, f"features {os.path.basename(d)}", ev.recompute)["features"]
+  return store.run(compute, f"features {fileio.basename(d)}", ev.recompute)["features"]
 
 
 def compute_features(feature_fn: FeatureFn, images: np.ndarray, batch: int) -> np.ndarray:
@@ -223,18 +223,19 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   extra = {k: True for k in ("inception_score", "precision_recall") if ev[k]}
   key = settings_hash({"ref": ref["sha256"], "weights": job.feature_id,
                        "kid": [ev.kid_subsets, ev.kid_subset_size], **extra})
-  result = os.path.join(d, f"fid-n{ev.num_samples}-{key}.json")
+  result = fileio.join(d, f"fid-n{ev.num_samples}-{key}.json")
   got = reuse(job, result)
   if got is not None:
     return got
   samples = draw_samples(job, spec, params, step, ema)
-  grid = save_grid(job, samples["x"], os.path.join(d, "grid.png"))
+  grid = save_grid(job, samples["x"], fileio.join(d, "grid.png"))
   feats = feature_shards(job, samples, d)
   value = fid.frechet_distance_from_features(feats, ref["mu"], ref["sigma"])
   rec = dict(base_record(job, spec, step, ema), num_samples=len(feats),
-             uint8_rule=settings.uint8_rule(ev, job.config), ref_stats=ref["path"], ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
-             weights=os.path.abspath(ev.inception_weights), weights_sha256=job.feature_id,
-             network=NETWORK, resize=RESIZE, samples=os.path.join(d, "samples"), grid=grid)
+             uint8_rule=settings.uint8_rule(ev, job.config), ref_stats=ref["path"],
+             ref_stats_sha256=ref["sha256"], ref_count=ref["count"],
+             weights=fileio.absolute(ev.inception_weights), weights_sha256=job.feature_id,
+             network=NETWORK, resize=RESIZE, samples=fileio.join(d, "samples"), grid=grid)
   recs = [dict(rec, metric="fid", value=value, stderr=None, seconds=time.time() - t0)]
   if ref.get("features") is not None:
     recs.append(kid_record(dict(rec, metric="kid"), feats, ref["features"], ev, t0))
@@ -282,7 +283,7 @@ def fid_stats(job: Job) -> List[dict]:
   from ctm_jax.metrics import fid
   ev, t0 = job.ev, time.time()
   path = settings.stats_path(job.config, ev, job.workdir)
-  if os.path.exists(path) and not ev.recompute:
+  if fileio.exists(path) and not ev.recompute:
     logging.info("reference statistics exist (config.eval.recompute=True redoes them): %s", path)
     job.files.append(path)
     return []
@@ -300,7 +301,6 @@ def fid_stats(job: Job) -> List[dict]:
       f"features of {job.config.data.dataset}/{ev.fid_split}", ev.recompute)["features"]
   mu, sigma = fid.feature_statistics(feats)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fid.save_stats(path, mu, sigma, features=feats, dataset=job.config.data.dataset,   # atomic
                    split=ev.fid_split, resolution=list(job.info.shape), count=len(feats),
                    weights_sha256=job.feature_id, network=NETWORK, resize=RESIZE)
@@ -309,11 +309,11 @@ def fid_stats(job: Job) -> List[dict]:
   a, b = feats[perm[:len(feats) // 2]], feats[perm[len(feats) // 2:2 * (len(feats) // 2)]]
   rec = dict(base_record(job), metric="fid_data_halves", split=ev.fid_split,
              value=fid.frechet_distance_from_features(a, *fid.feature_statistics(b)), stderr=None,
-             num_samples=len(a), ref_stats=path, weights=os.path.abspath(ev.inception_weights),
+             num_samples=len(a), ref_stats=path, weights=fileio.absolute(ev.inception_weights),
              weights_sha256=job.feature_id, network=NETWORK, resize=RESIZE)
   recs = [dict(rec, seconds=time.time() - t0),
           kid_record(dict(rec, metric="kid_data_halves"), a, b, ev, t0)]
-  return finish(job, os.path.join(os.path.dirname(path), os.path.basename(path) + ".json"),
+  return finish(job, fileio.join(fileio.dirname(path), fileio.basename(path) + ".json"),
                 recs, [path])
 
 
@@ -438,7 +438,7 @@ def _load_file(job: Job):
 
 def _toy_ode_error(job: Job, params, step, ema):
   n = job.ev.ode_error_samples
-  result = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
+  result = fileio.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
                         f"ode_error-n{n}-seed{job.ev.seed}.json")
   if reuse(job, result) is not None:
     return
@@ -458,27 +458,27 @@ def _close(job: Job, argv, t_start) -> Dict[str, Any]:
     report.write_scalars(job.workdir, new)
   plots = []
   all_recs = [r for r in report.read_records(job.workdir)
-              if r.get("workdir") == os.path.abspath(job.workdir)]
+              if r.get("workdir") == fileio.absolute(job.workdir)]
   touched = {(r.get("step"), r.get("ema")) for r in job.records if r.get("metric") == "fid"}
-  pdir = os.path.join(report.eval_dir(job.workdir), "plots")
+  pdir = fileio.join(report.eval_dir(job.workdir), "plots")
   for step, ema in sorted(touched, key=str):
     rows = [r for r in all_recs if r.get("step") == step and r.get("ema") == ema]
     for metric in ("fid", "kid"):
       plots.append(report.plot_fid_vs_nfe(
-          rows, os.path.join(pdir, f"{metric}_vs_nfe-step{step}-{ema}.png"), metric))
+          rows, fileio.join(pdir, f"{metric}_vs_nfe-step{step}-{ema}.png"), metric))
   if touched:
-    plots.append(report.plot_fid_vs_step(all_recs, os.path.join(pdir, "fid_vs_step.png")))
+    plots.append(report.plot_fid_vs_step(all_recs, fileio.join(pdir, "fid_vs_step.png")))
   plots = [p for p in plots if p]
-  summary = {"invocation": job.invocation, "mode": job.mode, "workdir": os.path.abspath(job.workdir),
+  summary = {"invocation": job.invocation, "mode": job.mode, "workdir": fileio.absolute(job.workdir),
              "command": argv or sys.argv, "eval": job.ev.to_dict(), "records": job.records,
              "files": sorted(set(job.files)) + plots, "seconds": time.time() - t_start}
-  path = os.path.join(report.eval_dir(job.workdir), "invocations", f"{job.invocation}.json")
+  path = fileio.join(report.eval_dir(job.workdir), "invocations", f"{job.invocation}.json")
   if jax.process_index() == 0:
     write_json_atomic(path, summary)
   summary["summary_path"] = path
   logging.info("eval finished in %s: %d records (%d new); results %s, this invocation %s; "
                "tensorboard --logdir %s", format_duration(time.time() - t_start),
                len(job.records), len(new),
-               os.path.join(report.eval_dir(job.workdir), report.RESULTS), path,
+               fileio.join(report.eval_dir(job.workdir), report.RESULTS), path,
                report.eval_dir(job.workdir))
   return summary

@@ -21,7 +21,6 @@ estimator): the dequantization noise is the same for every quantity and checkpoi
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Dict, List
 
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax import data, parallel
+from ctm_jax import data, fileio, parallel
 from ctm_jax.evaljob import report
 from ctm_jax.evaljob.common import (ODE_METRICS, base_record, batch_keys, finish, global_batch,
                                     metrics_for, nll_split, reuse)
@@ -249,9 +248,9 @@ def nll_setting(job, params, step, ema) -> List[dict]:
   for metric in metrics_for(ev, job.info):
     t0 = time.time()
     s = metric_settings(job, metric, split, len(x_all), step, ema)
-    d = os.path.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
+    d = fileio.join(report.eval_dir(job.workdir), f"step_{step:08d}", ema,
                      f"{metric}_{split}-{settings_hash(s)}")
-    result = os.path.join(d, "nll.json")
+    result = fileio.join(d, "nll.json")
     got = reuse(job, result)
     if got is not None:
       recs.extend(got)

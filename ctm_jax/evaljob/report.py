@@ -3,45 +3,40 @@ pictures (matplotlib, Agg backend; process 0 only)."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Dict, Iterable, List, Optional
 
 import jax
 import numpy as np
 
-from ctm_jax import metric_io
+from ctm_jax import fileio, metric_io
 
 RESULTS = "results.jsonl"
 
 
 def eval_dir(workdir: str) -> str:
-  return os.path.join(workdir, "eval")
+  return fileio.join(workdir, "eval")
 
 
 def append_records(workdir: str, records: Iterable[dict]) -> None:
   """Append records to workdir/eval/results.jsonl (one JSON object a line)."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(eval_dir(workdir), RESULTS)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "a") as f:
-    for r in records:
-      f.write(json.dumps(r, sort_keys=True, default=str) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  path = fileio.join(eval_dir(workdir), RESULTS)
+  fileio.append_text(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n"
+                                   for r in records))
 
 
 def read_records(workdir: str) -> List[dict]:
-  return metric_io.read_jsonl(os.path.join(eval_dir(workdir), RESULTS), missing_ok=True)
+  return metric_io.read_jsonl(fileio.join(eval_dir(workdir), RESULTS), missing_ok=True)
 
 
 def write_scalars(workdir: str, records: Iterable[dict]) -> None:
   """TensorBoard scalars eval/<metric>/<ema>/<sampler or split> at each record's step (logdir
   workdir/eval; `tensorboard --logdir workdir` shows it beside the training curves)."""
   from clu import metric_writers
-  writer = metric_writers.create_default_writer(eval_dir(workdir),
-                                                just_logging=jax.process_index() > 0,
-                                                asynchronous=False)
+  writer = metric_writers.MultiWriter(
+      [metric_writers.LoggingWriter()]
+      + ([metric_io.summary_writer(eval_dir(workdir))] if jax.process_index() == 0 else []))
   for r in records:
     if r.get("value") is None or r.get("step") is None:
       continue
@@ -153,10 +148,7 @@ def _save(fig, path: str) -> Optional[str]:
   if jax.process_index() != 0:
     plt.close(fig)
     return None
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
+  fileio.save_figure(fig, path, dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
   return path

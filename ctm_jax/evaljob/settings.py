@@ -7,13 +7,12 @@ Every check raises ctm_jax.config_lib.ConfigError naming config.eval.FIELD and w
 from __future__ import annotations
 
 import difflib
-import os
 from typing import Dict, List, Optional, Sequence
 
 import ml_collections
 import numpy as np
 
-from ctm_jax import config_lib, data, evaluate, methods, runs, samplers
+from ctm_jax import config_lib, data, evaluate, fileio, methods, runs, samplers
 from ctm_jax.evaljob import report
 from ctm_jax.evaljob.common import ODE_METRICS, check_metrics, metrics_for, split_list
 
@@ -139,7 +138,7 @@ def ema_list(ev, config) -> List[str]:
 def default_stats_path(config, ev, workdir: str) -> str:
   """<workdir>/eval/fid_stats/<dataset>-<fid_split>.npz: the run's own reference statistics."""
   name = config.data.dataset.replace("/", "_")
-  return os.path.join(report.eval_dir(workdir), "fid_stats", f"{name}-{ev.fid_split}.npz")
+  return fileio.join(report.eval_dir(workdir), "fid_stats", f"{name}-{ev.fid_split}.npz")
 
 
 def stats_path(config, ev, workdir: str) -> str:
@@ -247,7 +246,7 @@ def check_inception_file(ev) -> None:
   if not path:
     raise config_lib.ConfigError(
         f"config.eval.inception_weights must name the FID Inception-v3 weights .npz: {make}")
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise config_lib.ConfigError(f"config.eval.inception_weights = {path!r}: no such file; "
                                  f"{make}")
   if ev.inception_score:
@@ -263,7 +262,7 @@ def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -
   (when their meta records them) the same data set and resolution."""
   field = "config.eval.ref_stats" if ev.ref_stats else "the default config.eval.ref_stats"
   if stats is None:
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
       raise config_lib.ConfigError(
           f"{field} = {path!r}: no such file; make it with --mode=fid_stats (or pass EDM's "
           f"reference .npz as --config.eval.ref_stats=PATH)")

@@ -3,21 +3,21 @@
 A job computes `total` examples in shards of `shard_size` (the last may be shorter).  Shard i
 is a pure function of the job's settings and i (its random keys are fold_in(key, i)), so a
 shard lost in a kill is recomputed with identical content and the job's final number does not
-depend on where it was interrupted.  Each shard is one .npz written to a temporary name and
-renamed into place (os.replace, atomic on POSIX), holding its arrays, its row count and a
-sha256 of the arrays; a file that does not load, has the wrong count or fails its checksum is
+depend on where it was interrupted.  Each shard is one .npz written atomically through
+ctm_jax.fileio (locally a temporary name renamed into place, on an object store one upload),
+holding its arrays, its row count and a sha256 of the arrays; a file that does not load, has the wrong count or fails its checksum is
 reported and recomputed, never used.
 
 Multi-process: every process takes part in the computation and holds the whole shard (the
 device results are gathered to every host); process 0 alone writes, and the processes
 agree (process 0's view, broadcast) on which shards are already on disk.  The shard directory
-must be on a file system all processes see, as the checkpoints are.
+must be on storage all processes see (a shared file system or a gs:// URL), as the
+checkpoints are.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ctm_jax import fileio
 from ctm_jax.progress import format_duration
 
 _COUNT = "__count__"
@@ -49,28 +50,18 @@ def arrays_sha256(arrays: Dict[str, np.ndarray]) -> str:
 
 def file_sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fileio.path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Write a temporary file and rename it into place: never half a file at `path`."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_json_atomic(path: str, obj) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+  """obj as indented JSON at `path`, atomically (ctm_jax.fileio)."""
+  fileio.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+read_json = fileio.read_json
 
 
 def _is_main() -> bool:
@@ -102,12 +93,10 @@ class ShardStore:
     self.total = int(total)
     self.shard_size = int(shard_size)
     if _is_main():
-      os.makedirs(directory, exist_ok=True)
-      manifest = os.path.join(directory, "manifest.json")
-      for name in os.listdir(directory):      # left by a job killed while writing
-        if name.startswith(".tmp-"):
-          os.remove(os.path.join(directory, name))
-      if not os.path.exists(manifest):
+      fileio.makedirs(directory)
+      fileio.remove_temporaries(directory)     # left by a job killed while writing
+      manifest = fileio.join(directory, "manifest.json")
+      if not fileio.exists(manifest):
         write_json_atomic(manifest, settings)
       elif read_json(manifest) != json.loads(json.dumps(settings, default=str)):
         raise RuntimeError(f"{manifest} holds other settings than this job's; the directory "
@@ -121,19 +110,18 @@ class ShardStore:
     return min(self.shard_size, self.total - i * self.shard_size)
 
   def path(self, i: int) -> str:
-    return os.path.join(self.directory, f"shard_{i:05d}.npz")
+    return fileio.join(self.directory, f"shard_{i:05d}.npz")
 
   def load(self, i: int) -> Optional[Dict[str, np.ndarray]]:
     """Shard i's arrays, or None when it is missing or incomplete (then it is logged).
 
     A shard holding more rows than this job needs (made for a larger total) is cut."""
     path = self.path(i)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
       return None
     want = self.count(i)
     try:
-      with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+      arrays = fileio.load_npz(path)
       count = int(arrays.pop(_COUNT))
       sha = str(arrays.pop(_SHA))
       if arrays_sha256(arrays) != sha:
@@ -154,9 +142,8 @@ class ShardStore:
     if not _is_main():
       return
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    tmp = os.path.join(self.directory, f".tmp-{os.getpid()}-{os.path.basename(self.path(i))}")
-    np.savez(tmp, **arrays, **{_COUNT: np.asarray(want), _SHA: np.asarray(arrays_sha256(arrays))})
-    os.replace(tmp, self.path(i))
+    fileio.save_npz(self.path(i), **arrays, **{_COUNT: np.asarray(want),
+                                               _SHA: np.asarray(arrays_sha256(arrays))})
 
   def run(self, compute: Callable[[int, int, int], Dict[str, np.ndarray]], label: str,
           recompute: bool = False) -> Dict[str, np.ndarray]:

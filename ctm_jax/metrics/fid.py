@@ -171,8 +171,9 @@ def kid(features_a, features_b, *, num_subsets: int = 100, subset_size: int = 10
 
 
 def save_stats(path, mu, sigma, features=None, **meta) -> None:
-  """Write `mu`, `sigma` (float64), optional `features` (float32) and `meta` (JSON) atomically:
-  a temporary file in the same folder, then os.replace (an existing file survives a failure)."""
+  """Write `mu`, `sigma` (float64), optional `features` (float32) and `meta` (JSON) atomically
+  through ctm_jax.fileio (a local path or a URL; an existing file survives a failure)."""
+  from ctm_jax import fileio
   path = os.fspath(path)
   mu, sigma = _check_gaussian(mu, sigma, f'save_stats({path})')
   arrays = dict(mu=mu, sigma=sigma)
@@ -186,24 +187,17 @@ def save_stats(path, mu, sigma, features=None, **meta) -> None:
     arrays['meta'] = np.asarray(json.dumps(meta, sort_keys=True))
   except TypeError as e:
     raise ValueError(f'save_stats({path}): meta must be JSON-serialisable ({e})') from None
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  fileio.save_npz(path, **arrays)
 
 
 def read_npz(path: str, what: str) -> dict:
   """{name: array} of an .npz (allow_pickle=False); ValueError naming the file and `what` it
   should have been when it is absent or unreadable."""
-  if not os.path.isfile(path):
+  from ctm_jax import fileio
+  if not fileio.isfile(path):
     raise ValueError(f'{path}: no such {what}')
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+    return fileio.load_npz(path)
   except Exception as e:  # noqa: BLE001
     raise ValueError(f'{path}: not an .npz {what} ({type(e).__name__}: {e})') from None
 
@@ -215,6 +209,7 @@ def load_stats(path, feature_dim: Optional[int] = INCEPTION_FEATURE_DIM) -> dict
   the Inception pool3 width; None: any) is the width the features must have. Errors name the
   file and the problem.
   """
+  from ctm_jax import fileio
   path = os.fspath(path)
   data = read_npz(path, 'statistics file')
   missing = [k for k in ('mu', 'sigma') if k not in data]

@@ -475,11 +475,9 @@ def convert_torch_checkpoint(source, member: Optional[str] = None):
 
 
 def save_inception_npz(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
-  """Atomic write (temporary file + os.replace) of the params and a `meta` JSON string."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    np.savez(f, meta=np.asarray(json.dumps(dict(meta))), **arrays)
-  os.replace(tmp, path)
+  """Atomic write (ctm_jax.fileio; a local path or a URL) of the params and a `meta` JSON string."""
+  from ctm_jax import fileio
+  fileio.save_npz(path, meta=np.asarray(json.dumps(dict(meta))), **arrays)
 
 
 def load_inception_params(path) -> Dict:
@@ -488,13 +486,13 @@ def load_inception_params(path) -> Dict:
   Use as `InceptionV3().apply({'params': params}, x)`. Raises InceptionWeightsError naming the
   file and the problem (missing file: with the command that makes it).
   """
+  from ctm_jax import fileio
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise InceptionWeightsError(f'{path}: no such file. Make it (81 MB download, no torch needed) '
                                 f'with: {CONVERT_COMMAND.format(out=path)}')
   try:
-    with np.load(path, allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
+    arrays = fileio.load_npz(path)
   except Exception as e:  # noqa: BLE001
     raise InceptionWeightsError(f'{path}: not an .npz file written by '
                                 f'launch.export_inception_weights ({type(e).__name__}: {e})') from None

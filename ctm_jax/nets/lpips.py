@@ -253,8 +253,8 @@ def lpips_params_from_state_dict(sd: Mapping[str, np.ndarray]) -> Dict:
 
 def load_lpips_params(path) -> Dict:
   """LPIPS params from an .npz with keys `features.<i>.weight|bias` and `lin<l>.model.1.weight`."""
-  with np.load(path, allow_pickle=False) as z:
-    sd = {k: np.asarray(z[k]) for k in z.files}
+  from ctm_jax import fileio
+  sd = fileio.load_npz(path)
   try:
     return lpips_params_from_state_dict(sd)
   except ValueError as e:
@@ -299,5 +299,6 @@ def random_lpips_npz(path, seed: int = 0, widths: Sequence[int] = VGG16_WIDTHS):
   for l, width in enumerate(widths):
     w = rng.uniform(0.0, 2.0 / width, (1, width, 1, 1))
     sd[f'lin{l}.model.1.weight'] = w.astype(np.float32)
-  np.savez(path, **sd)
+  from ctm_jax import fileio
+  fileio.save_npz(path, **sd)
   return path

@@ -39,17 +39,18 @@ def load_npz_state_dict(path) -> Dict[str, np.ndarray]:
   Keys `param/<name>` are returned as `<name>`; a file without such keys is read as a plain
   name -> array mapping (entries `config` and `meta` are skipped).
   """
-  with np.load(path, allow_pickle=False) as z:
-    files = list(z.files)
-    if any(k.startswith('param/') for k in files):
-      return {k[len('param/'):]: np.asarray(z[k]) for k in files if k.startswith('param/')}
-    return {k: np.asarray(z[k]) for k in files if k not in ('config', 'meta')}
+  from ctm_jax import fileio
+  z = fileio.load_npz(path)
+  if any(k.startswith('param/') for k in z):
+    return {k[len('param/'):]: v for k, v in z.items() if k.startswith('param/')}
+  return {k: v for k, v in z.items() if k not in ('config', 'meta')}
 
 
 def load_npz_config(path) -> Optional[dict]:
   """The constructor kwargs stored as the JSON string `config` in an .npz, or None."""
-  with np.load(path, allow_pickle=False) as z:
-    return json.loads(str(z['config'])) if 'config' in z.files else None
+  from ctm_jax import fileio
+  z = fileio.load_npz(path)
+  return json.loads(str(z['config'])) if 'config' in z else None
 
 
 # ------------------------------------------------------------------------------------------------
