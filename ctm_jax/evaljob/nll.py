@@ -95,7 +95,8 @@ def default_logp_fn(job):
     return likelihood.pf_ode_log_likelihood(
         job.model.denoise_fn(params, labels), x, key, sigma_min=sch.sigma_min,
         sigma_max=sch.sigma_max, divergence=ev.nll_divergence, num_probes=ev.nll_probes,
-        solver=ev.nll_solver, rtol=ev.nll_rtol, atol=ev.nll_atol, max_steps=ev.nll_max_steps)
+        solver=ev.nll_solver, rtol=ev.nll_rtol, atol=ev.nll_atol, max_steps=ev.nll_max_steps,
+        throw=False)        # no host callback in the program: checked in per_example
   return fn
 
 
@@ -180,6 +181,11 @@ def per_example(job, metric: str, params, x_all, y_all, store: ShardStore,
       out = parallel.to_host(batch(params, jobs._global(job.mesh, x_all[idx]),
                                    jobs._batch_keys(ev.seed, i, b), labels))
       n = min(nb, start + count - lo)
+      if np.any(out.pop("solver_failed", False)):
+        raise RuntimeError(
+            f"{metric}: the PF-ODE solve of examples {lo}..{lo + n - 1} stopped at the maximum "
+            f"number of solver steps, config.eval.nll_max_steps = {ev.nll_max_steps} (nothing "
+            f"of this shard was saved); raise it or loosen nll_rtol / nll_atol")
       for k, v in out.items():
         v = np.asarray(v)
         rows.setdefault(k, []).append(v[:n] if v.ndim == 1 and len(v) == nb else
