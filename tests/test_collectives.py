@@ -10,6 +10,7 @@ adaptive lambda groups of 8 examples spanning 4 devices (2 examples per device).
 import importlib
 
 import jax
+import pytest
 
 from ctm_jax import lowering, parallel, train
 from ctm_jax.methods import adaptive_groups
@@ -65,6 +66,7 @@ def test_data_parallel_step_all_reduces_one_gradient_and_gathers_nothing():
   assert 0 <= extra <= 2 * (BATCH // GROUP) * kernel + 64, (extra, kernel)
 
 
+@pytest.mark.slow
 def test_fsdp_step_gathers_each_split_weight_once_and_reduces_one_gradient():
   exp, state, colls = _compiled_step(4, 2)
   assert set(colls) <= {"all-reduce", "all-gather", "reduce-scatter"}, lowering.summarize(colls)
