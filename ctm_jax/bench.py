@@ -13,6 +13,8 @@ machine hit all of them alike):
     and the achieved FLOP/s of all the mesh's devices together; XLA counts a while loop's
     body once, so the step's count at k adds (k - 1) teacher loop bodies;
   - XLA's memory analysis of the step (arguments + outputs - donated aliases + temporaries);
+  - every collective of the compiled step (ctm_jax.lowering.collectives: kind, count, bytes),
+    against the gradient's size (a pod dry run: launch.bench --devices=64 --mesh=D,F);
   - the lowering and compile times, and the host's peak resident memory (getrusage).
 Teacher and LPIPS weights that are not at hand are random ones of the right shapes (the
 timing and memory do not depend on the values).

@@ -131,11 +131,6 @@ def collectives(hlo_text: str) -> Dict[str, Dict[str, Any]]:
   return out
 
 
-def compiled_text(compiled) -> str:
-  """The optimised HLO of a compiled program (one SPMD partition)."""
-  return compiled.as_text()
-
-
 def summarize(colls: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
   """{kind: {'count', 'bytes'}} without the per-op list (for JSON / tables)."""
   return {k: {"count": v["count"], "bytes": v["bytes"]} for k, v in sorted(colls.items())}
