@@ -21,6 +21,10 @@ def get_config(arg: str = ""):
   c.teacher.config.model.dropout = 0.1   # teacher_dropout (evaluated without dropout)
   c.diffusion.c_noise = "250log"
   c.model = imagenet64_edm.adm_imagenet64(dropout=0.0)
+  # 64-device dry run (docs/performance.md): at 18 examples per device the step needs 57 GiB
+  # per device on a 16 x 4 mesh without remat, 13.4 GiB with block remat and FSDP over 4.
+  c.model.remat = "blocks"
+  c.mesh.fsdp = 4                        # must divide the device count (1 on fewer devices)
   c.ctm.target_ema = 0.999
   c.optim.lr = 4e-4
   c.ema.rates = (0.999, 0.9999, 0.9999432189950708)

@@ -13,6 +13,8 @@ machine hit all of them alike):
     and the achieved FLOP/s of all the mesh's devices together; XLA counts a while loop's
     body once, so the step's count at k adds (k - 1) teacher loop bodies;
   - XLA's memory analysis of the step (arguments + outputs - donated aliases + temporaries);
+  - every collective of the compiled step (ctm_jax.lowering.collectives: kind, count, bytes),
+    against the gradient's size (a pod dry run: launch.bench --devices=64 --mesh=D,F);
   - the lowering and compile times, and the host's peak resident memory (getrusage).
 Teacher and LPIPS weights that are not at hand are random ones of the right shapes (the
 timing and memory do not depend on the values).
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax import config_lib, fileio, parallel, train
+from ctm_jax import config_lib, fileio, lowering, parallel, train
 
 JVP_METHODS = ("meanflow", "sct", "scd")   # steps with a forward-mode pass through the network
 LOOP_CALLS = 4        # teacher calls chained inside one while loop (per-call time = total / n)
@@ -112,11 +114,6 @@ def check_ks(config, ks: Sequence[int]):
 
 # ----------------------------------------------------------------------------- one variant
 
-def _tree_bytes(tree) -> int:
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree_util.tree_leaves(tree)))
-
-
 def _memory(compiled) -> Dict[str, int]:
   m = compiled.memory_analysis()
   out = {"argument_bytes": int(m.argument_size_in_bytes),
@@ -144,17 +141,27 @@ def _timed(fn, *args):
 class Variant:
   """One config's step and network calls, compiled (what `measure` times)."""
 
-  def __init__(self, name: str, config, example_batch, compile_only: bool = False):
+  def __init__(self, name: str, config, example_batch, compile_only: bool = False,
+               step_kind: str = ""):
     """compile_only: lower and compile the step on abstract arguments (nothing allocated for
-    the state; no network calls): compile time, FLOPs and memory only."""
+    the state, the frozen networks or the batch; no network calls): compile time, FLOPs,
+    memory and collectives only.  step_kind: which of the method's steps ('' = the first)."""
     self.name, self.config = name, config
     self.exp = exp = train.Experiment(config)
     self.method = exp.method
-    self.kind = exp.method.step_kinds[0]
+    self.kind = step_kind or exp.method.step_kinds[0]
+    if self.kind not in exp.method.step_kinds:
+      raise config_lib.ConfigError(f"--step_kind={step_kind!r}: this {config.method} config's "
+                                   f"steps are {list(exp.method.step_kinds)}")
     self.takes_k = self.kind in exp.method.k_step_kinds
-    self.state = exp.restore_target() if compile_only else exp.init_state()
-    self.frozen, fns = exp.step_functions(forced_k=True)
-    self.batch = parallel.global_batch(example_batch, exp.mesh)
+    if compile_only:
+      self.state = exp.restore_target()
+      self.frozen, fns = exp.abstract_step_functions(forced_k=True)
+      self.batch = exp.abstract_batch(int(example_batch["x"].shape[0]))
+    else:
+      self.state = exp.init_state()
+      self.frozen, fns = exp.step_functions(forced_k=True)
+      self.batch = parallel.global_batch(example_batch, exp.mesh)
     step_args = (self.state, self.batch, self.frozen) + ((jnp.int32(1),) if self.takes_k else ())
     t0 = time.perf_counter()
     lowered = fns[self.kind].lower(*step_args)
@@ -164,8 +171,9 @@ class Variant:
     self.lower_s, self.compile_s = t1 - t0, t2 - t1
     self.step_flops_xla = _flops(self.step)
     self.memory = _memory(self.step)
-    self.state_bytes = _tree_bytes(self.state)
-    self.frozen_bytes = _tree_bytes(self.frozen)
+    self.collectives = lowering.summarize(lowering.collectives(self.step.as_text()))
+    self.state_bytes = lowering.tree_bytes(self.state)
+    self.frozen_bytes = lowering.tree_bytes(self.frozen)
     self.calls, self.call_flops = {}, {}
     if not compile_only:
       self._build_calls()
@@ -250,10 +258,12 @@ def example_batch(config, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- measuring
 
 def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch: int = 8,
-            warmup: int = 1, log=None, compile_only: bool = False) -> Dict[str, Any]:
+            warmup: int = 1, log=None, compile_only: bool = False,
+            step_kind: str = "") -> Dict[str, Any]:
   """Benchmark each named config (e.g. {'float32': cfg, 'bfloat16': cfg16}) at global batch
   `batch` and k in ks, interleaved; returns the JSON-able results (module docstring).
-  compile_only: no timings (repeats = 0): compile time, FLOPs and memory of the step."""
+  compile_only: no timings (repeats = 0): compile time, FLOPs, memory and collectives of the
+  step.  step_kind: which of the method's steps ('' = its first: 'ctm', 'train', ...)."""
   if compile_only:
     repeats, warmup = 0, 0
   log = log or (lambda msg: None)
@@ -265,7 +275,8 @@ def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch:
       train.validate_config(cfg, num_devices=jax.device_count(), process_count=jax.process_count())
       check_ks(cfg, ks)
       log(f"[{name}] building and compiling the {cfg.method} step at batch {batch}")
-      variants[name] = Variant(name, cfg, example_batch(cfg, batch, cfg.seed), compile_only)
+      variants[name] = Variant(name, cfg, example_batch(cfg, batch, cfg.seed), compile_only,
+                               step_kind)
       log(f"[{name}] compiled in {variants[name].compile_s:.1f} s "
           f"(lowering {variants[name].lower_s:.1f} s)")
   step_ks = {n: (ks if v.takes_k else [None]) for n, v in variants.items()}
@@ -310,7 +321,10 @@ def measure(configs: Dict[str, Any], ks: Sequence[int], repeats: int = 3, batch:
         "network_calls_per_step": {str(k): network_calls(v.config, k or 0) for k in step_ks[n]},
         "step_ms": steps, "sum_of_network_calls_ms": expected, "step_over_calls": ratio,
         "step_flops": flops, "step_flops_xla": v.step_flops_xla, "step_flops_per_s": flops_s,
-        "mesh_devices": int(v.exp.mesh.size), "memory": v.memory, "state_bytes": v.state_bytes, "frozen_bytes": v.frozen_bytes,
+        "mesh_devices": int(v.exp.mesh.size),
+        "mesh": {ax: int(n) for ax, n in v.exp.mesh.shape.items()},
+        "memory": v.memory, "state_bytes": v.state_bytes, "frozen_bytes": v.frozen_bytes,
+        "gradient_bytes": lowering.tree_bytes(v.state.params), "collectives": v.collectives,
     }
   return {
       "batch": int(batch), "ks": ks, "repeats": int(repeats), "warmup": int(warmup),
@@ -358,7 +372,17 @@ def table(results: Dict[str, Any]) -> str:
                [f"{vs[n]['step_flops_xla'] / 1e9:.1f} G" for n in names]))
   rows.append(("peak memory per device (XLA)", [_gib(vs[n]["memory"]["peak_bytes"]) for n in names]))
   rows.append(("  of which temporaries", [_gib(vs[n]["memory"]["temp_bytes"]) for n in names]))
+  rows.append(("  arguments / outputs", [f"{_gib(vs[n]['memory']['argument_bytes'])} / "
+                                         f"{_gib(vs[n]['memory']['output_bytes'])}" for n in names]))
   rows.append(("network remat", [vs[n].get("remat", "none") for n in names]))
+  rows.append(("mesh (data x fsdp)", ["{data} x {fsdp}".format(**vs[n]["mesh"]) for n in names]))
+  rows.append(("gradient (MiB)", [f"{vs[n]['gradient_bytes'] / 2**20:,.1f}" for n in names]))
+  kinds = sorted({k for n in names for k in vs[n]["collectives"]})
+  for k in kinds:
+    rows.append((f"{k}s per device: count, MiB", [
+        "{count}, {mib:,.1f}".format(count=vs[n]["collectives"][k]["count"],
+                                     mib=vs[n]["collectives"][k]["bytes"] / 2**20)
+        if k in vs[n]["collectives"] else "0" for n in names]))
   rows.append(("compile (s)", [f"{vs[n]['compile_s']:.1f}" for n in names]))
   rows.append(("lowering (s)", [f"{vs[n]['lower_s']:.1f}" for n in names]))
   w0 = max(len(r[0]) for r in rows)

@@ -137,13 +137,16 @@ def sample_ctm_dsm_sigma(key, batch: int, schedule: Schedule = Schedule(), p_mea
 
   The second half is sigma(u) with u ~ U[0, curve_max] (CTM reference: diffusion_mult = 0.7),
   i.e. biased towards large noise, where the log-normal rarely goes.
+  Both draws are made for the whole batch and example i takes its own element of one of them
+  (elementwise: a batch split over devices needs no communication, where concatenating two
+  halves made the SPMD partitioner all-gather them).
   """
   k1, k2 = jax.random.split(key)
   n_log = batch // 2
-  log_part = sample_lognormal_sigma(k1, (n_log,), p_mean, p_std)
-  u = jax.random.uniform(k2, (batch - n_log,)) * curve_max
-  curve_part = karras_curve(u, schedule.sigma_min, schedule.sigma_max, schedule.rho)
-  return jnp.concatenate([log_part, curve_part])
+  log_all = sample_lognormal_sigma(k1, (batch,), p_mean, p_std)
+  u = jax.random.uniform(k2, (batch,)) * curve_max
+  curve_all = karras_curve(u, schedule.sigma_min, schedule.sigma_max, schedule.rho)
+  return jnp.where(jnp.arange(batch) < n_log, log_all, curve_all)
 
 
 def sample_k_proportional(key, k_max: int):

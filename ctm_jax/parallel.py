@@ -95,6 +95,26 @@ def tree_shardings(mesh: Mesh, abstract_tree) -> Any:
   return jax.tree_util.tree_map(lambda a: leaf_sharding(mesh, a.shape), abstract_tree)
 
 
+def gather_for_compute(step, mesh: Mesh):
+  """FSDP as designed: step(state, batch, frozen, *rest) with the networks' weights (state.params,
+  state.extra: the target / discriminator, and the frozen teacher / feature nets) gathered
+  whole at the step's start, so every layer runs on the device's own examples; the optimizer
+  state and the EMAs stay split, and the gradient leaves as the partial sums the partitioner
+  reduce-scatters onto them.  Without this, XLA's sharding propagation splits activations by
+  feature where a weight is split (all-to-alls and all-reduces of activations every layer).
+  Identity when the fsdp axis has size 1."""
+  if mesh.shape[FSDP_AXIS] == 1:
+    return step
+  rep = replicated(mesh)
+  whole = lambda tree: jax.tree_util.tree_map(
+      lambda a: jax.lax.with_sharding_constraint(a, rep), tree)
+
+  def gathered(state, batch, frozen, *rest):
+    state = state.replace(params=whole(state.params), extra=whole(state.extra))
+    return step(state, batch, whole(frozen), *rest)
+  return gathered
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   """Process-local numpy batch -> global jax.Arrays split over the mesh's batch axes."""
   sh = batch_sharding(mesh)

@@ -84,16 +84,35 @@ class Experiment:
     forced_k: the kinds of method.k_step_kinds take a fourth argument, k (an int32 scalar,
     replicated), in place of drawing it (benchmarks; the rest of the step is unchanged)."""
     frozen, frozen_sh = self.frozen_on_mesh()
+    return frozen, self._jit_steps(frozen_sh, forced_k)
+
+  def abstract_step_functions(self, *, forced_k: bool = False):
+    """step_functions on abstract frozen arrays (ShapeDtypeStructs carrying their shardings;
+    nothing placed on the devices): for lowering and compile-only dry runs."""
+    fr = self.abstract_frozen()
+    sh = parallel.tree_shardings(self.mesh, fr)
+    return checkpointing.abstract_with_shardings(fr, sh), self._jit_steps(sh, forced_k)
+
+  def abstract_batch(self, batch_size: int):
+    """The step's batch as ShapeDtypeStructs split over the mesh (x, and label if any)."""
+    sh = parallel.batch_sharding(self.mesh)
+    out = {"x": jax.ShapeDtypeStruct((batch_size,) + tuple(self.info.shape), jnp.float32,
+                                     sharding=sh)}
+    if self.config.data.class_conditional:
+      out["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sh)
+    return out
+
+  def _jit_steps(self, frozen_sh, forced_k: bool):
     batch_sh = parallel.batch_sharding(self.mesh)
     rep = parallel.replicated(self.mesh)
 
     def jit(kind):
       with_k = forced_k and kind in self.method.k_step_kinds
-      return jax.jit(self.method.make_step(kind, self.tx),
+      return jax.jit(parallel.gather_for_compute(self.method.make_step(kind, self.tx), self.mesh),
                      in_shardings=(self.state_shardings, batch_sh, frozen_sh)
                      + ((rep,) if with_k else ()),
                      out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
-    return frozen, {kind: jit(kind) for kind in self.method.step_kinds}
+    return {kind: jit(kind) for kind in self.method.step_kinds}
 
   def restore_target(self):
     return checkpointing.abstract_with_shardings(self.abstract_state, self.state_shardings)

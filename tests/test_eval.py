@@ -514,6 +514,24 @@ def test_nll_job_with_a_closed_form_logp(toy_run, tmp_path):
   assert [q["value"] for q in second["records"]] == [q["value"] for q in first["records"]]
 
 
+def test_nll_job_refuses_a_solve_that_ran_out_of_steps(toy_run, tmp_path):
+  """The PF-ODE runs without diffrax's in-program check (a host callback, which would not
+  lower for TPU / GPU); the job checks the returned flag on the host and stops, naming the
+  setting, with nothing of the failed shard saved."""
+  wd = copy_run(toy_run, tmp_path / "run")
+  ev, config = eval_settings(wd, nll_num_examples=32, nll_batch_size=16, shard_size=32,
+                             batch_size=16, nll_metrics="nll_ode")
+
+  def logp_fn(params, x, key, labels):
+    del params, key, labels
+    return {"logp": -jnp.sum(x ** 2, 1), "solver_failed": jnp.max(x[:, 0]) > -100.0}
+
+  with pytest.raises(RuntimeError, match=r"maximum number of solver steps.*nll_max_steps"):
+    jobs.run(wd, "nll", ev, config, logp_fn=logp_fn)
+  assert not [f for _, _, fs in os.walk(os.path.join(wd, "eval")) for f in fs
+              if f.startswith("shard_")]
+
+
 # ----------------------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("fields,mode,pattern", [

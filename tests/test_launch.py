@@ -356,3 +356,50 @@ def test_tfds_data_dir_env_and_config_field(tmp_path, monkeypatch, capsys, caplo
   out = capsys.readouterr()
   assert "Downloading and preparing" not in out.out + out.err
   assert sum("Building the data set digits in" in r.getMessage() for r in caplog.records) == 2
+
+
+# ----------------------------------------------------------------------------- pod scripts
+
+def _script(name, env, *args):
+  full = {k: v for k, v in os.environ.items() if k not in (
+      "TPU", "ZONE", "WORKDIR", "CONFIG", "DATA_DIR", "COORDINATOR", "NUM_PROCESSES", "PROCESS_ID")}
+  full.update(env)
+  return subprocess.run(["bash", os.path.join(ROOT, "launch", name), *args], env=full,
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_pod_scripts_dry_run_print_each_hosts_command():
+  """--dry_run prints the exact commands (shell-quoted: an argument with spaces stays one
+  argument) and runs nothing; a bad PROCESS_ID is refused."""
+  import shlex
+  odd = "--config.ema.rates=(0.999, 0.9999)"
+  tpu = _script("tpu_pod.sh", {"TPU": "v4-64", "ZONE": "us-central2-b", "WORKDIR": "gs://b/r",
+                               "CONFIG": "configs/cifar10_ctm.py"}, "--dry_run", odd)
+  assert tpu.returncode == 0, tpu.stderr
+  lines = [ln for ln in tpu.stdout.splitlines() if not ln.startswith("#")]
+  ssh = shlex.split(lines[0])
+  assert ssh[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v4-64", "--zone",
+                     "us-central2-b", "--worker=all"] and ssh[9] == "--command"
+  assert ssh[10] == lines[1]                     # the command every host runs
+  remote = shlex.split(lines[1].split("&&")[-1])
+  assert remote == ["python", "-m", "launch.train", "--config=configs/cifar10_ctm.py",
+                    "--workdir=gs://b/r", "--config.distributed.initialize=True",
+                    "--config.data.data_dir=gs://your-bucket/tensorflow_datasets", odd]
+  env = {"COORDINATOR": "10.0.0.1:1234", "NUM_PROCESSES": "3", "PROCESS_ID": "1",
+         "WORKDIR": "gs://b/r", "CONFIG": "configs/imagenet64_ctm.py"}
+  gpu = _script("gpu_hosts.sh", env, "--dry_run", odd)
+  assert gpu.returncode == 0, gpu.stderr
+  cmds = [shlex.split(ln) for ln in gpu.stdout.splitlines() if not ln.startswith("#")]
+  assert len(cmds) == 3 and "# host 1 of 3 (this host):" in gpu.stdout
+  for p, cmd in enumerate(cmds):
+    assert cmd == ["python", "-m", "launch.train", "--config=configs/imagenet64_ctm.py",
+                   "--workdir=gs://b/r", "--config.distributed.initialize=True",
+                   "--config.distributed.coordinator_address=10.0.0.1:1234",
+                   "--config.distributed.num_processes=3",
+                   f"--config.distributed.process_id={p}", odd]
+  slurm = _script("gpu_hosts.sh", {"WORKDIR": "w", "CONFIG": "c.py"}, "--dry_run")
+  assert [shlex.split(ln) for ln in slurm.stdout.splitlines() if not ln.startswith("#")] == [
+      ["python", "-m", "launch.train", "--config=c.py", "--workdir=w",
+       "--config.distributed.initialize=True"]]
+  bad = _script("gpu_hosts.sh", dict(env, PROCESS_ID="3"), "--dry_run")
+  assert bad.returncode == 2 and "PROCESS_ID=3 must be in 0..NUM_PROCESSES-1" in bad.stderr

@@ -188,6 +188,10 @@ def test_bad_options_are_refused():
   # Running out of steps raises (no silent half-integrated answer).
   with pytest.raises(Exception, match="maximum number of solver steps"):
     jax.block_until_ready(_ode(gm.denoise, divergence="exact", max_steps=5)(x[:4], None))
+  # throw=False (the evaluation's form, no host callback): the failure is returned instead.
+  for steps, failed in ((5, True), (20000, False)):
+    out = _ode(gm.denoise, divergence="exact", max_steps=steps, throw=False)(x[:4], None)
+    assert bool(out["solver_failed"]) is failed and out["solver_failed"].shape == ()
   with pytest.raises(ValueError, match="uint8"):
     lk.dequantize(jax.random.PRNGKey(0), jnp.zeros((2, 4), jnp.float32))
 

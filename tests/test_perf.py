@@ -153,6 +153,33 @@ def test_launch_bench_edm_writes_json(tmp_path):
   assert bad.returncode == 2 and "config.ctm.max_k" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_launch_bench_dry_run_on_simulated_devices(tmp_path):
+  """--devices=N --mesh=D,F --compile_only: the step compiled for N simulated devices on a
+  data x fsdp mesh; per device XLA's memory analysis and the collectives (design: one
+  gradient reduced, each split weight gathered once; docs/performance.md)."""
+  out = tmp_path / "dry.json"
+  tiny = [a for a in TINY_TOY if not a.startswith("--config.training.batch_size")]
+  tiny = [a for a in tiny if not a.startswith("--config.model.hidden")] + [
+      "--config.model.hidden=128"]                     # 128 x 128 kernels: split under FSDP
+  proc = subprocess.run([sys.executable, "-m", "launch.bench", *tiny, "--devices=4",
+                         "--mesh=2,2", "--batch=8", "--compile_only", f"--out={out}"],
+                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  v = r["variants"]["float32"]
+  assert r["device_count"] == 4 and v["mesh"] == {"data": 2, "fsdp": 2} and not v["step_ms"]
+  assert {"argument_bytes", "output_bytes", "temp_bytes"} <= set(v["memory"])
+  assert set(v["collectives"]) <= {"all-reduce", "all-gather", "reduce-scatter"}
+  grad = v["gradient_bytes"]
+  assert 0.5 * grad < v["collectives"]["all-gather"]["bytes"] <= grad
+  assert "all-gathers per device: count, MiB" in proc.stdout and "2 x 2" in proc.stdout
+  bad = subprocess.run([sys.executable, "-m", "launch.bench", *tiny, "--devices=4",
+                        "--mesh=3,2", "--compile_only"], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "--mesh=3,2" in bad.stderr and "--devices=4" in bad.stderr
+
+
 # ----------------------------------------------------------------------------- compile cache
 
 def test_cache_dir_resolution(tmp_path):

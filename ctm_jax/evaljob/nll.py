@@ -94,7 +94,8 @@ def default_logp_fn(job):
         job.model.denoise_fn(params, labels), x, key, p, sigma_min=sch.sigma_min,
         sigma_max=sch.sigma_max, rho=sch.rho, divergence=o["divergence"],
         num_probes=o["probes"], solver=o["solver"], rtol=o["rtol"], atol=o["atol"],
-        max_steps=ev.nll_max_steps)
+        max_steps=ev.nll_max_steps,
+        throw=False)        # no host callback in the program: checked in per_example
   return fn
 
 
@@ -181,6 +182,11 @@ def per_example(job, metric: str, params, x_all, y_all, store: ShardStore,
       out = parallel.to_host(batch(params, global_batch(job.mesh, x_all[idx]),
                                    batch_keys(ev.seed, i, b), labels))
       n = min(nb, start + count - lo)
+      if np.any(out.pop("solver_failed", False)):
+        raise RuntimeError(
+            f"{metric}: the PF-ODE solve of examples {lo}..{lo + n - 1} stopped at the maximum "
+            f"number of solver steps, config.eval.nll_max_steps = {ev.nll_max_steps} (nothing "
+            f"of this shard was saved); raise it or loosen nll_rtol / nll_atol")
       for k, v in out.items():
         v = np.asarray(v)
         rows.setdefault(k, []).append(v[:n] if v.ndim == 1 and len(v) == nb else

@@ -58,8 +58,11 @@ def group_weights(wg_main, wg_other, max_value: float):
 
 
 def per_example(weights, batch: int):
-  """(G,) group values -> (B,) for consecutive groups of B / G examples."""
-  return jnp.repeat(weights, batch // weights.shape[0], total_repeat_length=batch)
+  """(G,) group values -> (B,) for consecutive groups of B / G examples: a broadcast and a
+  reshape, local to each device's examples (jnp.repeat's cumsum + gather made the SPMD
+  partitioner all-gather the batch's indices and the (G,) values)."""
+  g = weights.shape[0]
+  return jnp.broadcast_to(weights[:, None], (g, batch // g)).reshape(batch)
 
 
 def _grouped(v, groups: int):

@@ -122,7 +122,7 @@ def pf_ode_log_likelihood(denoise_fn: DenoiseFn, x, key, *, sigma_min, sigma_max
                           probe: str = "rademacher", solver: str = "tsit5", rtol: float = 1e-5,
                           atol: float = 1e-5, max_steps: int = 4096,
                           time_variable: str = "log_sigma", norm: str = "rms",
-                          dt0=None, probes=None) -> dict:
+                          dt0=None, probes=None, throw: bool = True) -> dict:
   """log p_{sigma_min}(x) of the probability-flow ODE model, per example (nats).
 
   log p_{sigma_min}(x) = log N(x_T; 0, sigma_max^2 I) + int_{sigma_min}^{sigma_max} div f(x_t, t) dt
@@ -137,8 +137,10 @@ def pf_ode_log_likelihood(denoise_fn: DenoiseFn, x, key, *, sigma_min, sigma_max
   the trajectory.  Unused with divergence='exact'.  time_variable: 'log_sigma' integrates in
   ln t (the default), 'sigma' in t itself (the same integral; a cross-check).  dt0: the first
   step in that variable (default 1e-3 of the range).  probes: given Hutchinson probes of shape
-  (num_probes, *x.shape) instead of drawing them from key.  Raises at run time if max_steps
-  is reached.
+  (num_probes, *x.shape) instead of drawing them from key.  throw: raise at run time if max_steps
+  is reached (diffrax's check, a host callback); False instead returns `solver_failed` (a bool
+  scalar) for the caller to check on the host, and the program holds no callback (it then
+  lowers for TPU and GPU: ctm_jax.lowering).
 
   Returns logp, prior_logp, delta_logp (B,), x_T (the latent), nfe (denoiser evaluations, each
   with its JVPs: 1 + 6 per attempted step) and num_steps (attempted steps).  Call under jax.jit.
@@ -171,12 +173,15 @@ def pf_ode_log_likelihood(denoise_fn: DenoiseFn, x, key, *, sigma_min, sigma_max
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(vector_field), solver_obj, t0, t1, dt0, y0,
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, **norm_kw),
-      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=throw)
   x_t, delta = sol.ys[0][-1], sol.ys[1][-1]
   prior = gaussian_prior_logp(x_t, sigma_max)
   num_steps = sol.stats["num_steps"]
-  return dict(logp=prior + delta, prior_logp=prior, delta_logp=delta, x_T=x_t,
-              nfe=1 + _NEW_STAGES_PER_STEP * num_steps, num_steps=num_steps)
+  out = dict(logp=prior + delta, prior_logp=prior, delta_logp=delta, x_T=x_t,
+             nfe=1 + _NEW_STAGES_PER_STEP * num_steps, num_steps=num_steps)
+  if not throw:
+    out["solver_failed"] = sol.result != diffrax.RESULTS.successful
+  return out
 
 
 # ---------------------------------------------------------------------------------- images

@@ -524,6 +524,11 @@ def load_inception_params(path) -> Dict:
 # Feature function.
 
 
+def forward(params, images) -> jax.Array:
+  """uint8 NHWC images -> (B, 2048) pool3 features: preprocess + InceptionV3 (traceable)."""
+  return InceptionV3().apply({'params': params}, preprocess(images))
+
+
 def make_feature_fn(params, mesh=None) -> Callable[[np.ndarray], np.ndarray]:
   """uint8 NHWC images (any size, 1 or 3 channels) -> np.float32 (B, 2048) pool3 features.
 
@@ -533,11 +538,6 @@ def make_feature_fn(params, mesh=None) -> Callable[[np.ndarray], np.ndarray]:
   the padding's features dropped (so any B works; B a multiple of mesh.size wastes nothing).
   The images must be the same global array on every process.
   """
-  model = InceptionV3()
-
-  def forward(p, images):
-    return model.apply({'params': p}, preprocess(images))
-
   if mesh is None:
     params = jax.device_put(params)
     fwd = jax.jit(forward)
