@@ -89,7 +89,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 
 def eval_block() -> ml_collections.ConfigDict:
-  """Settings of the evaluation binary (python -m launch.eval, docs/eval_jobs.md).
+  """Settings of the evaluation binary (python -m launch.eval, docs/evaluation.md).
 
   A run stores them in config.json; `--config.eval.FIELD=...` overrides them at evaluation
   time (base defaults < the run's block < the command line).
@@ -106,7 +106,7 @@ def eval_block() -> ml_collections.ConfigDict:
       shard_size=2048,          # examples per shard file (a multiple of batch_size)
       seed=0,                   # x_T and sampler noise: fold_in(fold_in(key(seed), shard), batch)
       class_label=-1,           # class-conditional runs: -1 cycles the classes
-      inception_weights="",     # the FID Inception-v3 .npz (docs/eval_jobs.md: how to make it)
+      inception_weights="",     # the FID Inception-v3 .npz (docs/evaluation.md: how to make it)
       ref_stats="",             # FID reference .npz; '' = <workdir>/eval/fid_stats/<set>-<split>.npz
       fid_split="train",        # split of the FID reference (--mode=fid_stats): train, the
                                 # eval split, or both ('train+test' / 'train+validation')

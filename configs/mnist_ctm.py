@@ -7,7 +7,7 @@
       --config.eval.ref_stats=<mnist_edm's reference statistics, made with --mode=fid_stats>
 
 The student is the teacher's network plus the s path (1,922,337 parameters), initialised from
-the teacher.  Not trained here: docs/eval_jobs.md "MNIST" says what it would take.
+the teacher.  Not trained here: docs/evaluation.md "MNIST" says what it would take.
 """
 from configs import ctm_common, mnist_edm
 

@@ -7,7 +7,7 @@
   python -m launch.eval --workdir=workdirs/mnist_edm --mode=all \
       --config.eval.inception_weights=inception_fid.npz
 
-Not trained on the 2-core development CPU: docs/eval_jobs.md "MNIST" gives the measured step
+Not trained on the 2-core development CPU: docs/evaluation.md "MNIST" gives the measured step
 and Inception times and what the pair would take here and on one GPU.
 """
 import ml_collections

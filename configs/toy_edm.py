@@ -43,7 +43,7 @@ def get_config():
   c.sampling.num_samples = 2000
   c.sampling.num_eval_samples = 4096
   # 2-D metrics at 4096 points: the MMD^2 noise (std over seeds 0.0008) is below the
-  # differences the results compare (docs/eval_jobs.md).
+  # differences the results compare (docs/evaluation.md).
   c.eval.num_samples = 4096
   c.eval.batch_size = 1024
   c.eval.shard_size = 4096

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -134,10 +135,10 @@ class EdmPickleUnpickler(ta.SafeUnpickler):
 def load_edm_pickle(path) -> Dict[str, Any]:
   """The top-level dict of an EDM network pickle, modules as `PersistentObject`s, arrays numpy."""
   name = os.fspath(path)
-  if not os.path.isfile(name):
+  from ctm_jax import fileio
+  if not fileio.isfile(name):
     raise FileNotFoundError(f'{name}: no such EDM network pickle')
-  with open(name, 'rb') as f:
-    tree = EdmPickleUnpickler(f, name).load()
+  tree = EdmPickleUnpickler(io.BytesIO(fileio.read_bytes(name)), name).load()
   tree = ta._resolve(tree)
   if not isinstance(tree, dict):
     raise ta.TorchArchiveError(f'{name}: an EDM network pickle holds a dict, found '

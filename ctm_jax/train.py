@@ -144,7 +144,7 @@ def sample_count(config) -> int:
   """Samples drawn at sample_every: the grid's count for images; for 2-D data
   sampling.num_eval_samples, enough that the metrics' sampling noise is below the differences
   they show (the standard deviation of MMD^2 over seeds is 0.0014 at 2000 points, 0.0008 at
-  4096 on the mixture; docs/eval_jobs.md)."""
+  4096 on the mixture; docs/evaluation.md)."""
   info = data.dataset_info(config.data.dataset)
   return config.sampling.num_samples if info.kind == "image" else config.sampling.num_eval_samples
 

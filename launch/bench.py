@@ -14,6 +14,7 @@ analysis (arguments, outputs, temporaries), FLOPs and every collective (kind, co
   python -m launch.bench --config=configs/cifar10_ctm.py --devices=64 --mesh=64,1 \
       --batch=256 --compile_only --out=/tmp/dry_cifar10_ctm.json
 """
+import os
 import sys
 
 from absl import app, flags

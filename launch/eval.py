@@ -14,7 +14,7 @@ DIR then only receives the evaluation's files (results as step 0, EMA `file-<nam
 Settings are config.eval (configs/base.py eval_block): the defaults, then the run's own
 config.eval from DIR/config.json, then --config.eval.FIELD overrides.  The job works in shards
 under DIR/eval/ and resumes from them when re-run with the same command; results go to
-DIR/eval/results.jsonl (docs/eval_jobs.md).  A mistake in the settings ends in one line on
+DIR/eval/results.jsonl (docs/evaluation.md).  A mistake in the settings ends in one line on
 stderr and exit status 2 (--verbose shows the traceback).
 """
 import difflib
@@ -97,9 +97,10 @@ def main(argv):
     if not _RUN_CONFIG.value:
       raise config_lib.UserError("--checkpoint needs --run_config (the config whose network the "
                                  "file holds, e.g. configs/cifar10_ctm.py)")
-    if not os.path.isfile(_CHECKPOINT.value):
+    from ctm_jax import fileio
+    if not fileio.isfile(_CHECKPOINT.value):
       raise config_lib.UserError(f"--checkpoint={_CHECKPOINT.value}: no such file")
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    fileio.makedirs(_WORKDIR.value)
   config = load_run_config(_WORKDIR.value, _RUN_CONFIG.value)
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   ev = settings.merge_eval(base.eval_block(), config, overrides)

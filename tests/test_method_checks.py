@@ -82,9 +82,10 @@ def test_ctm_dsm_loss_time_split_and_s_equals_t_head():
   k_log, k_u = jax.random.split(k_sig)
   n_log = b // 2
   c = cfg.ctm
-  log_part = np.exp(c.dsm_p_mean + c.dsm_p_std * np.asarray(jax.random.normal(k_log, (n_log,)),
-                                                            np.float64))
-  u = np.asarray(jax.random.uniform(k_u, (b - n_log,)), np.float64) * c.dsm_curve_max
+  # Each draw is made for the whole batch; example i takes its own element of one of them.
+  log_part = np.exp(c.dsm_p_mean + c.dsm_p_std * np.asarray(jax.random.normal(k_log, (b,)),
+                                                            np.float64))[:n_log]
+  u = np.asarray(jax.random.uniform(k_u, (b,)), np.float64)[n_log:] * c.dsm_curve_max
   curve = (SMAX ** (1 / RHO) + u * (SMIN ** (1 / RHO) - SMAX ** (1 / RHO))) ** RHO
   sigma = np.concatenate([log_part, curve])
   z = np.asarray(jax.random.normal(k_z, x0.shape))

@@ -253,6 +253,7 @@ LOCAL_ONLY = {
     "ctm_jax/data/builders.py": (6, "TFDS generation into a local data_dir (rename, wheels)"),
     "ctm_jax/evaljob/shards.py": (1, "fileio.path(...).open: the path layer's stream"),
     "launch/common.py": (3, "config-file suggestions for --config"),
+    "launch/bench.py": (1, "--also names config files: Python source on the local disk"),
     "launch/export_torch_weights.py": (4, "torch.load of a local --source pickle / JSON"),
 }
 LOCAL_CALL = re.compile(r"\b(os\.path\.(exists|isfile|isdir|abspath)|open\(|os\.makedirs|"

@@ -199,6 +199,8 @@ def _edm_pkl_ctm_config(tag, **teacher_model):
   c.data.dataset, c.data.class_conditional = 'fixture8', tag == 'cond'
   c.teacher.config = t
   c.teacher.source, c.teacher.path = 'edm_pkl', str(FIXTURES / f'edm_songunet_tiny_{tag}.pkl')
+  if tag == 'cond':
+    c.teacher.label_order = 'standard'      # the fixture's labels are fixture8's own order
   return c
 
 

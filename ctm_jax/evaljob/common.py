@@ -74,7 +74,7 @@ def base_record(job: Job, spec=None, step=None, ema=None) -> dict:
       step, ema = None, "teacher"
   r.update(step=step, ema=ema)
   if job.checkpoint_file and ema != "teacher":
-    r["checkpoint_file"] = os.path.abspath(job.checkpoint_file)
+    r["checkpoint_file"] = fileio.absolute(job.checkpoint_file)
   return r
 
 

@@ -1,5 +1,5 @@
 """The evaluation jobs of python -m launch.eval: samples, FID / KID, NLL and FID reference
-statistics of a trained run, as resumable sharded batch jobs (docs/eval_jobs.md).
+statistics of a trained run, as resumable sharded batch jobs (docs/evaluation.md).
 
 Layout under the run's workdir (each setting directory is named by its sampler or split and
 a hash of every setting that determines its content, written out in its manifest.json, so

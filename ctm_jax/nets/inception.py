@@ -436,8 +436,8 @@ def load_logits_weight(path) -> np.ndarray:
   that this file cannot give an Inception Score and which file can."""
   path = os.fspath(path)
   try:
-    with np.load(path, allow_pickle=False) as z:
-      w = z[LOGITS_KEY] if LOGITS_KEY in z.files else None
+    from ctm_jax import fileio
+    w = fileio.load_npz(path).get(LOGITS_KEY)
   except Exception as e:  # noqa: BLE001
     raise InceptionWeightsError(f'{path}: not an .npz file written by '
                                 f'launch.export_inception_weights ({type(e).__name__}: {e})') from None
