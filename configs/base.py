@@ -113,7 +113,10 @@ def eval_block() -> ml_collections.ConfigDict:
       inception_score=False,    # --mode=fid also: IS (guided-diffusion's evaluator: splits of
                                 # 5000; needs weights with the logits, from pytorch-fid's .pth)
       precision_recall=False,   # --mode=fid also: precision / recall (k = 3) against the
-                                # reference features of ref_stats
+                                # reference features of ref_stats (or of its images, arr_0)
+      sfid=False,               # --mode=fid also: sFID (mixed_6/conv, 7 channels) against the
+                                # mu_s, sigma_s of ref_stats (a guided-diffusion reference
+                                # batch, or --mode=fid_stats with sfid=True)
       kid_subsets=100,          # KID: number of subsets ...
       kid_subset_size=1000,     # ... and their size (at most half of each set: disjoint blocks)
       nll_protocol="dequantized",    # images: dequantized | point | score_sde | ctm

@@ -281,15 +281,15 @@ def fid_module():
   return fid
 
 
-def fake_feature_fn(seed: int = 0):
-  """uint8 NHWC images -> (B, 2048): tanh of a fixed random projection of the pixels, in place
+def fake_feature_fn(seed: int = 0, dim: int = 2048):
+  """uint8 NHWC images -> (B, dim): tanh of a fixed random projection of the pixels, in place
   of Inception (the jobs' bookkeeping does not depend on the network).  Row-wise."""
   cache = {}
 
   def fn(images):
     x = np.asarray(images, np.float64).reshape(len(images), -1) / 255.0
     if x.shape[1] not in cache:
-      w = np.random.default_rng(seed).normal(size=(x.shape[1], 2048))
+      w = np.random.default_rng(seed).normal(size=(x.shape[1], dim))
       cache[x.shape[1]] = w / np.sqrt(x.shape[1])
     return np.tanh(x @ cache[x.shape[1]] * 3.0).astype(np.float32)
   return fn
@@ -416,6 +416,54 @@ def test_fid_stats_and_fid_records(digits_stats, fid_runs, fid_module):
   pr = guided_eval.precision_recall(st["features"], f_s)
   assert (recs["precision"]["value"], recs["recall"]["value"]) == (pr["precision"], pr["recall"])
   assert recs["precision"]["num_samples"] == 160 and recs["precision"]["k"] == 3
+
+
+def test_sfid_and_a_guided_diffusion_reference_batch(digits_run, digits_stats, fid_module,
+                                                    tmp_path):
+  """config.eval.sfid against a reference batch shaped like guided-diffusion's
+  VIRTUAL_imagenet64_labeled.npz (mu, sigma, mu_s, sigma_s and the images arr_0, no features):
+  FID against its mu / sigma, sFID against mu_s / sigma_s, precision / recall against the
+  features of its images; and --mode=fid_stats with sfid=True adds mu_s, sigma_s."""
+  from ctm_jax.metrics import guided_eval
+  pool, spat = digits_stats["feat"], fake_feature_fn(seed=1, dim=guided_eval.SPATIAL_DIM)
+  feat = lambda images: np.concatenate([pool(images), spat(images)], axis=1)
+  images = np.rint((data_lib.load_split("digits", "test")["x"] + 1) * 127.5).astype(np.uint8)
+  fp, fs = pool(images).astype(np.float64), spat(images).astype(np.float64)
+  batch = str(tmp_path / "VIRTUAL_digits_labeled.npz")
+  np.savez(batch, arr_0=images, mu=fp.mean(0), sigma=np.cov(fp, rowvar=False), mu_s=fs.mean(0),
+           sigma_s=np.cov(fs, rowvar=False))
+  wd = copy_run(digits_run, tmp_path / "run")
+  ev, config = eval_settings(wd, num_samples=160, samplers="heun:2", sfid=True,
+                             precision_recall=True, **dict(digits_stats["common"], ref_stats=batch))
+  summary = jobs.run(wd, "fid", ev, config, feature_fn=feat, feature_id=digits_stats["sha"])
+  recs = {r["metric"]: r for r in summary["records"]}
+  d = os.path.dirname(recs["fid"]["samples"])
+  fdir = glob.glob(os.path.join(d, "features-*-sfid"))[0]
+  f_all = np.concatenate([np.load(f)["features"]
+                          for f in sorted(glob.glob(os.path.join(fdir, "shard_*.npz")))])
+  x_s = np.concatenate([np.load(f)["x"]
+                        for f in sorted(glob.glob(os.path.join(recs["fid"]["samples"], "shard_*.npz")))])
+  np.testing.assert_allclose(f_all, feat(x_s), rtol=1e-6)
+  f_p, f_sp = f_all[:, :2048].astype(np.float64), f_all[:, 2048:].astype(np.float64)
+  # The d x d route of the Frechet distance (the job takes the n x n one; test_fid.py).
+  np.testing.assert_allclose(recs["fid"]["value"], fid_module.frechet_distance(
+      f_p.mean(0), np.cov(f_p, rowvar=False), fp.mean(0), np.cov(fp, rowvar=False)), rtol=1e-6)
+  np.testing.assert_allclose(recs["sfid"]["value"], fid_module.frechet_distance(
+      f_sp.mean(0), np.cov(f_sp, rowvar=False), fs.mean(0), np.cov(fs, rowvar=False)), rtol=1e-6)
+  assert abs(recs["sfid"]["value"] - recs["fid"]["value"]) > 1.0       # another feature set
+  assert recs["sfid"]["num_samples"] == 160 and recs["sfid"]["ref_stats"].endswith(
+      "VIRTUAL_digits_labeled.npz")
+  pr = guided_eval.precision_recall(fp.astype(np.float32), f_all[:, :2048])
+  assert (recs["precision"]["value"], recs["recall"]["value"]) == (pr["precision"], pr["recall"])
+  assert glob.glob(os.path.join(wd, "eval", "ref_features", "*-sfid", "shard_*.npz"))
+  # fid_stats with sfid: mu_s, sigma_s of the data's spatial features beside mu, sigma.
+  stats = str(tmp_path / "stats_sfid.npz")
+  ev, config = eval_settings(wd, sfid=True, **dict(digits_stats["common"], ref_stats=stats))
+  jobs.run(wd, "fid_stats", ev, config, feature_fn=feat, feature_id=digits_stats["sha"])
+  st = fid_module.load_stats(stats)
+  np.testing.assert_allclose(st["mu_s"], fs.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(st["sigma_s"], np.cov(fs, rowvar=False), rtol=1e-4, atol=1e-6)
+  assert st["features"].shape == (300, 2048)
 
 
 def test_two_devices_give_the_same_fid_as_one(fid_runs):
@@ -698,7 +746,11 @@ def test_fid_inputs_are_checked(digits_run, tmp_path, fid_module):
        r"config\.eval\.inception_score = True: .*inception_nologits\.npz: .*lack the 1008-way "
        r"logits layer .*pt_inception-2015-12-05"),
       (dict(inception_weights=weights, precision_recall=True),
-       r"config\.eval\.precision_recall = True needs the reference features; .*stats_mu_sigma")]:
+       r"config\.eval\.precision_recall = True needs the reference features or images; "
+       r".*stats_mu_sigma"),
+      (dict(inception_weights=weights, sfid=True),
+       r"config\.eval\.sfid = True needs sFID statistics \(mu_s, sigma_s\); .*stats_mu_sigma.*"
+       r"--mode=fid_stats --config\.eval\.sfid=True")]:
     ev, _ = eval_settings(wd, **FID_COMMON, ref_stats=path, **fields)
     with pytest.raises(config_lib.ConfigError, match=pattern):
       jobs.run(wd, "fid", ev, config)

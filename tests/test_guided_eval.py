@@ -41,7 +41,7 @@ def test_inception_score_matches_the_formula_and_closed_forms():
 
 
 def test_spatial_features_take_the_first_seven_channels_in_hwc_order():
-  a = np.arange(2 * 17 * 17 * 768, dtype=np.float32).reshape(2, 17, 17, 768)
+  a = np.arange(2 * 17 * 17 * 192, dtype=np.float32).reshape(2, 17, 17, 192)
   got = ge.spatial_features(a)
   assert got.shape == (2, ge.SPATIAL_DIM) == (2, 2023)
   # Row 0, position (h, w), channel c sits at index (h * 17 + w) * 7 + c.
@@ -86,8 +86,9 @@ def test_precision_recall_match_the_formula_and_closed_forms():
 
 
 def test_reference_batch_is_read_as_fid_and_sfid_statistics(tmp_path):
-  """A VIRTUAL_imagenet64_labeled.npz-shaped file gives back its statistics (float64) and images;
-  missing keys and wrong widths are named."""
+  """A VIRTUAL_imagenet64_labeled.npz-shaped file (config.eval.ref_stats) gives back its pool3
+  and spatial statistics (float64) and images; a lone mu_s, a wrong shape and non-uint8 images
+  are named."""
   rng = np.random.default_rng(2)
   stats_in = dict(mu=rng.standard_normal(ge.POOL_DIM).astype(np.float32),
                   sigma=np.eye(ge.POOL_DIM, dtype=np.float32) * 2,
@@ -95,21 +96,20 @@ def test_reference_batch_is_read_as_fid_and_sfid_statistics(tmp_path):
   images = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
   path = tmp_path / "VIRTUAL_tiny.npz"
   np.savez(path, arr_0=images, **stats_in)
-  got = ge.load_reference_batch(path)
+  got = fid.load_stats(path)
   np.testing.assert_array_equal(got["images"], images)
   for k, v in stats_in.items():
     assert got[k].dtype == np.float64
     np.testing.assert_array_equal(got[k], v.astype(np.float64))
-  # The FID binary's loader (config.eval.ref_stats) reads the same file's pool3 statistics.
-  st = fid.load_stats(path)
-  np.testing.assert_array_equal(st["mu"], stats_in["mu"].astype(np.float64))
-  np.testing.assert_array_equal(st["sigma"], stats_in["sigma"].astype(np.float64))
-  assert st["features"] is None and st["meta"] == {}
+  assert got["features"] is None and got["meta"] == {}
   bad = tmp_path / "bad.npz"
-  np.savez(bad, arr_0=images, mu=stats_in["mu"], sigma=stats_in["sigma"])
-  with pytest.raises(ValueError, match=r"lacks \['mu_s', 'sigma_s'\]"):
-    ge.load_reference_batch(bad)
-  np.savez(bad, mu=stats_in["mu"][:100], sigma=stats_in["sigma"], mu_s=stats_in["mu_s"],
+  np.savez(bad, arr_0=images, mu=stats_in["mu"], sigma=stats_in["sigma"], mu_s=stats_in["mu_s"])
+  with pytest.raises(ValueError, match=r"bad\.npz: holds one of mu_s, sigma_s"):
+    fid.load_stats(bad)
+  np.savez(bad, mu=stats_in["mu"], sigma=stats_in["sigma"], mu_s=stats_in["mu_s"][:100],
            sigma_s=stats_in["sigma_s"])
-  with pytest.raises(ValueError, match=r"mu must be \(2048,\)"):
-    ge.load_reference_batch(bad)
+  with pytest.raises(ValueError, match=r"mu_s must be \(d,\) and sigma_s \(d, d\), got \(100,\)"):
+    fid.load_stats(bad)
+  np.savez(bad, arr_0=images.astype(np.float32), mu=stats_in["mu"], sigma=stats_in["sigma"])
+  with pytest.raises(ValueError, match=r"arr_0 \(reference images\) must be uint8 NHWC"):
+    fid.load_stats(bad)

@@ -81,6 +81,35 @@ def test_features_match_torchscript(fixture, params):
   assert _rel(feats[0], feats[1]) > 0.1
 
 
+def test_spatial_features_match_torchscript_mixed_6_conv(fixture, params, monkeypatch):
+  """spatial=True: pool3 unchanged, then sFID's features = the TorchScript's layers.mixed_6.conv
+  on the same input, channels [:7] in (h, w, c) order (the fixture, made by running the module's
+  own submodules), to 1e-4; through make_feature_fn with and without a mesh."""
+  from ctm_jax.metrics import guided_eval
+  x = jnp.concatenate([inc.preprocess(fixture[f'images/{n}'][None]) for n in NAMES])
+  got = np.asarray(jax.jit(inc.InceptionV3(spatial=True).apply)({'params': params}, x))
+  assert got.shape == (len(NAMES), inc.FEATURE_DIM + guided_eval.SPATIAL_DIM)
+  rel = {}
+  for i, n in enumerate(NAMES):
+    assert _rel(got[i, :inc.FEATURE_DIM], fixture[f'features/{n}'][0]) < 1e-4
+    rel[n] = _rel(got[i, inc.FEATURE_DIM:], fixture[f'spatial/{n}'][0])
+  print('relative max difference to the TorchScript mixed_6.conv:', rel)
+  assert max(rel.values()) < 1e-4, rel
+  # Planted errors are seen: the (c, h, w) flattening order, and the next block's 1x1 branch.
+  chw = fixture['spatial/rgb32'][0].reshape(17, 17, 7).transpose(2, 0, 1).reshape(-1)
+  assert _rel(got[2, inc.FEATURE_DIM:], chw) > 0.1
+  monkeypatch.setattr(inc, 'SPATIAL_BLOCK', 'mixed_7')
+  wrong = np.asarray(inc.InceptionV3(spatial=True).apply({'params': params}, x[2:3]))
+  assert _rel(wrong[0, inc.FEATURE_DIM:], fixture['spatial/rgb32'][0]) > 0.1
+  monkeypatch.undo()
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), parallel.BATCH_AXES)
+  for fn in (inc.make_feature_fn(params, spatial=True),
+             inc.make_feature_fn(params, mesh, spatial=True)):
+    out = fn(fixture['images/rgb32'][None])
+    assert out.shape == (1, inc.FEATURE_DIM + guided_eval.SPATIAL_DIM)
+    assert _rel(out[0, inc.FEATURE_DIM:], fixture['spatial/rgb32'][0]) < 1e-4
+
+
 def test_feature_fn_with_and_without_mesh(fixture, params):
   """make_feature_fn: single device, and a batch of 3 split over 8 devices (padded to 8)."""
   fn = inc.make_feature_fn(params)

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -187,13 +187,26 @@ def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
   return finish(job, result, recs, [p for p in (pic,) if p])
 
 
+def feature_kind(job: Job) -> Tuple[str, dict]:
+  """(directory suffix, manifest entries) of the feature shards: pool3 alone, or pool3 and
+  sFID's spatial features (config.eval.sfid), which go to their own shards."""
+  return ("-sfid", {"spatial": True}) if job.ev.sfid else ("", {})
+
+
+def split_features(feats: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+  """(pool3 (N, 2048), spatial (N, 2023) or None) of the feature function's rows."""
+  dim = settings.FEATURE_DIM
+  return feats[:, :dim], (feats[:, dim:] if feats.shape[1] > dim else None)
+
+
 def feature_shards(job: Job, samples: Dict[str, np.ndarray], d: str) -> np.ndarray:
   """The Inception features of a setting's samples, cached in shards beside them."""
   ev = job.ev
   bs = ev.batch_size
-  store = ShardStore(fileio.join(d, f"features-{job.feature_id[:12]}"),
+  suffix, kind = feature_kind(job)
+  store = ShardStore(fileio.join(d, f"features-{job.feature_id[:12]}{suffix}"),
                      {"kind": "features", "weights_sha256": job.feature_id,
-                      "samples": fileio.basename(d), "shard_size": ev.shard_size},
+                      "samples": fileio.basename(d), "shard_size": ev.shard_size, **kind},
                      ev.num_samples, ev.shard_size)
 
   def compute(i, start, count):
@@ -220,7 +233,7 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   from ctm_jax.metrics import fid
   ev = job.ev
   d = setting_dir(job, spec, step, ema)
-  extra = {k: True for k in ("inception_score", "precision_recall") if ev[k]}
+  extra = {k: True for k in ("inception_score", "precision_recall", "sfid") if ev[k]}
   key = settings_hash({"ref": ref["sha256"], "weights": job.feature_id,
                        "kid": [ev.kid_subsets, ev.kid_subset_size], **extra})
   result = fileio.join(d, f"fid-n{ev.num_samples}-{key}.json")
@@ -229,7 +242,7 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
     return got
   samples = draw_samples(job, spec, params, step, ema)
   grid = save_grid(job, samples["x"], fileio.join(d, "grid.png"))
-  feats = feature_shards(job, samples, d)
+  feats, spatial = split_features(feature_shards(job, samples, d))
   value = fid.frechet_distance_from_features(feats, ref["mu"], ref["sigma"])
   rec = dict(base_record(job, spec, step, ema), num_samples=len(feats),
              uint8_rule=settings.uint8_rule(ev, job.config), ref_stats=ref["path"],
@@ -239,17 +252,22 @@ def fid_setting(job: Job, spec, params, step, ema, ref: dict, t0: float) -> List
   recs = [dict(rec, metric="fid", value=value, stderr=None, seconds=time.time() - t0)]
   if ref.get("features") is not None:
     recs.append(kid_record(dict(rec, metric="kid"), feats, ref["features"], ev, t0))
-  recs.extend(guided_records(job, rec, feats, ref, t0))
+  recs.extend(guided_records(job, rec, feats, spatial, ref, t0))
   return finish(job, result, recs, [grid])
 
 
-def guided_records(job: Job, rec: dict, feats: np.ndarray, ref: dict, t0: float) -> List[dict]:
-  """config.eval.inception_score / precision_recall: guided-diffusion evaluator's IS (pool3 @
+def guided_records(job: Job, rec: dict, feats: np.ndarray, spatial: Optional[np.ndarray],
+                   ref: dict, t0: float) -> List[dict]:
+  """config.eval.sfid / inception_score / precision_recall: guided-diffusion evaluator's sFID
+  (the Frechet distance of the spatial features to the reference's mu_s, sigma_s), IS (pool3 @
   the logits matrix, splits of 5000) and precision / recall (k = 3) against the reference
-  features, from the samples' pool3 features (ctm_jax/metrics/guided_eval.py)."""
-  from ctm_jax.metrics import guided_eval
+  features, from the samples' features (ctm_jax/metrics/guided_eval.py)."""
+  from ctm_jax.metrics import fid, guided_eval
   from ctm_jax.nets import inception
   ev, out = job.ev, []
+  if ev.sfid:
+    out.append(dict(rec, metric="sfid", value=fid.frechet_distance_from_features(
+        spatial, ref["mu_s"], ref["sigma_s"]), stderr=None, seconds=time.time() - t0))
   if ev.inception_score:
     if "logits" not in job.cache:
       job.cache["logits"] = inception.load_logits_weight(ev.inception_weights)
@@ -258,7 +276,7 @@ def guided_records(job: Job, rec: dict, feats: np.ndarray, ref: dict, t0: float)
                     is_split_std=got["std"], is_splits=got["splits"],
                     is_split_size=guided_eval.IS_SPLIT_SIZE, seconds=time.time() - t0))
   if ev.precision_recall:
-    got = guided_eval.precision_recall(ref["features"], feats)
+    got = guided_eval.precision_recall(reference_features(job, ref), feats)
     for m in ("precision", "recall"):
       out.append(dict(rec, metric=m, value=got[m], stderr=None, k=got["k"],
                       seconds=time.time() - t0))
@@ -284,24 +302,30 @@ def fid_stats(job: Job) -> List[dict]:
   ev, t0 = job.ev, time.time()
   path = settings.stats_path(job.config, ev, job.workdir)
   if fileio.exists(path) and not ev.recompute:
-    logging.info("reference statistics exist (config.eval.recompute=True redoes them): %s", path)
-    job.files.append(path)
-    return []
+    if not ev.sfid or fid.load_stats(path, feature_dim=None)["mu_s"] is not None:
+      logging.info("reference statistics exist (config.eval.recompute=True redoes them): %s",
+                   path)
+      job.files.append(path)
+      return []
+    logging.info("%s has no sFID statistics (config.eval.sfid = True): adding them", path)
   data_dir = ev.data_dir or job.config.data.data_dir or None
   images = np.concatenate([   # 'train+test': the splits one after the other
       np.rint((data.load_split(job.config.data.dataset, part, data_dir)["x"] + 1.0) * 127.5)
       .astype(np.uint8) for part in ev.fid_split.split("+")])
-  store = ShardStore(f"{path}.shards-{job.feature_id[:12]}",
+  suffix, kind = feature_kind(job)
+  store = ShardStore(f"{path}.shards-{job.feature_id[:12]}{suffix}",
                      {"kind": "data_features", "dataset": job.config.data.dataset,
                       "split": ev.fid_split, "count": len(images),
-                      "weights_sha256": job.feature_id, "shard_size": ev.shard_size},
+                      "weights_sha256": job.feature_id, "shard_size": ev.shard_size, **kind},
                      len(images), ev.shard_size)
-  feats = store.run(lambda i, start, count: {"features": compute_features(
+  feats, spatial = split_features(store.run(lambda i, start, count: {"features": compute_features(
       job.feature_fn, images[start:start + count], ev.batch_size)},
-      f"features of {job.config.data.dataset}/{ev.fid_split}", ev.recompute)["features"]
+      f"features of {job.config.data.dataset}/{ev.fid_split}", ev.recompute)["features"])
   mu, sigma = fid.feature_statistics(feats)
+  mu_s, sigma_s = fid.feature_statistics(spatial) if ev.sfid else (None, None)
   if jax.process_index() == 0:
-    fid.save_stats(path, mu, sigma, features=feats, dataset=job.config.data.dataset,   # atomic
+    fid.save_stats(path, mu, sigma, features=feats, mu_s=mu_s, sigma_s=sigma_s,  # atomic
+                   dataset=job.config.data.dataset,
                    split=ev.fid_split, resolution=list(job.info.shape), count=len(feats),
                    weights_sha256=job.feature_id, network=NETWORK, resize=RESIZE)
   rng = np.random.default_rng(ev.seed)
@@ -322,11 +346,34 @@ def load_reference(job: Job) -> dict:
   path = settings.stats_path(job.config, job.ev, job.workdir)
   stats = fid.load_stats(path, feature_dim=None)
   settings.check_reference_stats(path, job.config, job.ev, stats)
-  feats = stats.get("features")
+  feats, images = stats.get("features"), stats.get("images")
   meta = stats.get("meta") or {}
-  count = meta.get("count", len(feats) if feats is not None else None)
-  return {"mu": stats["mu"], "sigma": stats["sigma"], "features": feats, "path": path,
+  count = meta.get("count", len(feats) if feats is not None else
+                   (len(images) if images is not None else None))
+  return {"mu": stats["mu"], "sigma": stats["sigma"], "features": feats, "images": images,
+          "mu_s": stats.get("mu_s"), "sigma_s": stats.get("sigma_s"), "path": path,
           "sha256": file_sha256(path), "count": count}
+
+
+def reference_features(job: Job, ref: dict) -> np.ndarray:
+  """The reference set's pool3 features: the statistics file's own, or those of its images
+  (a guided-diffusion reference batch's arr_0, as the evaluator computes them), cached in
+  shards under <workdir>/eval/ref_features/."""
+  if ref.get("features") is not None:
+    return ref["features"]
+  ev, images = job.ev, ref["images"]
+  suffix, kind = feature_kind(job)
+  store = ShardStore(fileio.join(job.workdir, "eval", "ref_features",
+                                 f"{ref['sha256'][:12]}-{job.feature_id[:12]}{suffix}"),
+                     {"kind": "reference_features", "ref_stats_sha256": ref["sha256"],
+                      "weights_sha256": job.feature_id, "shard_size": ev.shard_size, **kind},
+                     len(images), ev.shard_size)
+  feats = store.run(lambda i, start, count: {"features": compute_features(
+      job.feature_fn, images[start:start + count], ev.batch_size)},
+      f"features of the reference images of {fileio.basename(ref['path'])}",
+      ev.recompute)["features"]
+  ref["features"] = split_features(feats)[0]
+  return ref["features"]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -341,7 +388,7 @@ def setup_features(job: Job, feature_fn: Optional[FeatureFn], feature_id: Option
     params = inception.load_inception_params(job.ev.inception_weights)
   except ValueError as e:
     raise config_lib.ConfigError(f"config.eval.inception_weights: {e}") from None
-  job.feature_fn = inception.make_feature_fn(params, job.mesh)
+  job.feature_fn = inception.make_feature_fn(params, job.mesh, spatial=bool(job.ev.sfid))
   job.feature_id = file_sha256(job.ev.inception_weights)
 
 

@@ -183,7 +183,7 @@ def validate(ev, config, *, mode: str, num_devices: int, process_count: int,
   config_lib.check_number(c, "eval.kid_subset_size", 2, integer=True)
   config_lib.check_number(c, "eval.reference_seeds", 1, integer=True)
   config_lib.check_number(c, "eval.ode_error_samples", 1, integer=True)
-  for f in ("recompute", "inception_score", "precision_recall"):
+  for f in ("recompute", "inception_score", "precision_recall", "sfid"):
     if not isinstance(ev[f], bool):
       raise config_lib.ConfigError(f"config.eval.{f} must be True or False, got {ev[f]!r}")
   splits = ("train", info.eval_split)
@@ -272,10 +272,22 @@ def check_reference_stats(path: str, config, ev, stats: Optional[dict] = None) -
     except (ValueError, KeyError, OSError) as e:
       raise config_lib.ConfigError(f"{field} = {path!r} is not FID statistics: {e}") from None
   mu = stats["mu"]
-  if ev.precision_recall and stats.get("features") is None:
+  if ev.precision_recall and stats.get("features") is None and stats.get("images") is None:
     raise config_lib.ConfigError(
-        f"config.eval.precision_recall = True needs the reference features; {field} = {path!r} "
-        f"holds only mu and sigma (make it with --mode=fid_stats)")
+        f"config.eval.precision_recall = True needs the reference features or images; {field} "
+        f"= {path!r} holds neither (make it with --mode=fid_stats, or pass a guided-diffusion "
+        f"reference batch, which holds its images as arr_0)")
+  if ev.sfid:
+    from ctm_jax.metrics import guided_eval
+    if stats.get("mu_s") is None:
+      raise config_lib.ConfigError(
+          f"config.eval.sfid = True needs sFID statistics (mu_s, sigma_s); {field} = {path!r} "
+          f"has none (a guided-diffusion reference batch holds them; or make them with "
+          f"--mode=fid_stats --config.eval.sfid=True)")
+    if stats["mu_s"].shape != (guided_eval.SPATIAL_DIM,):
+      raise config_lib.ConfigError(
+          f"{field} = {path!r} holds {stats['mu_s'].shape[-1]}-d sFID statistics; the network "
+          f"gives {guided_eval.SPATIAL_DIM}-d spatial features")
   if mu.shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
     raise config_lib.ConfigError(f"{field} = {path!r} holds {mu.shape[-1]}-d statistics; the "
                                  f"FID network gives {FEATURE_DIM}-d features")

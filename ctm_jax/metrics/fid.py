@@ -170,13 +170,19 @@ def kid(features_a, features_b, *, num_subsets: int = 100, subset_size: int = 10
 # Statistics files.
 
 
-def save_stats(path, mu, sigma, features=None, **meta) -> None:
-  """Write `mu`, `sigma` (float64), optional `features` (float32) and `meta` (JSON) atomically
-  through ctm_jax.fileio (a local path or a URL; an existing file survives a failure)."""
+def save_stats(path, mu, sigma, features=None, mu_s=None, sigma_s=None, **meta) -> None:
+  """Write `mu`, `sigma` (float64), optional `features` (float32), optional sFID statistics
+  `mu_s`, `sigma_s` (as guided-diffusion's reference batches hold them) and `meta` (JSON)
+  atomically through ctm_jax.fileio (a local path or a URL; an existing file survives a
+  failure)."""
   from ctm_jax import fileio
   path = os.fspath(path)
   mu, sigma = _check_gaussian(mu, sigma, f'save_stats({path})')
   arrays = dict(mu=mu, sigma=sigma)
+  if (mu_s is None) != (sigma_s is None):
+    raise ValueError(f'save_stats({path}): mu_s and sigma_s go together')
+  if mu_s is not None:
+    arrays['mu_s'], arrays['sigma_s'] = _check_gaussian(mu_s, sigma_s, f'save_stats({path}) sFID')
   if features is not None:
     features = np.asarray(features, np.float32)
     if features.ndim != 2 or features.shape[1] != mu.shape[0]:
@@ -203,13 +209,14 @@ def read_npz(path: str, what: str) -> dict:
 
 
 def load_stats(path, feature_dim: Optional[int] = INCEPTION_FEATURE_DIM) -> dict:
-  """{'mu', 'sigma', 'features' (None if absent), 'meta' (dict)} from an .npz with `mu`, `sigma`.
+  """{'mu', 'sigma', 'features', 'mu_s', 'sigma_s', 'images' (each None if absent), 'meta'
+  (dict)} from an .npz with `mu`, `sigma`.
 
-  Reads ours, EDM's `cifar10-32x32.npz` and pytorch-fid's stats files. `feature_dim` (default
-  the Inception pool3 width; None: any) is the width the features must have. Errors name the
-  file and the problem.
+  Reads ours, EDM's `cifar10-32x32.npz`, pytorch-fid's stats files and guided-diffusion's
+  reference batches (sFID's `mu_s`, `sigma_s`; `arr_0`, the reference images). `feature_dim`
+  (default the Inception pool3 width; None: any) is the width the features must have. Errors
+  name the file and the problem.
   """
-  from ctm_jax import fileio
   path = os.fspath(path)
   data = read_npz(path, 'statistics file')
   missing = [k for k in ('mu', 'sigma') if k not in data]
@@ -224,10 +231,23 @@ def load_stats(path, feature_dim: Optional[int] = INCEPTION_FEATURE_DIM) -> dict
   features = data.get('features')
   if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
     raise ValueError(f'{path}: features must be (n, {mu.shape[0]}), got {features.shape}')
+  mu_s = sigma_s = None
+  if 'mu_s' in data or 'sigma_s' in data:
+    if not ('mu_s' in data and 'sigma_s' in data):
+      raise ValueError(f'{path}: holds one of mu_s, sigma_s (sFID statistics) without the other')
+    mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in ('mu_s', 'sigma_s'))
+    if mu_s.ndim != 1 or sigma_s.shape != (mu_s.shape[0], mu_s.shape[0]):
+      raise ValueError(f'{path}: mu_s must be (d,) and sigma_s (d, d), got {mu_s.shape} and '
+                       f'{sigma_s.shape}')
+  images = data.get('arr_0')
+  if images is not None and (images.dtype != np.uint8 or images.ndim != 4):
+    raise ValueError(f'{path}: arr_0 (reference images) must be uint8 NHWC, got {images.dtype} '
+                     f'{images.shape}')
   meta = {}
   if 'meta' in data:
     try:
       meta = json.loads(str(data['meta']))
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}: meta is not JSON ({e})') from None
-  return dict(mu=mu, sigma=sigma, features=features, meta=meta)
+  return dict(mu=mu, sigma=sigma, features=features, mu_s=mu_s, sigma_s=sigma_s, images=images,
+              meta=meta)

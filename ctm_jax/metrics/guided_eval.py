@@ -6,8 +6,10 @@ ImageNet 64 table uses with the reference batch VIRTUAL_imagenet64_labeled.npz.
              `softmax/logits` matrix WITHOUT its bias (the evaluator multiplies by the MatMul's
              weight only; torch-fidelity's `logits_unbiased` likewise).  Salimans et al. 2016.
   FID        the Frechet distance of pool3 statistics (ctm_jax.metrics.fid.frechet_distance).
-  sFID       the same of the spatial features: `mixed_6/conv` (17 x 17 x 768) cut to its first 7
-             channels and flattened (17 * 17 * 7 = 2023), `spatial_features`.  Nash et al. 2021.
+  sFID       the same of the spatial features: `mixed_6/conv` (Mixed_6d's 1x1 branch after its
+             ReLU, 17 x 17 x 192) cut to its first 7 channels and flattened (17 * 17 * 7 = 2023),
+             `spatial_features`; the network gives them (InceptionV3(spatial=True)).
+             Nash et al. 2021.
   precision  the fraction of samples inside the reference manifold, recall the fraction of
   / recall   references inside the sample manifold; a manifold is the union of balls around each
              point whose squared radius is the squared distance to its k-th nearest neighbour
@@ -15,19 +17,16 @@ ImageNet 64 table uses with the reference batch VIRTUAL_imagenet64_labeled.npz.
 
 Statistics (mu, sigma) use np.cov (ddof 1) as the evaluator does.  The evaluator computes the
 squared distances in float16 (float32 only when float16 overflows); here they are float64.
+A reference batch (.npz: mu, sigma, mu_s, sigma_s, arr_0) is read by
+ctm_jax.metrics.fid.load_stats as config.eval.ref_stats.
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
-
 import numpy as np
-
-from ctm_jax.metrics import fid
 
 NUM_LOGITS = 1008
 POOL_DIM = 2048
-SPATIAL_SHAPE = (17, 17, 768)          # mixed_6/conv of the 299 x 299 network
+SPATIAL_SHAPE = (17, 17, 192)          # mixed_6/conv of the 299 x 299 network
 SPATIAL_CHANNELS = 7
 SPATIAL_DIM = SPATIAL_SHAPE[0] * SPATIAL_SHAPE[1] * SPATIAL_CHANNELS     # 2023
 IS_SPLIT_SIZE = 5000
@@ -72,7 +71,7 @@ def pool3_logits(features, weight) -> np.ndarray:
 
 
 def spatial_features(mixed_6_conv) -> np.ndarray:
-  """sFID features from the (N, 17, 17, 768) NHWC output of mixed_6/conv: the first 7 channels,
+  """sFID features from the (N, 17, 17, 192) NHWC output of mixed_6/conv: the first 7 channels,
   flattened in (h, w, c) order to (N, 2023) (the evaluator's `spatial[..., :7]` then reshape)."""
   a = np.asarray(mixed_6_conv)
   if a.ndim != 4 or a.shape[-1] < SPATIAL_CHANNELS:
@@ -114,28 +113,3 @@ def precision_recall(ref_features, sample_features, k: int = NHOOD_SIZE,
   in_smp = np.concatenate([np.any(squared_distances(ref[i:i + chunk], smp) <= r_smp[None, :],
                                   axis=1) for i in range(0, len(ref), chunk)])
   return dict(precision=float(np.mean(in_ref)), recall=float(np.mean(in_smp)), k=k)
-
-
-def load_reference_batch(path) -> dict:
-  """A guided-diffusion reference batch (.npz, e.g. VIRTUAL_imagenet64_labeled.npz): `mu`,
-  `sigma` (pool3, 2048) and `mu_s`, `sigma_s` (spatial, 2023) statistics, and `arr_0`, the
-  uint8 NHWC reference images (needed for precision / recall: their features), when present.
-  Returns {'mu', 'sigma', 'mu_s', 'sigma_s', 'images' (None if absent)}; errors name the file
-  and the problem."""
-  path = os.fspath(path)
-  got = fid.read_npz(path, "reference batch")
-  missing = [k for k in ("mu", "sigma", "mu_s", "sigma_s") if k not in got]
-  if missing:
-    raise ValueError(f"{path}: a reference batch holds mu, sigma, mu_s, sigma_s (and arr_0); "
-                     f"this file lacks {missing} (has {sorted(got)})")
-  out = {k: np.asarray(got[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")}
-  for m, s, dim in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
-    if out[m].shape != (dim,) or out[s].shape != (dim, dim):
-      raise ValueError(f"{path}: {m} must be ({dim},) and {s} ({dim}, {dim}), got "
-                       f"{out[m].shape} and {out[s].shape}")
-  images: Optional[np.ndarray] = got.get("arr_0")
-  if images is not None and (images.dtype != np.uint8 or images.ndim != 4):
-    raise ValueError(f"{path}: arr_0 must be uint8 NHWC images, got {images.dtype} "
-                     f"{images.shape}")
-  out["images"] = images
-  return out

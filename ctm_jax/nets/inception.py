@@ -20,10 +20,11 @@ affine_grid/grid_sample with the grid shifted by 1/in - 1/out, padding_mode='bor
 (x - 128) / 128. The features are the 2048 pool3 activations (8x8 average of mixed_10).
 
 `load_inception_params(npz)` reads the file `launch/export_inception_weights.py` writes;
-`make_feature_fn(params, mesh)` returns images -> (B, 2048) features.
+`make_feature_fn(params, mesh)` returns images -> (B, 2048) features (spatial=True: + sFID's 2023).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Callable, Dict, Mapping, Optional, Tuple
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax.metrics import guided_eval
 from ctm_jax.nets.layers import interp_matrix, resize_separable
 
 FEATURE_DIM = 2048
@@ -129,15 +131,18 @@ class InceptionB(nn.Module):
 
 class InceptionC(nn.Module):
   channels_7x7: int
+  with_1x1: bool = False          # also return the 1x1 branch (`<block>/conv`, 192 channels)
 
   @nn.compact
   def __call__(self, x):
     c = self.channels_7x7
-    return jnp.concatenate([
-        ConvBN(192, (1, 1), name='conv')(x),
+    branch_1x1 = ConvBN(192, (1, 1), name='conv')(x)
+    out = jnp.concatenate([
+        branch_1x1,
         Tower(((c, 1), (c, (1, 7)), (192, (7, 1))), name='tower')(x),
         Tower(((c, 1), (c, (7, 1)), (c, (1, 7)), (c, (7, 1)), (192, (1, 7))), name='tower_1')(x),
         Tower(((192, 1),), pool='avg', name='tower_2')(x)], -1)
+    return (out, branch_1x1) if self.with_1x1 else out
 
 
 class InceptionD(nn.Module):
@@ -168,8 +173,15 @@ class InceptionE(nn.Module):
         ConvBN(192, (1, 1), name='tower_2_conv')(p)], -1)
 
 
+SPATIAL_BLOCK = 'mixed_6'      # the sFID layer `mixed_6/conv:0`: Mixed_6d's 1x1 branch, after ReLU
+
+
 class InceptionV3(nn.Module):
-  """(B, 299, 299, 3) preprocessed float32 images -> (B, 2048) pool3 features."""
+  """(B, 299, 299, 3) preprocessed float32 images -> (B, 2048) pool3 features; with
+  spatial=True (B, 2048 + 2023): pool3, then sFID's spatial features (Nash et al. 2021, as
+  guided-diffusion's evaluator takes them): `mixed_6/conv` cut to its first 7 channels and
+  flattened in (h, w, c) order."""
+  spatial: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -187,12 +199,21 @@ class InceptionV3(nn.Module):
     for i, pf in enumerate((32, 64, 64)):
       x = InceptionA(pf, name='mixed' if i == 0 else f'mixed_{i}')(x)
     x = InceptionB(name='mixed_3')(x)
+    spatial = None
     for i, c7 in enumerate((128, 160, 160, 192)):
-      x = InceptionC(c7, name=f'mixed_{4 + i}')(x)
+      name = f'mixed_{4 + i}'
+      if self.spatial and name == SPATIAL_BLOCK:
+        x, spatial = InceptionC(c7, with_1x1=True, name=name)(x)
+      else:
+        x = InceptionC(c7, name=name)(x)
     x = InceptionD(name='mixed_8')(x)
     x = InceptionE('avg', name='mixed_9')(x)
     x = InceptionE('max', name='mixed_10')(x)
-    return jnp.mean(x, axis=(1, 2))        # pool2: 8x8 average pool of the 8x8 map
+    pool3 = jnp.mean(x, axis=(1, 2))        # pool2: 8x8 average pool of the 8x8 map
+    if not self.spatial:
+      return pool3
+    spatial = spatial[..., :guided_eval.SPATIAL_CHANNELS].reshape(spatial.shape[0], -1)
+    return jnp.concatenate([pool3, spatial], axis=-1)
 
 
 def param_shapes() -> Dict[str, Tuple[int, ...]]:
@@ -524,13 +545,15 @@ def load_inception_params(path) -> Dict:
 # Feature function.
 
 
-def forward(params, images) -> jax.Array:
-  """uint8 NHWC images -> (B, 2048) pool3 features: preprocess + InceptionV3 (traceable)."""
-  return InceptionV3().apply({'params': params}, preprocess(images))
+def forward(params, images, spatial: bool = False) -> jax.Array:
+  """uint8 NHWC images -> (B, 2048) pool3 features (spatial: (B, 2048 + 2023), pool3 then
+  sFID's spatial features): preprocess + InceptionV3 (traceable)."""
+  return InceptionV3(spatial=spatial).apply({'params': params}, preprocess(images))
 
 
-def make_feature_fn(params, mesh=None) -> Callable[[np.ndarray], np.ndarray]:
-  """uint8 NHWC images (any size, 1 or 3 channels) -> np.float32 (B, 2048) pool3 features.
+def make_feature_fn(params, mesh=None, spatial: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 NHWC images (any size, 1 or 3 channels) -> np.float32 (B, 2048) pool3 features
+  (spatial=True: (B, 2048 + 2023), see InceptionV3).
 
   jit(preprocess + network); compiled once per input shape. With a mesh the batch is split over
   all its devices (parallel.batch_sharding; params replicated) and the features gathered on the
@@ -538,9 +561,10 @@ def make_feature_fn(params, mesh=None) -> Callable[[np.ndarray], np.ndarray]:
   the padding's features dropped (so any B works; B a multiple of mesh.size wastes nothing).
   The images must be the same global array on every process.
   """
+  fwd_fn = functools.partial(forward, spatial=spatial)
   if mesh is None:
     params = jax.device_put(params)
-    fwd = jax.jit(forward)
+    fwd = jax.jit(fwd_fn)
 
     def features(images):
       check_images(images)
@@ -550,7 +574,7 @@ def make_feature_fn(params, mesh=None) -> Callable[[np.ndarray], np.ndarray]:
   from ctm_jax import parallel
   rep, bat = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   params = jax.device_put(params, rep)
-  fwd = jax.jit(forward, in_shardings=(rep, bat), out_shardings=bat)
+  fwd = jax.jit(fwd_fn, in_shardings=(rep, bat), out_shardings=bat)
   n_dev = mesh.size
 
   def sharded_features(images):
