@@ -388,15 +388,22 @@ def plots(cmp, agg, out_dir: str) -> List[str]:
   import matplotlib.pyplot as plt
   metrics = QUALITY[cmp.mode][:2]
   paths = []
-  fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2))
+  # One colour per method, one line style per sampler of that method.
+  colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(cmp.methods)}
+  styles = ("-", "--", ":", "-.")
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 1.6, 3.2))
   for ax, metric in zip(np.atleast_1d(axes), metrics):
+    seen: Dict[str, int] = {}
     for name, n, m, sd in quality_series(cmp, agg, metric):
-      ax.errorbar(n, m, yerr=sd, marker="o", ms=3, capsize=2, label=name)
+      method = name.split()[0]
+      k = seen[method] = seen.get(method, -1) + 1
+      ax.errorbar(n, m, yerr=sd, marker="o", ms=3, capsize=2, label=name,
+                  color=colour.get(method), linestyle=styles[k % len(styles)])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("NFE")
     ax.set_ylabel(metric)
-  np.atleast_1d(axes)[0].legend(fontsize=6)
+  np.atleast_1d(axes)[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
   fig.tight_layout()
   p = fileio.join(out_dir, f"{cmp.name}_quality_vs_nfe.png")
   fileio.save_figure(fig, p, dpi=80)
@@ -408,7 +415,7 @@ def plots(cmp, agg, out_dir: str) -> List[str]:
     q = [a["mean"] for a in agg if a["method"] == method and a["metric"] == metrics[0]
          and a["nfe"] == 1]
     if e and q:
-      ax.scatter(e[:1], q[:1])
+      ax.scatter(e[:1], q[:1], color=colour.get(method))
       ax.annotate(method, (e[0], q[0]), fontsize=7)
   ax.set_xscale("log")
   ax.set_yscale("log")

@@ -221,7 +221,8 @@ def test_scm_loss_matches_a_hand_written_reference(method):
   dF/dt by reverse mode and the chain rule (not a JVP), the
   warm-up, normalisation, prior and adaptive weight written out here; phi set non-zero."""
   cfg, exp, state, batch = setup(method, **{f"{method}.warmup_steps": 100,
-                                            f"{method}.prior_weighting": method == "scd"})
+                                            f"{method}.prior_weighting": method == "scd",
+                                            f"{method}.adaptive_weighting": True})
   params, c, sd = state.params, cfg[method], cfg.diffusion.sigma_data
   step = 40
   phi = {"w": jnp.asarray(np.random.default_rng(2).standard_normal(scm.NUM_FOURIER), jnp.float32),
@@ -257,6 +258,13 @@ def test_scm_loss_matches_a_hand_written_reference(method):
   prior = 1 / (sd * np.tan(t)) if c.prior_weighting else 1.0
   want = np.mean(prior * np.exp(w) * sq - w)
   np.testing.assert_allclose(float(got), want, rtol=2e-5)
+  # Without the adaptive weighting (the toy sCD config): the prior-weighted mean alone.
+  _, exp2, _, _ = setup(method, **{f"{method}.warmup_steps": 100,
+                                   f"{method}.prior_weighting": method == "scd",
+                                   f"{method}.adaptive_weighting": False})
+  got2, _ = exp2.method.loss(params, {**state.extra, "weight": phi}, exp2.method.frozen(), batch,
+                             rng, step)
+  np.testing.assert_allclose(float(got2), np.mean(prior * sq), rtol=2e-5)
 
 
 def test_scm_adaptive_weight_is_trained_and_the_tangent_warms_up():
