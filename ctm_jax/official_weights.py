@@ -16,11 +16,10 @@
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import io
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 

@@ -187,10 +187,18 @@ def sample_setting(job: Job, spec, params, step, ema, t0: float) -> List[dict]:
   return finish(job, result, recs, [p for p in (pic,) if p])
 
 
-def feature_kind(job: Job) -> Tuple[str, dict]:
-  """(directory suffix, manifest entries) of the feature shards: pool3 alone, or pool3 and
-  sFID's spatial features (config.eval.sfid), which go to their own shards."""
-  return ("-sfid", {"spatial": True}) if job.ev.sfid else ("", {})
+def image_features(job: Job, images: np.ndarray, directory: str, manifest: dict,
+                   what: str) -> np.ndarray:
+  """The feature function over `images`, cached in shards in `directory` (resumable; manifest
+  + the weights and shard size).  With config.eval.sfid the rows hold pool3 and sFID's spatial
+  features, in their own shards (`directory`-sfid)."""
+  ev = job.ev
+  suffix, kind = ("-sfid", {"spatial": True}) if ev.sfid else ("", {})
+  store = ShardStore(directory + suffix, {**manifest, "weights_sha256": job.feature_id,
+                                          "shard_size": ev.shard_size, **kind},
+                     len(images), ev.shard_size)
+  return store.run(lambda i, start, count: {"features": compute_features(
+      job.feature_fn, images[start:start + count], ev.batch_size)}, what, ev.recompute)["features"]
 
 
 def split_features(feats: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -201,18 +209,10 @@ def split_features(feats: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]
 
 def feature_shards(job: Job, samples: Dict[str, np.ndarray], d: str) -> np.ndarray:
   """The Inception features of a setting's samples, cached in shards beside them."""
-  ev = job.ev
-  bs = ev.batch_size
-  suffix, kind = feature_kind(job)
-  store = ShardStore(fileio.join(d, f"features-{job.feature_id[:12]}{suffix}"),
-                     {"kind": "features", "weights_sha256": job.feature_id,
-                      "samples": fileio.basename(d), "shard_size": ev.shard_size, **kind},
-                     ev.num_samples, ev.shard_size)
-
-  def compute(i, start, count):
-    return {"features": compute_features(job.feature_fn, samples["x"][start:start + count], bs)}
-
-  return store.run(compute, f"features {fileio.basename(d)}", ev.recompute)["features"]
+  return image_features(job, samples["x"][:job.ev.num_samples],
+                        fileio.join(d, f"features-{job.feature_id[:12]}"),
+                        {"kind": "features", "samples": fileio.basename(d)},
+                        f"features {fileio.basename(d)}")
 
 
 def compute_features(feature_fn: FeatureFn, images: np.ndarray, batch: int) -> np.ndarray:
@@ -312,15 +312,10 @@ def fid_stats(job: Job) -> List[dict]:
   images = np.concatenate([   # 'train+test': the splits one after the other
       np.rint((data.load_split(job.config.data.dataset, part, data_dir)["x"] + 1.0) * 127.5)
       .astype(np.uint8) for part in ev.fid_split.split("+")])
-  suffix, kind = feature_kind(job)
-  store = ShardStore(f"{path}.shards-{job.feature_id[:12]}{suffix}",
-                     {"kind": "data_features", "dataset": job.config.data.dataset,
-                      "split": ev.fid_split, "count": len(images),
-                      "weights_sha256": job.feature_id, "shard_size": ev.shard_size, **kind},
-                     len(images), ev.shard_size)
-  feats, spatial = split_features(store.run(lambda i, start, count: {"features": compute_features(
-      job.feature_fn, images[start:start + count], ev.batch_size)},
-      f"features of {job.config.data.dataset}/{ev.fid_split}", ev.recompute)["features"])
+  feats, spatial = split_features(image_features(
+      job, images, f"{path}.shards-{job.feature_id[:12]}",
+      {"kind": "data_features", "dataset": job.config.data.dataset, "split": ev.fid_split,
+       "count": len(images)}, f"features of {job.config.data.dataset}/{ev.fid_split}"))
   mu, sigma = fid.feature_statistics(feats)
   mu_s, sigma_s = fid.feature_statistics(spatial) if ev.sfid else (None, None)
   if jax.process_index() == 0:
@@ -361,17 +356,11 @@ def reference_features(job: Job, ref: dict) -> np.ndarray:
   shards under <workdir>/eval/ref_features/."""
   if ref.get("features") is not None:
     return ref["features"]
-  ev, images = job.ev, ref["images"]
-  suffix, kind = feature_kind(job)
-  store = ShardStore(fileio.join(job.workdir, "eval", "ref_features",
-                                 f"{ref['sha256'][:12]}-{job.feature_id[:12]}{suffix}"),
-                     {"kind": "reference_features", "ref_stats_sha256": ref["sha256"],
-                      "weights_sha256": job.feature_id, "shard_size": ev.shard_size, **kind},
-                     len(images), ev.shard_size)
-  feats = store.run(lambda i, start, count: {"features": compute_features(
-      job.feature_fn, images[start:start + count], ev.batch_size)},
-      f"features of the reference images of {fileio.basename(ref['path'])}",
-      ev.recompute)["features"]
+  feats = image_features(
+      job, ref["images"], fileio.join(job.workdir, "eval", "ref_features",
+                                      f"{ref['sha256'][:12]}-{job.feature_id[:12]}"),
+      {"kind": "reference_features", "ref_stats_sha256": ref["sha256"]},
+      f"features of the reference images of {fileio.basename(ref['path'])}")
   ref["features"] = split_features(feats)[0]
   return ref["features"]
 

@@ -72,8 +72,9 @@ def pool3_logits(features, weight) -> np.ndarray:
 
 def spatial_features(mixed_6_conv) -> np.ndarray:
   """sFID features from the (N, 17, 17, 192) NHWC output of mixed_6/conv: the first 7 channels,
-  flattened in (h, w, c) order to (N, 2023) (the evaluator's `spatial[..., :7]` then reshape)."""
-  a = np.asarray(mixed_6_conv)
+  flattened in (h, w, c) order to (N, 2023) (the evaluator's `spatial[..., :7]` then reshape).
+  Arrays stay what they are (a jax array inside the Inception network's trace)."""
+  a = mixed_6_conv if hasattr(mixed_6_conv, "reshape") else np.asarray(mixed_6_conv)
   if a.ndim != 4 or a.shape[-1] < SPATIAL_CHANNELS:
     raise ValueError(f"spatial_features: expected (n, h, w, c >= {SPATIAL_CHANNELS}) activations, "
                      f"got {a.shape}")

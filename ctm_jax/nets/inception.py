@@ -212,8 +212,7 @@ class InceptionV3(nn.Module):
     pool3 = jnp.mean(x, axis=(1, 2))        # pool2: 8x8 average pool of the 8x8 map
     if not self.spatial:
       return pool3
-    spatial = spatial[..., :guided_eval.SPATIAL_CHANNELS].reshape(spatial.shape[0], -1)
-    return jnp.concatenate([pool3, spatial], axis=-1)
+    return jnp.concatenate([pool3, guided_eval.spatial_features(spatial)], axis=-1)
 
 
 def param_shapes() -> Dict[str, Tuple[int, ...]]:
