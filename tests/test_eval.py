@@ -1031,4 +1031,5 @@ def test_nll_of_images_labels_inputs_and_bits_per_dim_with_a_closed_form_logp(
 def test_every_fid_is_named_with_its_sample_count():
   assert common.record_name({"metric": "fid", "num_samples": 50000}) == "fid (50000 samples)"
   assert common.record_name({"metric": "kid", "num_samples": 160}) == "kid (160 samples)"
+  assert common.record_name({"metric": "sfid", "num_samples": 512}) == "sfid (512 samples)"
   assert common.record_name({"metric": "bpd_ode", "num_examples": 4}) == "bpd_ode"

@@ -103,7 +103,7 @@ def record_name(r: dict) -> str:
   return r["metric"]
 
 
-SAMPLE_COUNTED = ("fid", "kid", "fid_data_halves", "kid_data_halves", "inception_score",
+SAMPLE_COUNTED = ("fid", "kid", "sfid", "fid_data_halves", "kid_data_halves", "inception_score",
                   "precision", "recall")
 
 
